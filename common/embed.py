@@ -1,0 +1,111 @@
+"""Stage 03: embeddings of every train and test image, per fold model, with horizontal-flip TTA.
+
+Writes ``working/<exp>/03_embeddings/fold{k}/train.npz`` and ``test.npz``: an ``embeddings`` array
+(float32, L2-normalised, one row per image) and the ``image`` ids in the row order of ``train.csv`` and of the
+test table. :func:`load_fold_embeddings` checks that order when reading back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import paths, store
+from common.config import ExtractConfig
+from common.data import Competition, ImageDataset, build_transforms
+from common.runtime import amp_context, progress, resolve_device
+from common.train import fold_dir as train_fold_dir
+from common.train import image_paths, load_embedder
+
+
+def embeddings_dir(exp: str, fold: int) -> Path:
+    """``working/<exp>/03_embeddings/fold{fold}``."""
+    return paths.stage_dir(exp, "03") / f"fold{fold}"
+
+
+@torch.no_grad()
+def extract(
+    model: torch.nn.Module,
+    image_files: list[str],
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 64,
+    tta_flip: bool = True,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    amp: bool = True,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Embed images with a model's ``embed`` method; L2-normalised float32 rows.
+
+    Args:
+        model: an :class:`~common.models.EmbeddingModel` (anything with ``embed(x) -> (N, D)``).
+        image_files: image paths, one output row each, in order.
+        image_size: square input size (the training size).
+        mean: normalisation mean.
+        std: normalisation std.
+        batch_size: images per forward pass.
+        tta_flip: average the embedding of each image with that of its horizontal flip (before normalising).
+        device: where to run.
+        num_workers: loader workers.
+        amp: autocast on CUDA.
+        desc: progress-bar label.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    dataset = ImageDataset(image_files, transform=build_transforms(image_size, False, mean, std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    chunks = []
+    for batch in progress(loader, desc=desc, leave=False):
+        x = batch["image"].to(device, non_blocking=True)
+        with amp_context(device, amp):
+            emb = model.embed(x).float()
+            if tta_flip:
+                emb = emb + model.embed(torch.flip(x, dims=[3])).float()
+        chunks.append(torch.nn.functional.normalize(emb, dim=1).cpu().numpy())
+    if not chunks:
+        return np.zeros((0, getattr(model, "embedding_dim", 0)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
+    """Embed train and test images with each requested fold's model; skip files that already exist.
+
+    Returns:
+        One row per fold and split: file, rows, dimension, whether it was computed now or reused.
+    """
+    device = resolve_device(cfg.device)
+    rows = []
+    for fold in cfg.fold_list():
+        model, meta = load_embedder(cfg.exp, fold, device)
+        tcfg = meta["config"]
+        weights = train_fold_dir(cfg.exp, fold) / "model.pt"
+        # Reuse only embeddings made by this very model file with the same TTA setting.
+        params = {"tta_flip": cfg.tta_flip, "model_mtime_ns": weights.stat().st_mtime_ns,
+                  "model_bytes": weights.stat().st_size}
+        fresh = cfg.force or not store.stage_done(embeddings_dir(cfg.exp, fold), params)
+        for split, table in (("train", comp.train), ("test", comp.test)):
+            target = embeddings_dir(cfg.exp, fold) / f"{split}.npz"
+            reused = target.exists() and not fresh
+            if not reused:
+                files = image_paths(table, cfg.exp, split, meta["used_crops"])
+                emb = extract(model, files, tcfg["image_size"], meta["mean"], meta["std"], cfg.batch_size,
+                              cfg.tta_flip, device, cfg.num_workers, tcfg["amp"], desc=f"fold {fold} {split}")
+                store.save_arrays(target, table["image"], embeddings=emb)
+            arr = store.load_arrays(target, table["image"])["embeddings"]
+            rows.append({"fold": fold, "split": split, "file": str(target.relative_to(paths.working_dir())),
+                         "rows": arr.shape[0], "dim": arr.shape[1], "reused": reused})
+        store.mark_done(embeddings_dir(cfg.exp, fold), params)
+    store.mark_done(paths.stage_dir(cfg.exp, "03"), cfg.fingerprint())
+    return pd.DataFrame(rows)
+
+
+def load_fold_embeddings(exp: str, fold: int, split: str, images: list[str] | pd.Series) -> np.ndarray:
+    """Read one fold's embeddings, checking their rows are ``images`` in this order."""
+    path = embeddings_dir(exp, fold) / f"{split}.npz"
+    return store.load_arrays(path, list(images))["embeddings"]

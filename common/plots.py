@@ -1,0 +1,253 @@
+"""Figures for the retrieval stage and training logs: threshold sweep, retrieval examples, training curves.
+
+Every function builds and returns a :class:`matplotlib.figure.Figure` and shows nothing. The figure is closed
+in pyplot before it is returned, so a notebook displays it exactly once (as the cell's last expression or with
+``display(fig)``) and a script saves it with ``fig.savefig(path)`` without a window or a leak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from common.metrics import NEW_LABEL
+
+RIGHT, WRONG = "tab:green", "tab:red"
+
+
+def _finish(fig: Figure) -> Figure:
+    fig.tight_layout()
+    plt.close(fig)  # detach from pyplot: returned, never auto-shown
+    return fig
+
+
+def plot_threshold_sweep(sweep: pd.DataFrame, best: float) -> Figure:
+    """MAP@5 and the share of images predicted ``new_individual`` first, against the threshold.
+
+    Args:
+        sweep: table from :func:`common.retrieval.tune_threshold` (``threshold, map5, new_share`` and, when
+            present, ``map5_known, map5_new``).
+        best: the chosen threshold, drawn as a vertical line.
+    """
+    missing = [c for c in ("threshold", "map5", "new_share") if c not in sweep.columns]
+    if missing:
+        raise ValueError(f"plot_threshold_sweep: sweep lacks column(s) {missing}")
+    sweep = sweep.sort_values("threshold")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sweep["threshold"], sweep["map5"], color="black", lw=2, label="MAP@5")
+    for col, style in (("map5_known", "tab:blue"), ("map5_new", "tab:orange")):
+        if col in sweep.columns and sweep[col].notna().any():
+            ax.plot(sweep["threshold"], sweep[col], color=style, lw=1, label=col.replace("map5_", "MAP@5 "))
+    ax.plot(sweep["threshold"], sweep["new_share"], color="grey", ls="--", label="share new_individual first")
+    best_map = float(sweep.loc[np.isclose(sweep["threshold"], best), "map5"].max()) if len(sweep) else np.nan
+    ax.axvline(best, color="tab:red", ls=":", label=f"best {best:.3f} (MAP@5 {best_map:.4f})")
+    ax.set_xlabel("similarity threshold")
+    ax.set_ylabel("score / share")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("new_individual threshold sweep (out-of-fold)")
+    return _finish(fig)
+
+
+def select_examples(
+    predictions: pd.DataFrame,
+    truth: Mapping[str, str],
+    n: int,
+    seed: int = 0,
+) -> list[str]:
+    """Pick images to show: half whose first prediction is right, half wrong, the same on every run.
+
+    Args:
+        predictions: ``image, predictions`` (space-separated) from :func:`common.retrieval.predict`.
+        truth: ``image -> true label`` (``new_individual`` for unseen individuals).
+        n: how many images; if one group is short the other fills in.
+        seed: picks within each group with ``numpy.random.default_rng(seed)`` over the sorted ids.
+
+    Returns:
+        Image ids, right ones first.
+    """
+    truth = {str(a): str(b) for a, b in dict(truth).items()}
+    missing = [i for i in predictions["image"].astype(str) if i not in truth]
+    if missing:
+        raise ValueError(f"select_examples: {len(missing)} images have no truth, e.g. {missing[0]!r}")
+    ids = predictions["image"].astype(str)
+    first = predictions["predictions"].astype(str).str.split().str[0]
+    is_right = (first == ids.map(truth)).to_numpy()
+    right = sorted(ids[is_right])
+    wrong = sorted(ids[~is_right])
+    rng = np.random.default_rng(seed)
+    n_right = min(len(right), max(n - len(wrong), (n + 1) // 2))
+    n_wrong = min(len(wrong), n - n_right)
+    pick_r = [right[i] for i in sorted(rng.choice(len(right), n_right, replace=False))] if n_right else []
+    pick_w = [wrong[i] for i in sorted(rng.choice(len(wrong), n_wrong, replace=False))] if n_wrong else []
+    return pick_r + pick_w
+
+
+def example_tiles(
+    images: Sequence[str],
+    predictions: pd.DataFrame,
+    table: pd.DataFrame,
+    truth: Mapping[str, str],
+    query_paths: Mapping[str, Path],
+    individual_paths: Mapping[str, Path],
+    new_label: str = NEW_LABEL,
+) -> tuple[list[Path], list[str], list[list[tuple[Path | None, str, float]]]]:
+    """Build the arguments of :func:`plot_retrieval_examples` for chosen images.
+
+    Args:
+        images: image ids to show (e.g. from :func:`select_examples`).
+        predictions: ``image, predictions`` from :func:`common.retrieval.predict`.
+        table: the ``image, individual_id, score`` table the predictions came from (for the scores).
+        truth: ``image -> true label``.
+        query_paths: ``image -> path`` of the query images.
+        individual_paths: ``individual_id -> path`` of one gallery image per individual.
+        new_label: the "not in the gallery" label (shown as a blank tile with no score).
+    """
+    pred = dict(zip(predictions["image"].astype(str), predictions["predictions"].astype(str), strict=True))
+    score = {
+        (str(i), str(j)): float(s) for i, j, s in table[["image", "individual_id", "score"]].itertuples(False)
+    }
+    queries, truths, top = [], [], []
+    for image in (str(i) for i in images):
+        if image not in pred:
+            raise ValueError(f"example_tiles: image {image!r} has no predictions")
+        queries.append(Path(query_paths[image]))
+        truths.append(str(truth[image]))
+        row = []
+        for label in pred[image].split():
+            path = None if label == new_label else Path(individual_paths[label])
+            row.append((path, label, score.get((image, label), float("nan"))))
+        top.append(row)
+    return queries, truths, top
+
+
+def _show(ax, path: Path | None) -> None:
+    if path is None:
+        ax.set_facecolor("0.9")
+    else:
+        from PIL import Image  # matplotlib's own dependency
+
+        with Image.open(path) as im:
+            ax.imshow(np.asarray(im.convert("RGB")))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_retrieval_examples(
+    queries: list[Path],
+    truths: list[str],
+    top: list[list[tuple[Path | None, str, float]]],
+    n_rows: int,
+) -> Figure:
+    """One row per query: the query image, then its ranked predictions, titled green if right, red if wrong.
+
+    Args:
+        queries: query image paths.
+        truths: true label of each query.
+        top: per query, its predictions as ``(gallery image path or None, label, score)``; ``None`` draws a
+            blank tile (``new_individual``); a NaN score is not printed.
+        n_rows: how many queries to show (the first ``n_rows``).
+    """
+    if not (len(queries) == len(truths) == len(top)):
+        raise ValueError(
+            f"plot_retrieval_examples: {len(queries)} queries, {len(truths)} truths, {len(top)} rows"
+        )
+    n_rows = min(n_rows, len(queries))
+    if n_rows < 1:
+        raise ValueError("plot_retrieval_examples: nothing to show")
+    paths = [Path(q) for q in queries[:n_rows]] + [Path(p) for row in top[:n_rows] for p, _, _ in row if p]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"plot_retrieval_examples: {len(absent)} image files missing, e.g. {absent[0]}"
+        )
+    n_cols = 1 + max(len(row) for row in top[:n_rows])
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.4 * n_rows), squeeze=False)
+    for r in range(n_rows):
+        _show(axes[r, 0], Path(queries[r]))
+        axes[r, 0].set_title(f"query\n{truths[r]}", fontsize=8)
+        for c in range(1, n_cols):
+            ax = axes[r, c]
+            if c - 1 >= len(top[r]):
+                ax.axis("off")
+                continue
+            path, label, score = top[r][c - 1]
+            _show(ax, path)
+            if path is None:
+                ax.text(0.5, 0.5, label, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            text = label if np.isnan(score) else f"{label}\n{score:.3f}"
+            ax.set_title(text, fontsize=8, color=RIGHT if label == truths[r] else WRONG)
+    return _finish(fig)
+
+
+def plot_training_curves(log: pd.DataFrame) -> Figure:
+    """Loss, validation MAP@5 (when logged) and learning rate against the epoch.
+
+    Args:
+        log: ``epoch, train_loss, lr`` and optionally ``valid_loss``, ``valid_map5``.
+
+    Returns:
+        A figure with 2 axes (loss, lr), or 3 when ``valid_map5`` has values (loss, MAP@5, lr).
+    """
+    missing = [c for c in ("epoch", "train_loss", "lr") if c not in log.columns]
+    if missing:
+        raise ValueError(f"plot_training_curves: log lacks column(s) {missing}")
+    has_map = "valid_map5" in log.columns and log["valid_map5"].notna().any()
+    fig, axes = plt.subplots(1, 3 if has_map else 2, figsize=(12 if has_map else 8, 3.5), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
+    ax.plot(log["epoch"], log["train_loss"], marker="o", label="train")
+    if "valid_loss" in log.columns and log["valid_loss"].notna().any():
+        ax.plot(log["epoch"], log["valid_loss"], marker="o", label="valid")
+    ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax.legend(fontsize=8)
+    if has_map:
+        ax = axes.pop(0)
+        ax.plot(log["epoch"], log["valid_map5"], marker="o", color="tab:green")
+        ax.set(xlabel="epoch", ylabel="MAP@5", title="validation MAP@5")
+    ax = axes.pop(0)
+    ax.plot(log["epoch"], log["lr"], color="tab:purple")
+    ax.set(xlabel="epoch", ylabel="lr", title="learning rate")
+    for a in fig.axes:
+        a.grid(alpha=0.3)
+    return _finish(fig)
+
+
+def plot_similarity_histogram(embeddings: np.ndarray, labels: Sequence[str], max_pairs: int = 200_000,
+                              seed: int = 0) -> Figure:
+    """Cosine similarity of same-individual pairs against different-individual pairs.
+
+    The further apart the two histograms, the easier retrieval and the ``new_individual`` threshold are.
+
+    Args:
+        embeddings: L2-normalised rows.
+        labels: one individual id per row.
+        max_pairs: pairs sampled at most (all pairs when there are fewer).
+        seed: sampling seed.
+    """
+    labels = np.asarray([str(x) for x in labels])
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if n * (n - 1) // 2 <= max_pairs:
+        i, j = np.triu_indices(n, k=1)
+    else:
+        i, j = rng.integers(0, n, max_pairs), rng.integers(0, n, max_pairs)
+        keep = i != j
+        i, j = i[keep], j[keep]
+    sims = np.einsum("ij,ij->i", embeddings[i], embeddings[j])
+    same = labels[i] == labels[j]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(-1, 1, 81)
+    ax.hist(sims[~same], bins=bins, density=True, alpha=0.6, label=f"different individuals ({(~same).sum()})")
+    if same.any():
+        ax.hist(sims[same], bins=bins, density=True, alpha=0.6, label=f"same individual ({same.sum()})")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _finish(fig)

@@ -1,0 +1,73 @@
+"""The execution environment: device choice, seeding, mixed precision and progress bars.
+
+Progress bars: in an interactive Jupyter kernel ``tqdm.auto`` draws a widget; under papermill a widget is
+invisible in the log, so the runner sets ``REID_PROGRESS=text`` and bars are written as plain text lines to
+stderr at most every ``REID_PROGRESS_INTERVAL`` seconds (default 10), which papermill's ``--log-output``
+streams and the executed notebook keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker seeding: derive NumPy/random seeds from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def amp_context(device: torch.device, enabled: bool):
+    """Autocast on CUDA (bf16 where the GPU supports it, else fp16); a no-op on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, enabled: bool) -> bool:
+    """fp16 autocast needs loss scaling; bf16 and fp32 do not."""
+    return enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def progress(iterable: Iterable | None = None, **kwargs: Any):
+    """A tqdm bar suited to where the code runs (see the module docstring)."""
+    if os.environ.get("REID_PROGRESS", "") == "text":
+        from tqdm import tqdm
+
+        kwargs.setdefault("mininterval", float(os.environ.get("REID_PROGRESS_INTERVAL", "10")))
+        kwargs.setdefault("ascii", True)
+        return tqdm(iterable, **kwargs)
+    if os.environ.get("REID_PROGRESS", "") == "off":
+        from tqdm import tqdm
+
+        return tqdm(iterable, disable=True, **kwargs)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)

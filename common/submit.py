@@ -1,0 +1,157 @@
+"""Stage 04: out-of-fold threshold tuning, test retrieval, the submission CSV and ``metrics.json``.
+
+Out of fold: for fold ``k``, fold ``k``'s model embeds everything; the gallery is the training part
+(folds != k) and the queries are fold ``k``'s images. A query whose individual is absent from the gallery is
+a ``new_individual`` by construction, so the threshold is tuned on the same situation the test set poses.
+
+Test: the gallery is every training image, the queries the test images. With ``fold_merge=mean`` each fold
+scores the test images on its own and the per-individual scores are averaged; with ``concat`` the fold
+embeddings are concatenated (and re-normalised) and searched once.
+
+Files: ``04_retrieval/oof_scores.csv`` and ``test_scores.csv`` (``image, individual_id, score``),
+``threshold_sweep.csv``, ``predictions.csv``; ``submissions/<exp>.csv``; ``working/<exp>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+
+from common import metrics, paths, retrieval, store
+from common.config import RetrievalConfig
+from common.data import Competition
+from common.embed import embeddings_dir, load_fold_embeddings
+from common.train import read_folds
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+    """Everything stage 04 computes; the notebook shows it piece by piece."""
+
+    oof_scores: pd.DataFrame
+    oof_truth: pd.Series
+    sweep: pd.DataFrame
+    threshold: float
+    test_scores: pd.DataFrame
+    submission: pd.DataFrame
+    metrics: dict
+
+
+def available_folds(cfg: RetrievalConfig) -> list[int]:
+    """Requested folds whose embeddings exist; raises if none do."""
+    folds = [k for k in cfg.fold_list() if (embeddings_dir(cfg.exp, k) / "test.npz").exists()]
+    if not folds:
+        raise FileNotFoundError(f"no embeddings under {paths.stage_dir(cfg.exp, '03')}: run stage 03 first")
+    return folds
+
+
+def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tuple[pd.DataFrame, pd.Series]:
+    """Per-individual out-of-fold scores and the truth (``new_label`` for individuals unseen in training)."""
+    table = read_folds(cfg.exp)
+    tables, truths = [], []
+    for k in folds:
+        emb = load_fold_embeddings(cfg.exp, k, "train", comp.train["image"])
+        row = pd.Series(np.arange(len(comp.train)), index=comp.train["image"])
+        fit, valid = table[table["fold"] != k], table[table["fold"] == k]
+        scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                       k=cfg.knn_k)
+        tables.append(retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"]))
+        truths.append(pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
+                                index=valid["image"].to_numpy()))
+    return pd.concat(tables, ignore_index=True), pd.concat(truths)
+
+
+def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[float, pd.DataFrame]:
+    """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0)."""
+    grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
+    best, sweep = retrieval.tune_threshold(scores, truth, grid)
+    return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
+
+
+def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> pd.DataFrame:
+    """Per-individual scores of every test image against the whole training gallery."""
+    labels = comp.train["individual_id"].to_numpy()
+    train = [load_fold_embeddings(cfg.exp, k, "train", comp.train["image"]) for k in folds]
+    test = [load_fold_embeddings(cfg.exp, k, "test", comp.test["image"]) for k in folds]
+    if cfg.fold_merge == "concat" or len(folds) == 1:
+        gallery, queries = retrieval.concat_embeddings(train), retrieval.concat_embeddings(test)
+        scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+        return retrieval.individual_scores(scores, idx, labels, comp.test["image"])
+    per_fold = []
+    for g, q in zip(train, test, strict=True):
+        scores, idx = retrieval.search(g, q, k=cfg.knn_k)
+        per_fold.append(retrieval.individual_scores(scores, idx, labels, comp.test["image"]))
+    return retrieval.average_scores(per_fold)
+
+
+def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, threshold: float,
+          sweep: pd.DataFrame) -> dict:
+    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5, and test MAP@5 with truth."""
+    first = submission["predictions"].str.split().str[0]
+    best_row = sweep.iloc[(sweep["threshold"] - threshold).abs().argmin()]
+    out = {
+        "exp": cfg.exp,
+        "threshold": float(threshold),
+        "threshold_tuned": cfg.new_threshold < 0,
+        "new_share": float((first == cfg.new_label).mean()),
+        "oof_map5": float(best_row["map5"]),
+        "folds": cfg.fold_list(),
+        "fold_merge": cfg.fold_merge,
+        "n_test": len(submission),
+    }
+    if comp.truth is not None:
+        truth = comp.truth.set_index("image")["individual_id"].reindex(submission["image"])
+        report = metrics.map5_report(truth.tolist(), submission["predictions"].str.split().tolist(),
+                                     comp.known_individuals, cfg.new_label)
+        out.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()})
+    return out
+
+
+def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
+    """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
+    folds = available_folds(cfg)
+    out = paths.stage_dir(cfg.exp, "04")
+    oof, truth = oof_scores(cfg, comp, folds)
+    threshold, sweep = tune(cfg, oof, truth)
+    test = test_scores(cfg, comp, folds)
+    submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
+    result_metrics = score(cfg, comp, submission, threshold, sweep)
+    store.write_csv(out / "oof_scores.csv", oof)
+    store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
+    store.write_csv(out / "threshold_sweep.csv", sweep)
+    store.write_csv(out / "test_scores.csv", test)
+    store.write_csv(paths.submission_path(cfg.exp), submission)
+    store.write_json(out / "metrics.json", result_metrics)
+    store.write_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return RetrievalResult(oof, truth, sweep, threshold, test, submission, result_metrics)
+
+
+def plot_examples(cfg: RetrievalConfig, comp: Competition, result: RetrievalResult):
+    """Queries beside their top-5 answers, right and wrong: test images when ``test.csv`` gives the truth,
+    else out-of-fold training images. Crops are shown when stage 01 made them."""
+    from common import plots
+    from common.train import crops_available, image_paths
+
+    crops = crops_available(cfg.exp)
+    train_paths = dict(zip(comp.train["image"], image_paths(comp.train, cfg.exp, "train", crops), strict=True))
+    gallery = dict(zip(comp.train["individual_id"], comp.train["image"].map(train_paths), strict=False))
+    if comp.truth is not None:
+        known = comp.known_individuals
+        truth = {i: (t if t in known else cfg.new_label)
+                 for i, t in zip(comp.truth["image"], comp.truth["individual_id"], strict=True)}
+        predictions = result.submission[result.submission["image"].isin(truth)]
+        table, query_paths = result.test_scores, dict(
+            zip(comp.test["image"], image_paths(comp.test, cfg.exp, "test", crops), strict=True))
+    else:
+        truth = result.oof_truth.to_dict()
+        predictions = retrieval.predict(result.oof_scores, result.threshold, k=5, new_label=cfg.new_label,
+                                        images=list(truth))
+        table, query_paths = result.oof_scores, train_paths
+    chosen = plots.select_examples(predictions, truth, cfg.n_examples, seed=cfg.seed)
+    queries, truths, top = plots.example_tiles(chosen, predictions, table, truth, query_paths, gallery,
+                                               cfg.new_label)
+    return plots.plot_retrieval_examples(queries, truths, top, n_rows=len(queries))
