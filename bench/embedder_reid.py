@@ -3,8 +3,10 @@
 Two real data sets from ``../shared/datasets`` (see its README; never copied into the repository):
 
 * ``lion``: train on ``lion/train`` (75 lions, 594 images), score ``lion/val`` (19 other lions, 146 images);
-* ``omniglot``: train on ``images_background_small1.zip`` (136 characters x 20 drawers), score
-  ``images_background_small2.zip`` (106 other characters x 20 drawers); an individual = alphabet + character.
+* ``omniglot``: train on ``images_background_small1.zip`` (136 characters x 20 drawers), score the 106
+  characters of ``images_background_small2.zip`` that small1 does not hold (x 20 drawers; small2 has 156
+  characters, but its Greek and Latin alphabets, 50 characters, are byte-identical copies of small1's);
+  an individual = alphabet + character.
 
 The score is leave-one-out MAP@5 among the unseen individuals (:func:`common.retrieval.leave_one_out_map5`):
 each unseen image queries all the other unseen images. Everything goes through the library:
@@ -21,7 +23,8 @@ each unseen image queries all the other unseen images. Everything goes through t
 
 Baselines through the same path: ``epochs=0`` (ImageNet backbone + GeM + a random, untrained neck) and the raw
 ImageNet features (the backbone's feature maps average-pooled, no neck), which is what the datasets README's
-0.265 (lion) and 0.54 (Omniglot) measure. The ratio printed is trained / raw ImageNet features.
+0.265 (lion) and 0.54 (Omniglot) measure; the raw features are scored at the training size and at 224 px.
+The ratio printed is trained / the best of those untrained figures.
 
 Run from the repository root (each run trains one model; ``--record`` appends a section to bench/RESULTS.md):
 
@@ -39,6 +42,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import platform
@@ -73,6 +77,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "omniglot": dict(image_size=64, epochs=6, batch_size=64, lr=1e-3, head_lr_mult=10.0, warmup_epochs=0.5,
                      arc_s=30.0, arc_m=0.3, tta_flip=False),
 }
+RAW_IMAGENET_SIZE = 224  # the raw-feature baseline is also scored at ImageNet's own input size
 # Not EmbedderConfig fields: how the unseen images are embedded.
 EXTRACT_KEYS = ("tta_flip",)
 
@@ -119,6 +124,10 @@ def list_omniglot(fit_zip: Path, eval_zip: Path) -> pd.DataFrame:
                 rows.append({"source": f"{zpath}::{member}", "image": f"{alphabet}__{character}__{file}",
                              "individual_id": f"{alphabet}__{character}", "species": alphabet, "split": split})
     table = pd.DataFrame(rows, columns=["source", "image", "individual_id", "species", "split"])
+    # small2 repeats two of small1's alphabets (Greek, Latin: 50 characters, 1,000 byte-identical files):
+    # those characters are not unseen, so they leave the scored part. 106 characters remain, as the README says.
+    seen = set(table.loc[table["split"] == "fit", "individual_id"])
+    table = table[~((table["split"] == "eval") & table["individual_id"].isin(seen))].reset_index(drop=True)
     _check_disjoint(table, fit_zip.parent)
     return table
 
@@ -165,7 +174,10 @@ def write_competition(table: pd.DataFrame, out: Path) -> Path:
             target = tmp / "train_images" / image
             if "::" in source:
                 zpath, member = source.split("::", 1)
-                zf = zips.setdefault(zpath, zipfile.ZipFile(zpath))
+                if zpath not in zips:  # read the zip into memory once: member-by-member reads of a file on a
+                    # slow network mount took ~40 ms each (200 s for Omniglot), in memory the whole set is <1 s
+                    zips[zpath] = zipfile.ZipFile(io.BytesIO(Path(zpath).read_bytes()))
+                zf = zips[zpath]
                 target.write_bytes(zf.read(member))
             else:
                 shutil.copyfile(source, target)
@@ -321,14 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_baseline:
         from common.models import backbone_normalization, create_backbone
 
-        t0 = time.perf_counter()
         mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
         raw = PooledBackbone(create_backbone(cfg.backbone, cfg.pretrained))
-        raw_map = score(raw, list(evalset["path"]), list(evalset["individual_id"]), cfg.image_size, mean, std,
-                        tta_flip)
-        rows.append({"model": "raw ImageNet features (backbone, average pool, no training)", "map5": raw_map,
-                     "train_s": 0.0, "embed_s": time.perf_counter() - t0})
-        print(f"raw ImageNet features: MAP@5 {raw_map:.4f}", flush=True)
+        for size in sorted({cfg.image_size, RAW_IMAGENET_SIZE}):
+            t0 = time.perf_counter()
+            raw_map = score(raw, list(evalset["path"]), list(evalset["individual_id"]), size, mean, std,
+                            tta_flip, cfg.device)
+            rows.append({"model": f"raw ImageNet features at {size} px (backbone, average pool, no training)",
+                         "map5": raw_map, "train_s": 0.0, "embed_s": time.perf_counter() - t0})
+            print(f"raw ImageNet features at {size} px: MAP@5 {raw_map:.4f}", flush=True)
         zero = dataclasses.replace(cfg, epochs=0, exp=exp_name(args.dataset, {**cfg.fingerprint(), "epochs": 0,
                                                                              "tta": tta_flip}))
         r = train_and_score(zero, comp, folds, evalset, tta_flip)
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"model": f"trained, {cfg.epochs} epochs", **r})
     print(f"trained ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train loss "
           f"{r['last_train_loss']:.3f}, acc {r['last_train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
-    ref = rows[0]["map5"] if rows[0]["model"].startswith("raw") else None
+    # The ratio is taken against the best untrained figure (raw features at either size, or epochs=0).
+    ref = max((row["map5"] for row in rows[:-1]), default=None)
     total = time.perf_counter() - t_start
 
     command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py " + shlex.join(
@@ -363,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         "`train_fold` (fold 0 = unseen individuals, so all training images are fitted) -> `load_embedder` -> "
         "`extract` -> `leave_one_out_map5`",
         f"- total wall time {total:.0f} s", "",
-        "| model | MAP@5 | x raw ImageNet | training s | embedding s |", "|---|---|---|---|---|",
+        "| model | MAP@5 | x best untrained | training s | embedding s |", "|---|---|---|---|---|",
     ]
     for row in rows:
         ratio = f"{row['map5'] / ref:.2f}" if ref else "-"
@@ -372,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n".join(lines) + "\n"
     print(text)
     if ref:
-        print(f"ratio trained / raw ImageNet features: {rows[-1]['map5'] / ref:.2f}")
+        print(f"ratio trained / best untrained: {rows[-1]['map5'] / ref:.2f}")
     if args.record:
         with open(args.results, "a") as fh:  # other benchmarks append here too: never rewrite
             fh.write(text)

@@ -62,6 +62,8 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     """Run stage 01 (see the module docstring); skips work already done (detector run, crops on disk)."""
     out = paths.stage_dir(cfg.exp, "01")
     dirs = {"train": comp.root / "train_images", "test": comp.root / "test_images"}
+    if cfg.crops_from and cfg.crops_from == cfg.exp:  # linking crops/ onto itself would delete the crops
+        raise ValueError(f"crops_from={cfg.crops_from!r} is this experiment itself: leave crops_from empty")
     if cfg.force and out.exists():
         shutil.rmtree(out)
     if cfg.crops_from:

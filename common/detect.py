@@ -113,14 +113,31 @@ def setup_ultralytics(config_dir: Path | None = None) -> Path:
 
 def _yolo():
     setup_ultralytics()
+    omp = os.environ.get("OMP_NUM_THREADS")
     from ultralytics import YOLO
 
+    if omp is None:  # ultralytics' import sets it to 1 for every OpenMP library loaded later (faiss ...)
+        os.environ.pop("OMP_NUM_THREADS", None)
     return YOLO
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence ultralytics' INFO log and its progress bars (they follow the logger level)."""
+def _quiet(yolo) -> Iterator[None]:
+    """Run an ultralytics call quietly and without changing the process's torch thread count.
+
+    The INFO log and ultralytics' progress bars (which follow the logger level) are silenced. On CPU,
+    ultralytics' ``select_device`` sets ``torch.set_num_threads(min(8, cores - 1))`` (1 thread on a 2-core
+    machine) and leaves it so; the callbacks put the caller's count back before training or predicting starts.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def keep_threads(_) -> None:
+        torch.set_num_threads(threads)
+
+    yolo.add_callback("on_pretrain_routine_start", keep_threads)
+    yolo.add_callback("on_predict_start", keep_threads)
     logger = logging.getLogger("ultralytics")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -128,6 +145,7 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def _device(device: str) -> str:
@@ -175,7 +193,7 @@ def resolve_detector_model(name: str) -> str:
     if path.suffix in {".yaml", ".yml"}:
         if path.is_file():
             return str(path.resolve())
-        setup_ultralytics()
+        _yolo()  # set up, then import ultralytics
         from ultralytics.utils.checks import check_yaml
 
         # ultralytics reads yolov8n.yaml as yolov8.yaml at scale n
@@ -190,7 +208,7 @@ def resolve_detector_model(name: str) -> str:
     if path.suffix == ".pt":
         if path.is_file():
             return str(path.resolve())
-        setup_ultralytics()
+        _yolo()
         from ultralytics.utils import SETTINGS
         from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
@@ -249,7 +267,7 @@ def train_detector(
             diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new): "
                              "delete the folder or choose another out_dir")
-    setup_ultralytics()  # unpickling a checkpoint imports ultralytics
+    _yolo()  # unpickling a checkpoint imports ultralytics: set it up first
     state = "finished" if done_file.exists() else _checkpoint_state(last)
     if state != "finished":
         device = _device(device)
@@ -274,7 +292,7 @@ def train_detector(
         yolo.add_callback("on_fit_epoch_end", on_epoch_end)
         workers = 0 if device == "cpu" else min(8, os.cpu_count() or 1)  # ultralytics forces 0 on CPU anyway
         try:
-            with _quiet():
+            with _quiet(yolo):
                 yolo.train(data=str(data_yaml), save_dir=str(out_dir), exist_ok=True, device=device,
                            workers=workers, plots=False, verbose=False, **kwargs)
         finally:
@@ -333,7 +351,7 @@ def predict_boxes(
     model = _yolo()(str(weights))
     device = _device(device)
     rows = []
-    with _quiet(), progress(total=len(images), desc="detect", unit="img") as bar:
+    with _quiet(model), progress(total=len(images), desc="detect", unit="img") as bar:
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
             results = model.predict([str(p) for p in chunk], imgsz=imgsz, conf=conf, device=device,

@@ -37,10 +37,18 @@ def seed_everything(seed: int) -> None:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader worker seeding: derive NumPy/random seeds from torch's per-worker seed."""
+    """DataLoader worker seeding: NumPy, ``random`` and the dataset's albumentations pipeline.
+
+    Each worker holds a copy of the transform with the same seed; albumentations 2.x draws from its own
+    generators, not NumPy's, so without reseeding them every worker would augment identically.
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
 
 
 def amp_context(device: torch.device, enabled: bool):

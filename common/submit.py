@@ -88,8 +88,11 @@ def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> pd
 
 
 def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, threshold: float,
-          sweep: pd.DataFrame) -> dict:
-    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5, and test MAP@5 with truth."""
+          sweep: pd.DataFrame, folds: list[int] | None = None) -> dict:
+    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5, and test MAP@5 with truth.
+
+    ``folds`` are the folds actually used (:func:`available_folds`); default: the requested ones.
+    """
     first = submission["predictions"].str.split().str[0]
     best_row = sweep.iloc[(sweep["threshold"] - threshold).abs().argmin()]
     out = {
@@ -98,7 +101,7 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
         "threshold_tuned": cfg.new_threshold < 0,
         "new_share": float((first == cfg.new_label).mean()),
         "oof_map5": float(best_row["map5"]),
-        "folds": cfg.fold_list(),
+        "folds": cfg.fold_list() if folds is None else list(folds),
         "fold_merge": cfg.fold_merge,
         "n_test": len(submission),
     }
@@ -118,7 +121,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     threshold, sweep = tune(cfg, oof, truth)
     test = test_scores(cfg, comp, folds)
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
-    result_metrics = score(cfg, comp, submission, threshold, sweep)
+    result_metrics = score(cfg, comp, submission, threshold, sweep, folds)
     store.write_csv(out / "oof_scores.csv", oof)
     store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
     store.write_csv(out / "threshold_sweep.csv", sweep)

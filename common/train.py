@@ -235,6 +235,8 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        # Reseed global RNGs (dropout, drop-path) each epoch: a resumed run draws what an unbroken one does.
+        seed_everything((cfg.seed + fold) * 1000 + epoch)
         if hasattr(fit_ds.transform, "set_random_seed"):
             fit_ds.transform.set_random_seed(cfg.seed * 1000 + epoch)
         loader = _loader(fit_ds, cfg, True, cfg.seed * 1000 + epoch, device)

