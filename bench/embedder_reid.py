@@ -12,12 +12,13 @@ The score is leave-one-out MAP@5 among the unseen individuals (:func:`common.ret
 each unseen image queries all the other unseen images. Everything goes through the library:
 
 1. the data set is converted once into the competition layout (:func:`convert`) under
-   ``working/bench_data/<dataset>/``: ``train.csv`` lists every image, ``splits.csv`` says which images are
-   for fitting (``fit``) and which belong to the unseen individuals (``eval``); ``test_images/`` is empty;
+   ``working/bench/embedder_reid/<dataset>/``: ``train.csv`` lists every image, ``splits.csv`` says which
+   images are for fitting (``fit``) and which belong to the unseen individuals (``eval``); ``test_images/`` is
+   empty;
 2. :func:`common.data.load_competition` validates it;
-3. the fold table (``prepare_folds``' schema) puts the unseen individuals in fold 0 and every training image in
-   fold 1, so :func:`common.train.train_fold` on fold 0 fits on *all* training individuals and never sees an
-   unseen one (its "known individuals" validation is empty, so ``valid_loss`` is NaN);
+3. the fold table (``prepare_folds``' schema) puts the unseen individuals in fold 0 and every training image
+   in fold 1, so :func:`common.train.train_fold` on fold 0 fits on *all* training individuals and never sees
+   an unseen one (its "known individuals" validation is empty, so ``valid_loss`` is NaN);
 4. :func:`common.train.load_embedder` + :func:`common.embed.extract` embed the unseen images;
 5. :func:`common.retrieval.leave_one_out_map5` scores them.
 
@@ -31,8 +32,9 @@ Run from the repository root (each run trains one model; ``--record`` appends a 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset lion --record
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset omniglot --record
 
-Any :class:`~common.config.EmbedderConfig` field can be overridden with ``-p key=value`` (e.g. ``-p epochs=3``).
-A model already trained with the same parameters is reused (its training time is read from its ``log.csv``);
+Any :class:`~common.config.EmbedderConfig` field (and ``tta_flip``) can be overridden with ``-p key=value``,
+e.g. ``-p epochs=3``. Models live in ``working/bench-<dataset>-<hash of the knobs>/``; a model already trained
+with the same knobs is reused (its training time is then read from its ``log.csv``, and the table says so);
 ``--force`` retrains.
 """
 
@@ -121,11 +123,12 @@ def list_omniglot(fit_zip: Path, eval_zip: Path) -> pd.DataFrame:
                 if len(parts) < 3:
                     raise DataError(f"{zpath}: member {member!r} is not <alphabet>/<character>/<file>.png")
                 alphabet, character, file = parts[-3:]
-                rows.append({"source": f"{zpath}::{member}", "image": f"{alphabet}__{character}__{file}",
-                             "individual_id": f"{alphabet}__{character}", "species": alphabet, "split": split})
+                individual = f"{alphabet}__{character}"
+                rows.append({"source": f"{zpath}::{member}", "image": f"{individual}__{file}",
+                             "individual_id": individual, "species": alphabet, "split": split})
     table = pd.DataFrame(rows, columns=["source", "image", "individual_id", "species", "split"])
     # small2 repeats two of small1's alphabets (Greek, Latin: 50 characters, 1,000 byte-identical files):
-    # those characters are not unseen, so they leave the scored part. 106 characters remain, as the README says.
+    # those characters are not unseen, so they leave the scored part: 106 remain, as the datasets README says.
     seen = set(table.loc[table["split"] == "fit", "individual_id"])
     table = table[~((table["split"] == "eval") & table["individual_id"].isin(seen))].reset_index(drop=True)
     _check_disjoint(table, fit_zip.parent)
@@ -141,7 +144,8 @@ def _check_disjoint(table: pd.DataFrame, where: Path) -> None:
     shared = set(table.loc[table["split"] == "fit", "individual_id"]) & set(
         table.loc[table["split"] == "eval", "individual_id"])
     if shared:
-        raise DataError(f"{where}: individuals in both the training and the unseen part: {sorted(shared)[:5]}")
+        raise DataError(f"{where}: individuals both in the training and the unseen part: "
+                        f"{sorted(shared)[:5]}")
 
 
 def list_dataset(dataset: str, shared: Path = SHARED) -> pd.DataFrame:
@@ -160,8 +164,8 @@ def write_competition(table: pd.DataFrame, out: Path) -> Path:
     empty ``test_images/``.
 
     Args:
-        table: rows with ``source`` (a file, or ``<zip>::<member>``), ``image``, ``individual_id``, ``species``,
-            ``split``.
+        table: rows with ``source`` (a file, or ``<zip>::<member>``), ``image``, ``individual_id``,
+            ``species``, ``split``.
         out: the competition folder to create (replaced if it exists).
     """
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -174,8 +178,8 @@ def write_competition(table: pd.DataFrame, out: Path) -> Path:
             target = tmp / "train_images" / image
             if "::" in source:
                 zpath, member = source.split("::", 1)
-                if zpath not in zips:  # read the zip into memory once: member-by-member reads of a file on a
-                    # slow network mount took ~40 ms each (200 s for Omniglot), in memory the whole set is <1 s
+                if zpath not in zips:  # read each zip into memory once: member by member from the shared
+                    # mount took ~40 ms a file (200 s for Omniglot); from memory the whole set takes ~1 s
                     zips[zpath] = zipfile.ZipFile(io.BytesIO(Path(zpath).read_bytes()))
                 zf = zips[zpath]
                 target.write_bytes(zf.read(member))
@@ -214,7 +218,8 @@ def fold_table(comp, splits: pd.DataFrame) -> pd.DataFrame:
         splits, on="image", how="left", validate="one_to_one")
     bad = ~table["split"].isin(["fit", "eval"])
     if bad.any():
-        raise DataError(f"{comp.root / 'splits.csv'}: image {table['image'][bad].iloc[0]!r} has no fit/eval split")
+        raise DataError(f"{comp.root / 'splits.csv'}: image {table['image'][bad].iloc[0]!r} "
+                        "has no fit/eval split")
     return table.assign(fold=np.where(table["split"] == "eval", 0, 1)).drop(columns="split")
 
 
@@ -251,11 +256,17 @@ def score(model, files: list[str], labels: list[str], image_size: int, mean, std
 
 
 def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.DataFrame,
-                    tta_flip: bool) -> dict[str, float]:
-    """Train (or reuse) fold 0 of ``cfg``, then score the unseen images; returns MAP@5 and seconds."""
-    from common.runtime import resolve_device
-    from common.train import load_embedder, train_fold
+                    tta_flip: bool) -> dict[str, object]:
+    """Train (or reuse) fold 0 of ``cfg`` with :func:`common.train.train_fold`, then score the unseen images.
 
+    Returns:
+        ``map5``, ``train_s`` (sum of the epochs' seconds in ``log.csv``), ``reused`` (trained by an earlier
+        call), ``embed_s``, ``train_acc`` (last epoch's training accuracy, margin applied).
+    """
+    from common.runtime import resolve_device
+    from common.train import fold_dir, load_embedder, train_fold
+
+    reused = not cfg.force and (fold_dir(cfg.exp, 0) / "_done.json").exists()
     t0 = time.perf_counter()
     log = train_fold(cfg, comp, folds, 0)
     fresh_s = time.perf_counter() - t0
@@ -263,14 +274,15 @@ def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.
     t1 = time.perf_counter()
     map5 = score(model, list(evalset["path"]), list(evalset["individual_id"]), cfg.image_size,
                  meta["mean"], meta["std"], tta_flip, cfg.device)
-    return {"map5": map5, "train_s": float(log["seconds"].sum()) if len(log) else fresh_s,
-            "embed_s": time.perf_counter() - t1, "n_fit": meta["n_fit"], "classes": len(meta["classes"]),
-            "last_train_loss": float(log["train_loss"].iloc[-1]) if len(log) else float("nan"),
-            "last_train_acc": float(log["train_acc"].iloc[-1]) if len(log) else float("nan")}
+    return {"map5": map5, "train_s": float(log["seconds"].sum()) if len(log) else fresh_s, "reused": reused,
+            "embed_s": time.perf_counter() - t1,
+            "train_acc": float(log["train_acc"].iloc[-1]) if len(log) else float("nan")}
 
 
-def exp_name(dataset: str, cfg_values: dict) -> str:
-    digest = hashlib.sha1(json.dumps(cfg_values, sort_keys=True).encode()).hexdigest()[:8]
+def exp_name(dataset: str, cfg: EmbedderConfig, tta_flip: bool) -> str:
+    """``bench-<dataset>-<hash>``: the hash covers every knob that changes the model (not paths or device)."""
+    knobs = {k: v for k, v in cfg.fingerprint().items() if k not in ("data", "exp", "device")}
+    digest = hashlib.sha1(json.dumps({**knobs, "tta": tta_flip}, sort_keys=True).encode()).hexdigest()[:8]
     return f"bench-{dataset}-{digest}"
 
 
@@ -303,19 +315,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="override an EmbedderConfig field or tta_flip (repeatable)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
-    ap.add_argument("--work", type=Path, default=None, help="where converted data go (default working/bench_data)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where converted data go (default working/bench/embedder_reid)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the two untrained baselines")
-    ap.add_argument("--force", action="store_true", help="retrain even if a model with these parameters exists")
+    ap.add_argument("--force", action="store_true", help="retrain even if a model with these knobs exists")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
 
     import torch
 
+    from common.runtime import resolve_device
+
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     settings = {**PRESETS[args.dataset], **parse_overrides(args.param)}
     tta_flip = bool(settings.pop("tta_flip"))
-    work = args.work or paths.working_dir() / "bench_data"
+    work = args.work or paths.working_dir() / "bench" / "embedder_reid"
     root = convert(args.dataset, work, args.shared)
     comp = load_competition(root, check_pixels=False)
     splits = pd.read_csv(root / "splits.csv", dtype=str)
@@ -328,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = dict(data=str(root), seed=42, device="auto", num_workers=0, n_folds=2, folds="0",
                 use_crops=False, force=args.force, **settings)
     cfg = EmbedderConfig(**{**base, "exp": "tmp"})
-    cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, {**cfg.fingerprint(), "tta": tta_flip}))
+    cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, cfg, tta_flip))
     rows = []
     if not args.no_baseline:
         from common.models import backbone_normalization, create_backbone
@@ -339,49 +354,54 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             raw_map = score(raw, list(evalset["path"]), list(evalset["individual_id"]), size, mean, std,
                             tta_flip, cfg.device)
-            rows.append({"model": f"raw ImageNet features at {size} px (backbone, average pool, no training)",
-                         "map5": raw_map, "train_s": 0.0, "embed_s": time.perf_counter() - t0})
+            rows.append({"model": f"raw ImageNet features at {size} px (average-pooled backbone)",
+                         "map5": raw_map, "train_s": 0.0, "reused": False,
+                         "embed_s": time.perf_counter() - t0, "train_acc": float("nan")})
             print(f"raw ImageNet features at {size} px: MAP@5 {raw_map:.4f}", flush=True)
-        zero = dataclasses.replace(cfg, epochs=0, exp=exp_name(args.dataset, {**cfg.fingerprint(), "epochs": 0,
-                                                                             "tta": tta_flip}))
+        zero = dataclasses.replace(cfg, epochs=0)
+        zero = dataclasses.replace(zero, exp=exp_name(args.dataset, zero, tta_flip))
         r = train_and_score(zero, comp, folds, evalset, tta_flip)
-        rows.append({"model": "epochs=0 (ImageNet backbone + GeM + random neck)", **r})
+        rows.append({"model": f"epochs=0 at {cfg.image_size} px (ImageNet backbone, GeM, random neck)", **r})
         print(f"epochs=0: MAP@5 {r['map5']:.4f}", flush=True)
     r = train_and_score(cfg, comp, folds, evalset, tta_flip)
-    rows.append({"model": f"trained, {cfg.epochs} epochs", **r})
-    print(f"trained ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train loss "
-          f"{r['last_train_loss']:.3f}, acc {r['last_train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
+    rows.append({"model": f"trained: {cfg.epochs} epochs at {cfg.image_size} px ({cfg.exp})", **r})
+    print(f"trained ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train acc "
+          f"{r['train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
     # The ratio is taken against the best untrained figure (raw features at either size, or epochs=0).
     ref = max((row["map5"] for row in rows[:-1]), default=None)
     total = time.perf_counter() - t_start
 
     command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
-    knobs = {k: getattr(cfg, k) for k in ("backbone", "pretrained", "image_size", "epochs", "batch_size", "lr",
-                                          "head_lr_mult", "weight_decay", "warmup_epochs", "embedding_dim",
-                                          "gem_p", "arc_s", "arc_m", "arc_k", "dynamic_margin",
-                                          "label_smoothing", "species_weight", "seed")}
-    desc = {"lion": "train on lion/train (75 lions, 594 images), score lion/val (19 unseen lions, 146 images)",
-            "omniglot": "train on Omniglot images_background_small1 (136 characters x 20), score small2 "
-                        "(106 unseen characters x 20)"}[args.dataset]
+    names = ("backbone", "pretrained", "image_size", "epochs", "batch_size", "lr", "head_lr_mult",
+             "weight_decay", "warmup_epochs", "embedding_dim", "gem_p", "dropout", "arc_s", "arc_m", "arc_k",
+             "dynamic_margin", "label_smoothing", "species_weight", "seed")
+    knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in names)
+    desc = {"lion": "train on lion/train (75 lions, 594 images), score lion/val (19 unseen lions, "
+                    "146 images)",
+            "omniglot": "train on Omniglot images_background_small1 (136 characters x 20), score the 106 "
+                        "characters of small2 not in small1 (x 20)"}[args.dataset]
     lines = [
         "", f"## Embedder re-identification on unseen individuals: {args.dataset}", "",
         f"- command: `{command}` (from the repository root)",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, torch {torch.__version__} on CPU "
-        f"({torch.get_num_threads()} threads), load average at start {load:.2f} (shared machine: times are "
-        "indicative)",
+        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, torch {torch.__version__} on "
+        f"{resolve_device(cfg.device).type} ({torch.get_num_threads()} threads), load average at start "
+        f"{load:.2f} (shared machine: times are indicative)",
         f"- data: {desc}; metric: leave-one-out MAP@5 among the unseen images "
         f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}",
-        f"- config: {', '.join(f'{k}={v}' for k, v in knobs.items())}; path: `load_competition` -> "
-        "`train_fold` (fold 0 = unseen individuals, so all training images are fitted) -> `load_embedder` -> "
-        "`extract` -> `leave_one_out_map5`",
-        f"- total wall time {total:.0f} s", "",
-        "| model | MAP@5 | x best untrained | training s | embedding s |", "|---|---|---|---|---|",
+        f"- config: {knobs}",
+        "- path: `load_competition` -> `train_fold` (fold 0 = the unseen individuals, so every training "
+        "image is fitted) -> `load_embedder` -> `extract` -> `leave_one_out_map5`",
+        f"- wall time of this call {total:.0f} s", "",
+        "| model | MAP@5 | x best untrained | training s | last-epoch train acc | embedding s |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratio = f"{row['map5'] / ref:.2f}" if ref else "-"
-        lines.append(f"| {row['model']} | {row['map5']:.4f} | {ratio} | {row['train_s']:.0f} | "
+        train_s = f"{row['train_s']:.0f}" + (" (earlier call, from log.csv)" if row["reused"] else "")
+        acc = "-" if np.isnan(row["train_acc"]) else f"{row['train_acc']:.3f}"
+        lines.append(f"| {row['model']} | {row['map5']:.4f} | {ratio} | {train_s} | {acc} | "
                      f"{row['embed_s']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)

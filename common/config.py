@@ -244,6 +244,8 @@ class RetrievalConfig(FoldConfig):
             embeddings, re-normalise, search once).
         new_threshold: similarity under which ``new_individual`` is inserted; negative = tune it on
             out-of-fold predictions.
+        oof_new_share: share of out-of-fold queries made unseen individuals by hiding their individual from
+            the fold's gallery, so the threshold is tuned on a test-like mix (0: only naturally unseen ones).
         threshold_min: lowest threshold of the sweep.
         threshold_max: highest threshold of the sweep.
         threshold_step: sweep step.
@@ -256,6 +258,7 @@ class RetrievalConfig(FoldConfig):
     knn_k: int = 50
     fold_merge: str = "mean"
     new_threshold: float = -1.0
+    oof_new_share: float = 0.2
     threshold_min: float = 0.0
     threshold_max: float = 1.0
     threshold_step: float = 0.02

@@ -56,12 +56,47 @@ def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tup
         emb = load_fold_embeddings(cfg.exp, k, "train", comp.train["image"])
         row = pd.Series(np.arange(len(comp.train)), index=comp.train["image"])
         fit, valid = table[table["fold"] != k], table[table["fold"] == k]
+        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + k)
+        fit = fit[~fit["individual_id"].isin(hidden)]
         scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
                                        k=cfg.knn_k)
         tables.append(retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"]))
         truths.append(pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
                                 index=valid["image"].to_numpy()))
     return pd.concat(tables, ignore_index=True), pd.concat(truths)
+
+
+def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float, seed: int) -> set[str]:
+    """Individuals to remove from an out-of-fold gallery so that about ``share`` of the queries are new.
+
+    Stratified folds put most individuals in every fold's training part, so without this the out-of-fold
+    queries hold few or no unseen individuals and the ``new_individual`` threshold cannot be tuned. Individuals
+    of the validation fold are hidden in a seeded random order until the images of unseen individuals (those
+    hidden plus those naturally absent from the gallery) reach ``share`` of the queries.
+
+    Args:
+        valid_ids: individual of each query image.
+        gallery_ids: individual of each gallery image.
+        share: target share of query images whose individual is not in the gallery (0 hides nobody).
+        seed: seed of the order.
+
+    Returns:
+        The hidden individual ids.
+    """
+    valid_ids = valid_ids.astype(str)
+    counts = valid_ids.value_counts()
+    in_gallery = set(gallery_ids.astype(str))
+    unseen = int(counts[[i for i in counts.index if i not in in_gallery]].sum())
+    target = share * len(valid_ids)
+    candidates = sorted(i for i in counts.index if i in in_gallery)
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    hidden: set[str] = set()
+    for j in order:
+        if unseen >= target:
+            break
+        hidden.add(candidates[j])
+        unseen += int(counts[candidates[j]])
+    return hidden
 
 
 def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[float, pd.DataFrame]:

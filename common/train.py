@@ -29,7 +29,7 @@ from common import paths, store
 from common.config import EmbedderConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
 from common.heads import dynamic_margins
-from common.models import EmbeddingModel, backbone_normalization
+from common.models import EmbeddingModel
 from common.runtime import (
     amp_context,
     needs_grad_scaler,
@@ -38,6 +38,7 @@ from common.runtime import (
     seed_everything,
     worker_init,
 )
+from common.weights import backbone_normalization
 
 # Fields that change the trained model: a resumed fold must agree on all of them.
 _MODEL_FIELDS = (
