@@ -98,7 +98,7 @@ def make_experiment(comp, exp: str = EXP, folds=(0, 1)) -> None:
 
 
 def cfg_for(**overrides) -> RetrievalConfig:
-    return RetrievalConfig(**{**dict(exp=EXP, n_folds=2, folds="all", knn_k=50), **overrides})
+    return RetrievalConfig(**{**dict(exp=EXP, n_folds=2, folds="all", knn_k=50, oof_new_share=0.0), **overrides})
 
 
 @pytest.fixture
@@ -216,3 +216,19 @@ def test_plot_examples_with_and_without_truth(comp, tmp_path):
     assert "map5" not in result.metrics and result.metrics["oof_map5"] == pytest.approx(1.0)
     fig2 = submit.plot_examples(cfg2, no_truth, result)  # falls back to out-of-fold queries
     assert isinstance(fig2, Figure)
+
+
+def test_hide_individuals_reaches_the_target_share():
+    # queries: a x3, b x1, c x1, d x5 (10 images); d is naturally unseen (not in the gallery) -> 5/10 new
+    valid = pd.Series(["a", "a", "a", "b", "c", "d", "d", "d", "d", "d"])
+    gallery = pd.Series(["a", "b", "c", "x"])
+    assert submit.hide_individuals(valid, gallery, 0.5, seed=0) == set()  # 5/10 already new
+    assert submit.hide_individuals(valid, gallery, 0.0, seed=0) == set()
+    hidden = submit.hide_individuals(valid, gallery, 0.6, seed=0)  # needs one more new image
+    assert len(hidden) == 1 and hidden <= {"a", "b", "c"}
+    new_images = 5 + valid.isin(hidden).sum()
+    assert new_images >= 6
+    everything = submit.hide_individuals(valid, gallery, 1.0, seed=0)  # all 10 queries new
+    assert everything == {"a", "b", "c"}
+    # deterministic for a seed
+    assert submit.hide_individuals(valid, gallery, 0.6, seed=3) == submit.hide_individuals(valid, gallery, 0.6, seed=3)
