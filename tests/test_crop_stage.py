@@ -11,6 +11,7 @@ import shutil
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
 from common import crop_stage, detect, paths, store, train
@@ -31,10 +32,7 @@ def comp(demo_root):
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
-                     ("REID_SUBMISSIONS_DIR", "submissions")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("REID_PROGRESS", "off")
+    isolate_dirs(tmp_path, monkeypatch)
     # no test here may reach the detector
     for name in ("setup_ultralytics", "train_detector", "predict_boxes"):
         monkeypatch.setattr(detect, name, _forbidden(name))

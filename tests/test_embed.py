@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import isolate_dirs
 
 from common import embed, store, train
 from common.config import EmbedderConfig, ExtractConfig
@@ -19,20 +20,13 @@ from common.demo import TINY_DEMO, make_demo
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared, loaded CPU, torch's intra-op threads spin against each other: one thread is far faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
-                     ("REID_SUBMISSIONS_DIR", "submissions")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("REID_PROGRESS", "off")
+    isolate_dirs(tmp_path, monkeypatch)
     return tmp_path
 
 

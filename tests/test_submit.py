@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
 from common import paths, store, submit
@@ -56,10 +57,7 @@ def write_png(path, value: int) -> None:
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
-                     ("REID_SUBMISSIONS_DIR", "submissions")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("REID_PROGRESS", "off")
+    isolate_dirs(tmp_path, monkeypatch)
     yield tmp_path
     plt.close("all")
 
