@@ -187,33 +187,37 @@ def plot_retrieval_examples(
 
 
 def plot_training_curves(log: pd.DataFrame) -> Figure:
-    """Loss, validation MAP@5 (when logged) and learning rate against the epoch.
+    """Loss, a validation metric (when logged) and learning rate against the epoch, one line per fold.
 
     Args:
-        log: ``epoch, train_loss, lr`` and optionally ``valid_loss``, ``valid_map5``.
+        log: ``epoch, train_loss, lr`` and optionally ``valid_loss``, ``valid_map5`` or ``valid_acc``, and
+            ``fold`` when several folds are stacked (as :func:`common.train.run_training` returns them).
 
     Returns:
-        A figure with 2 axes (loss, lr), or 3 when ``valid_map5`` has values (loss, MAP@5, lr).
+        A figure with 2 axes (loss, lr), or 3 when a validation metric has values (loss, metric, lr).
     """
     missing = [c for c in ("epoch", "train_loss", "lr") if c not in log.columns]
     if missing:
         raise ValueError(f"plot_training_curves: log lacks column(s) {missing}")
-    has_map = "valid_map5" in log.columns and log["valid_map5"].notna().any()
-    fig, axes = plt.subplots(1, 3 if has_map else 2, figsize=(12 if has_map else 8, 3.5), squeeze=False)
-    axes = list(axes[0])
-    ax = axes.pop(0)
-    ax.plot(log["epoch"], log["train_loss"], marker="o", label="train")
-    if "valid_loss" in log.columns and log["valid_loss"].notna().any():
-        ax.plot(log["epoch"], log["valid_loss"], marker="o", label="valid")
-    ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax.legend(fontsize=8)
-    if has_map:
-        ax = axes.pop(0)
-        ax.plot(log["epoch"], log["valid_map5"], marker="o", color="tab:green")
-        ax.set(xlabel="epoch", ylabel="MAP@5", title="validation MAP@5")
-    ax = axes.pop(0)
-    ax.plot(log["epoch"], log["lr"], color="tab:purple")
-    ax.set(xlabel="epoch", ylabel="lr", title="learning rate")
+    metric = next((c for c in ("valid_map5", "valid_acc") if c in log.columns and log[c].notna().any()), None)
+    fig, axes = plt.subplots(1, 3 if metric else 2, figsize=(12 if metric else 8, 3.5), squeeze=False)
+    ax_loss, *rest = list(axes[0])
+    ax_metric, ax_lr = (rest[0], rest[1]) if metric else (None, rest[0])
+    groups = log.groupby("fold") if "fold" in log.columns and log["fold"].nunique() > 1 else [(None, log)]
+    for i, (fold, part) in enumerate(groups):
+        tag, color = ("" if fold is None else f"fold {fold} "), f"C{i}"
+        ax_loss.plot(part["epoch"], part["train_loss"], marker="o", color=color, label=f"{tag}train")
+        if "valid_loss" in part.columns and part["valid_loss"].notna().any():
+            ax_loss.plot(part["epoch"], part["valid_loss"], marker="o", linestyle="--", color=color,
+                         label=f"{tag}valid")
+        if metric:
+            ax_metric.plot(part["epoch"], part[metric], marker="o", color=color)
+        ax_lr.plot(part["epoch"], part["lr"], color=color)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend(fontsize=8)
+    if metric:
+        ax_metric.set(xlabel="epoch", ylabel=metric, title=f"validation {metric.removeprefix('valid_')}")
+    ax_lr.set(xlabel="epoch", ylabel="lr", title="learning rate (end of epoch)")
     for a in fig.axes:
         a.grid(alpha=0.3)
     return _finish(fig)
