@@ -137,6 +137,7 @@ class CropConfig(StageConfig):
         detector_imgsz: detector input size (pixels).
         detector_batch: detector batch size.
         detector_val_fraction: share of boxed images held out to score the detector.
+        detector_freeze: freeze the detector's first N layers while fine-tuning (10 = YOLOv8's backbone).
         box_conf: minimum confidence of a box to crop; below it the full image is kept.
         crop_margin: margin added around each box, as a fraction of its width/height.
         crops_from: reuse the crops of another experiment (its stage 01 must have finished) instead of
@@ -151,6 +152,7 @@ class CropConfig(StageConfig):
     detector_imgsz: int = 320
     detector_batch: int = 16
     detector_val_fraction: float = 0.2
+    detector_freeze: int = 0
     box_conf: float = 0.25
     crop_margin: float = 0.1
     crops_from: str = ""

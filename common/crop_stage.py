@@ -85,7 +85,8 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
                                          cfg.seed)
     weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
                                     epochs=cfg.detector_epochs, imgsz=cfg.detector_imgsz,
-                                    batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed)
+                                    batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
+                                    freeze=cfg.detector_freeze)
     held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
