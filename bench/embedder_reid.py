@@ -32,7 +32,8 @@ Run from the repository root (each run trains one model; ``--record`` appends a 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset lion --record
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset omniglot --record
 
-Any :class:`~common.config.EmbedderConfig` field (and ``tta_flip``) can be overridden with ``-p key=value``,
+Any :class:`~common.config.EmbedderConfig` field, ``tta_flip`` and ``eval_size`` (the size the unseen images
+are embedded at; 0 = the training size) can be overridden with ``-p key=value``,
 e.g. ``-p epochs=3``. Models live in ``working/bench-<dataset>-<hash of the knobs>/``; a model already trained
 with the same knobs is reused (its training time is then read from its ``log.csv``, and the table says so);
 ``--force`` retrains.
@@ -72,16 +73,16 @@ from common.data import DataError, load_competition  # noqa: E402
 SHARED = ROOT.parent / "shared" / "datasets"
 DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
 
-# The benchmark's settings per data set (tuned on a 2-core CPU machine to finish in ~10 minutes).
+# The benchmark's settings per data set, chosen from a few runs on the 2-core CPU machine (bench/RESULTS.md).
 PRESETS: dict[str, dict[str, object]] = {
-    "lion": dict(image_size=160, epochs=12, batch_size=32, lr=5e-4, head_lr_mult=10.0, warmup_epochs=1.0,
-                 arc_s=30.0, arc_m=0.3, tta_flip=True),
-    "omniglot": dict(image_size=64, epochs=6, batch_size=64, lr=1e-3, head_lr_mult=10.0, warmup_epochs=0.5,
+    "lion": dict(image_size=160, epochs=16, batch_size=32, lr=5e-4, head_lr_mult=10.0, warmup_epochs=1.0,
+                 arc_s=30.0, arc_m=0.3, arc_k=3, tta_flip=True),
+    "omniglot": dict(image_size=64, epochs=8, batch_size=32, lr=1e-3, head_lr_mult=10.0, warmup_epochs=0.5,
                      arc_s=30.0, arc_m=0.3, tta_flip=False),
 }
 RAW_IMAGENET_SIZE = 224  # the raw-feature baseline is also scored at ImageNet's own input size
 # Not EmbedderConfig fields: how the unseen images are embedded.
-EXTRACT_KEYS = ("tta_flip",)
+EXTRACT_KEYS = ("tta_flip", "eval_size")
 
 
 # ----------------------------------------------------------------------------------------- data sets
@@ -244,19 +245,19 @@ class PooledBackbone:
 
 
 def score(model, files: list[str], labels: list[str], image_size: int, mean, std, tta_flip: bool,
-          device: str = "auto") -> float:
-    """Embed ``files`` with :func:`common.embed.extract` and return their leave-one-out MAP@5."""
+          device: str = "auto") -> tuple[float, np.ndarray]:
+    """Embed ``files`` with :func:`common.embed.extract`; return the leave-one-out MAP@5, the embeddings."""
     from common.embed import extract
     from common.retrieval import leave_one_out_map5
     from common.runtime import resolve_device
 
     emb = extract(model, files, image_size, list(mean), list(std), batch_size=64, tta_flip=tta_flip,
                   device=resolve_device(device), desc="embed unseen")
-    return leave_one_out_map5(emb, labels, k=5)
+    return leave_one_out_map5(emb, labels, k=5), emb
 
 
 def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.DataFrame,
-                    tta_flip: bool) -> dict[str, object]:
+                    tta_flip: bool, eval_size: int = 0) -> dict[str, object]:
     """Train (or reuse) fold 0 of ``cfg`` with :func:`common.train.train_fold`, then score the unseen images.
 
     Returns:
@@ -272,17 +273,20 @@ def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.
     fresh_s = time.perf_counter() - t0
     model, meta = load_embedder(cfg.exp, 0, resolve_device(cfg.device))
     t1 = time.perf_counter()
-    map5 = score(model, list(evalset["path"]), list(evalset["individual_id"]), cfg.image_size,
-                 meta["mean"], meta["std"], tta_flip, cfg.device)
-    return {"map5": map5, "train_s": float(log["seconds"].sum()) if len(log) else fresh_s, "reused": reused,
+    size = eval_size or cfg.image_size
+    map5, emb = score(model, list(evalset["path"]), list(evalset["individual_id"]), size, meta["mean"],
+                      meta["std"], tta_flip, cfg.device)
+    return {"map5": map5, "emb": emb, "reused": reused,
+            "train_s": float(log["seconds"].sum()) if len(log) else fresh_s,
             "embed_s": time.perf_counter() - t1,
             "train_acc": float(log["train_acc"].iloc[-1]) if len(log) else float("nan")}
 
 
-def exp_name(dataset: str, cfg: EmbedderConfig, tta_flip: bool) -> str:
-    """``bench-<dataset>-<hash>``: the hash covers every knob that changes the model (not paths or device)."""
+def exp_name(dataset: str, cfg: EmbedderConfig) -> str:
+    """``bench-<dataset>-<hash>``: the hash covers the knobs that change the model (not paths, device or
+    how the unseen images are embedded)."""
     knobs = {k: v for k, v in cfg.fingerprint().items() if k not in ("data", "exp", "device")}
-    digest = hashlib.sha1(json.dumps({**knobs, "tta": tta_flip}, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
     return f"bench-{dataset}-{digest}"
 
 
@@ -313,11 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(PRESETS), required=True)
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an EmbedderConfig field or tta_flip (repeatable)")
+                    help="override an EmbedderConfig field, tta_flip or eval_size (repeatable)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
     ap.add_argument("--work", type=Path, default=None,
                     help="where converted data go (default working/bench/embedder_reid)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the two untrained baselines")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="train one model per seed and report each and their mean (default: the one seed)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the untrained baselines")
     ap.add_argument("--force", action="store_true", help="retrain even if a model with these knobs exists")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -330,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     settings = {**PRESETS[args.dataset], **parse_overrides(args.param)}
     tta_flip = bool(settings.pop("tta_flip"))
+    eval_size = int(settings.pop("eval_size", 0)) or int(settings["image_size"])
     work = args.work or paths.working_dir() / "bench" / "embedder_reid"
     root = convert(args.dataset, work, args.shared)
     comp = load_competition(root, check_pixels=False)
@@ -340,42 +347,63 @@ def main(argv: list[str] | None = None) -> dict:
           f"{folds.loc[folds['fold'] == 1, 'individual_id'].nunique()} individuals; "
           f"{len(evalset)} unseen images of {evalset['individual_id'].nunique()} individuals", flush=True)
 
-    base = dict(data=str(root), seed=42, device="auto", num_workers=0, n_folds=2, folds="0",
-                use_crops=False, force=args.force, **settings)
-    cfg = EmbedderConfig(**{**base, "exp": "tmp"})
-    cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, cfg, tta_flip))
+    base = {"seed": 42, "device": "auto", "num_workers": 0, **settings}  # -p may override these three
+    cfg = EmbedderConfig(**base, data=str(root), exp="tmp", n_folds=2, folds="0", use_crops=False,
+                         force=args.force)
+    cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, cfg))
     rows = []
     if not args.no_baseline:
         from common.models import backbone_normalization, create_backbone
 
         mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
         raw = PooledBackbone(create_backbone(cfg.backbone, cfg.pretrained))
-        for size in sorted({cfg.image_size, RAW_IMAGENET_SIZE}):
+        for size in sorted({cfg.image_size, eval_size, RAW_IMAGENET_SIZE}):
             t0 = time.perf_counter()
-            raw_map = score(raw, list(evalset["path"]), list(evalset["individual_id"]), size, mean, std,
-                            tta_flip, cfg.device)
+            raw_map, _ = score(raw, list(evalset["path"]), list(evalset["individual_id"]), size, mean, std,
+                               tta_flip, cfg.device)
             rows.append({"model": f"raw ImageNet features at {size} px (average-pooled backbone)",
                          "map5": raw_map, "train_s": 0.0, "reused": False,
                          "embed_s": time.perf_counter() - t0, "train_acc": float("nan")})
             print(f"raw ImageNet features at {size} px: MAP@5 {raw_map:.4f}", flush=True)
         zero = dataclasses.replace(cfg, epochs=0)
-        zero = dataclasses.replace(zero, exp=exp_name(args.dataset, zero, tta_flip))
-        r = train_and_score(zero, comp, folds, evalset, tta_flip)
-        rows.append({"model": f"epochs=0 at {cfg.image_size} px (ImageNet backbone, GeM, random neck)", **r})
+        zero = dataclasses.replace(zero, exp=exp_name(args.dataset, zero))
+        r = train_and_score(zero, comp, folds, evalset, tta_flip, eval_size)
+        rows.append({"model": f"epochs=0, embedded at {eval_size} px (ImageNet backbone, GeM, random neck)",
+                     **r})
         print(f"epochs=0: MAP@5 {r['map5']:.4f}", flush=True)
-    r = train_and_score(cfg, comp, folds, evalset, tta_flip)
-    rows.append({"model": f"trained: {cfg.epochs} epochs at {cfg.image_size} px ({cfg.exp})", **r})
-    print(f"trained ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train acc "
-          f"{r['train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
+    n_untrained = len(rows)
+    seeds = [cfg.seed] if args.seeds is None else [int(x) for x in args.seeds.split(",") if x.strip()]
+    for seed in seeds:  # one model per seed: the unseen sets are small, so one seed's figure is noisy
+        cfg_s = dataclasses.replace(cfg, seed=seed)
+        cfg_s = dataclasses.replace(cfg_s, exp=exp_name(args.dataset, cfg_s))
+        r = train_and_score(cfg_s, comp, folds, evalset, tta_flip, eval_size)
+        rows.append({"model": f"trained, seed {seed}: {cfg.epochs} epochs at {cfg.image_size} px, embedded "
+                              f"at {eval_size} px ({cfg_s.exp})", **r})
+        print(f"trained, seed {seed} ({cfg.epochs} epochs, {r['train_s']:.0f} s training, last train acc "
+              f"{r['train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
+    trained = np.array([row["map5"] for row in rows[n_untrained:]])
+    if len(seeds) > 1:
+        from common.retrieval import concat_embeddings, leave_one_out_map5
+
+        nan = float("nan")
+        rows.append({"model": f"trained, mean +- sd over the {len(seeds)} seeds",
+                     "map5": float(trained.mean()), "sd": float(trained.std(ddof=1)),
+                     "train_s": nan, "reused": False, "embed_s": nan, "train_acc": nan})
+        # The seeds as an ensemble, the way stage 04's fold_merge=concat combines fold models.
+        ensemble = concat_embeddings([row["emb"] for row in rows[n_untrained:n_untrained + len(seeds)]])
+        rows.append({"model": f"ensemble of the {len(seeds)} seeds (`concat_embeddings`: {len(seeds)}x the "
+                              "training and embedding cost)",
+                     "map5": leave_one_out_map5(ensemble, list(evalset["individual_id"]), k=5),
+                     "train_s": nan, "reused": False, "embed_s": nan, "train_acc": nan})
     # The ratio is taken against the best untrained figure (raw features at either size, or epochs=0).
-    ref = max((row["map5"] for row in rows[:-1]), default=None)
+    ref = max((row["map5"] for row in rows[:n_untrained]), default=None)
     total = time.perf_counter() - t_start
 
     command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     names = ("backbone", "pretrained", "image_size", "epochs", "batch_size", "lr", "head_lr_mult",
              "weight_decay", "warmup_epochs", "embedding_dim", "gem_p", "dropout", "arc_s", "arc_m", "arc_k",
-             "dynamic_margin", "label_smoothing", "species_weight", "seed")
+             "dynamic_margin", "label_smoothing", "species_weight")
     knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in names)
     desc = {"lion": "train on lion/train (75 lions, 594 images), score lion/val (19 unseen lions, "
                     "146 images)",
@@ -389,8 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{resolve_device(cfg.device).type} ({torch.get_num_threads()} threads), load average at start "
         f"{load:.2f} (shared machine: times are indicative)",
         f"- data: {desc}; metric: leave-one-out MAP@5 among the unseen images "
-        f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}",
-        f"- config: {knobs}",
+        f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}, unseen images "
+        f"embedded at {eval_size} px",
+        f"- config: {knobs}; seed(s) {', '.join(map(str, seeds))}",
         "- path: `load_competition` -> `train_fold` (fold 0 = the unseen individuals, so every training "
         "image is fitted) -> `load_embedder` -> `extract` -> `leave_one_out_map5`",
         f"- wall time of this call {total:.0f} s", "",
@@ -399,14 +428,16 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for row in rows:
         ratio = f"{row['map5'] / ref:.2f}" if ref else "-"
-        train_s = f"{row['train_s']:.0f}" + (" (earlier call, from log.csv)" if row["reused"] else "")
+        map5 = f"{row['map5']:.4f}" + (f" +- {row['sd']:.4f}" if "sd" in row else "")
+        train_s = "-" if np.isnan(row["train_s"]) else f"{row['train_s']:.0f}"
+        train_s += " (earlier call, from log.csv)" if row["reused"] else ""
         acc = "-" if np.isnan(row["train_acc"]) else f"{row['train_acc']:.3f}"
-        lines.append(f"| {row['model']} | {row['map5']:.4f} | {ratio} | {train_s} | {acc} | "
-                     f"{row['embed_s']:.0f} |")
+        embed_s = "-" if np.isnan(row["embed_s"]) else f"{row['embed_s']:.0f}"
+        lines.append(f"| {row['model']} | {map5} | {ratio} | {train_s} | {acc} | {embed_s} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if ref:
-        print(f"ratio trained / best untrained: {rows[-1]['map5'] / ref:.2f}")
+        print(f"ratio trained (mean over seeds) / best untrained: {trained.mean() / ref:.2f}")
     if args.record:
         with open(args.results, "a") as fh:  # other benchmarks append here too: never rewrite
             fh.write(text)

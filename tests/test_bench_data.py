@@ -1,8 +1,8 @@
 """The dataset converters of bench/embedder_reid.py, checked on the real data in ../shared/datasets.
 
 Known answers are the counts the datasets README states: lion train 75 lions / 594 images, val 19 lions /
-146 images; Omniglot small1 136 characters x 20 drawers, small2 106 other characters x 20 drawers (small2's zip
-holds 156 characters: its Greek and Latin, 24 + 26 characters, are small1's very files and are left out).
+146 images; Omniglot small1 136 characters x 20 drawers, small2 106 other characters x 20 drawers (small2's
+zip holds 156 characters: its Greek and Latin, 24 + 26 characters, are small1's very files and are left out).
 """
 
 from __future__ import annotations
