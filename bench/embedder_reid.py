@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "lion": dict(image_size=160, epochs=16, batch_size=32, lr=5e-4, head_lr_mult=10.0, warmup_epochs=1.0,
                  arc_s=30.0, arc_m=0.3, arc_k=3, tta_flip=True),
     "omniglot": dict(image_size=64, epochs=8, batch_size=32, lr=1e-3, head_lr_mult=10.0, warmup_epochs=0.5,
-                     arc_s=30.0, arc_m=0.3, tta_flip=False),
+                     arc_s=30.0, arc_m=0.3, tta_flip=True),
 }
 RAW_IMAGENET_SIZE = 224  # the raw-feature baseline is also scored at ImageNet's own input size
 # Not EmbedderConfig fields: how the unseen images are embedded.
