@@ -273,11 +273,156 @@ class RetrievalConfig(FoldConfig):
             raise ValueError(f"fold_merge={self.fold_merge!r}: use 'mean' or 'concat'")
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig(FoldConfig):
+    """Stage 05: fine-tune a timm classifier per fold with the winning solutions' training tricks.
+
+    Parameter names shared with stage 02 (``backbone``, ``epochs``, ``lr``, ...) mean the same thing; give a
+    classification experiment its own name and parameters file (``crops_from`` reuses another run's crops).
+
+    Args:
+        label_column: the ``train.csv`` column that holds the class (``individual_id`` or any other column).
+        backbone: any timm model name (``mobilenetv3_small_100``, ``ghostnet_100`` for the speed side).
+        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none`` or a path.
+        image_size: square input size (pixels).
+        epochs: training epochs per fold.
+        batch_size: images per step.
+        optimizer: ``adamw`` or ``radam``.
+        lr: peak learning rate of the backbone (cosine schedule with warmup, stepped every batch).
+        head_lr_mult: learning-rate multiplier for the head.
+        weight_decay: weight decay (decoupled, as AdamW; RAdam uses ``decoupled_weight_decay``).
+        warmup_epochs: linear warmup length, in epochs (fractions allowed).
+        dropout: dropout before the head.
+        head: ``linear``, ``arcface`` or ``subcenter`` (sub-centre ArcFace, ``arc_k`` centres per class).
+        arc_s: ArcFace scale.
+        arc_m: ArcFace margin (radians), used when ``dynamic_margin`` is off.
+        arc_k: sub-centres per class for ``head=subcenter``.
+        dynamic_margin: count-based adaptive margins m = margin_a * n**margin_p + margin_b per class.
+        margin_a: dynamic-margin scale.
+        margin_p: dynamic-margin exponent (negative: rare classes get larger margins).
+        margin_b: dynamic-margin offset.
+        loss: ``ce``, ``focal`` or ``eql`` (Softmax equalization loss).
+        label_smoothing: label smoothing of the loss targets.
+        focal_gamma: focal-loss exponent.
+        eql_tau: Softmax-EQL strength.
+        la_loss_tau: logit adjustment inside the loss (tau * log prior added to the logits); 0 disables it.
+        la_posthoc_tau: post-hoc logit adjustment at prediction (tau * log prior subtracted); 0 disables it.
+        sampler: ``random``, ``balanced`` (every class equally likely) or ``sqrt`` (square-root balanced).
+        mixup_alpha: Mixup Beta(alpha, alpha); 0 disables Mixup.
+        cutmix_alpha: CutMix Beta(alpha, alpha); 0 disables CutMix.
+        mix_prob: probability that a batch is mixed at all.
+        rrc_scale_min: smallest area share of the random resized crop (1 = no crop).
+        hflip: random horizontal flip in training.
+        ema_decay: exponential moving average of the weights (e.g. 0.999); 0 disables it.
+        avg_last: average the weights of the last N epochs into the final model; 0 disables it.
+        avg_epochs: epochs whose weights are averaged too, as a comma list such as ``6,8,10``.
+        distill_from: experiment whose stage-05 out-of-fold probabilities are the soft targets ("" = off).
+        distill_mode: ``mix`` (self-distillation: soft and hard labels mixed by ``distill_weight``) or ``kd``
+            (teacher-student: cross-entropy plus ``distill_weight`` x the temperature-scaled KL term).
+        distill_weight: weight of the soft targets (2:8 soft:hard by default).
+        distill_temperature: temperature of the ``kd`` term.
+        tta_flip: average the logits of the image and of its horizontal flip at prediction.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU.
+        use_crops: train on stage 01's crops when they exist, else on full images.
+        max_images: cap on training images (0 = all), for debug runs.
+    """
+
+    stage: ClassVar[str] = "05"
+
+    label_column: str = "individual_id"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "auto"
+    image_size: int = 128
+    epochs: int = 6
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    dropout: float = 0.0
+    head: str = "linear"
+    arc_s: float = 30.0
+    arc_m: float = 0.5
+    arc_k: int = 1
+    dynamic_margin: bool = False
+    margin_a: float = 0.5
+    margin_p: float = -0.25
+    margin_b: float = 0.05
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    eql_tau: float = 1.0
+    la_loss_tau: float = 0.0
+    la_posthoc_tau: float = 0.0
+    sampler: str = "random"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    rrc_scale_min: float = 0.7
+    hflip: bool = True
+    ema_decay: float = 0.0
+    avg_last: int = 0
+    avg_epochs: str = ""
+    distill_from: str = ""
+    distill_mode: str = "mix"
+    distill_weight: float = 0.2
+    distill_temperature: float = 1.0
+    tta_flip: bool = True
+    amp: bool = True
+    use_crops: bool = True
+    max_images: int = 0
+
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "optimizer": ("adamw", "radam"),
+        "head": ("linear", "arcface", "subcenter"),
+        "loss": ("ce", "focal", "eql"),
+        "sampler": ("random", "balanced", "sqrt"),
+        "distill_mode": ("mix", "kd"),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {list(choices)}")
+        if not 0.0 < self.rrc_scale_min <= 1.0:
+            raise ValueError(f"rrc_scale_min={self.rrc_scale_min}: must be in (0, 1]")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight={self.distill_weight}: must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.avg_last < 0:
+            raise ValueError(f"avg_last={self.avg_last}: must be >= 0")
+        if self.avg_last and self.avg_last > self.epochs:
+            raise ValueError(f"avg_last={self.avg_last} is more than epochs={self.epochs}")
+        self.avg_epoch_list()  # validates avg_epochs
+        if self.head == "subcenter" and self.arc_k < 2:
+            raise ValueError(f"head=subcenter needs arc_k >= 2 (got {self.arc_k}); use head=arcface for k=1")
+        if self.distill_from and self.distill_from == self.exp:
+            raise ValueError(f"distill_from={self.distill_from!r} is this experiment itself")
+
+    def avg_epoch_list(self) -> list[int]:
+        """``avg_epochs`` as sorted integers (empty when unset); each must be in 1..epochs."""
+        text = str(self.avg_epochs).strip()
+        if not text:
+            return []
+        try:
+            epochs = sorted({int(p) for p in text.split(",") if p.strip()})
+        except ValueError as err:
+            raise ValueError(f"avg_epochs={self.avg_epochs!r}: use a comma list of epoch numbers") from err
+        bad = [e for e in epochs if not 1 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"avg_epochs={self.avg_epochs!r}: epoch(s) {bad} not in 1..{self.epochs}")
+        return epochs
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "01": CropConfig,
     "02": EmbedderConfig,
     "03": ExtractConfig,
     "04": RetrievalConfig,
+    "05": ClassifierConfig,
 }
 
 # Parameters that are not config fields but that every notebook's parameters cell accepts.

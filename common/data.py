@@ -248,17 +248,20 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def build_transforms(image_size: int, train: bool, mean: Sequence[float], std: Sequence[float]):
+def build_transforms(image_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
+                     scale_min: float = 0.7, hflip: bool = True):
     """Albumentations 2.x pipeline.
 
-    Training: random resized crop (mild: crops are already tight), flip, small affine, colour and blur jitter.
-    Flip is on because extraction uses flip TTA; if your markings are side-specific, turn it off here.
+    Training: random resized crop (mild by default: crops are already tight), flip, small affine, colour and
+    blur jitter. Flip is on because extraction uses flip TTA; if your markings are side-specific, turn it off.
 
     Args:
         image_size: square output size.
         train: training augmentations, or plain resize for evaluation.
         mean: normalisation mean (0-1 scale).
         std: normalisation std (0-1 scale).
+        scale_min: smallest area share kept by the random resized crop (1 = the whole image, resized).
+        hflip: random horizontal flips in training.
     """
     import albumentations as A
 
@@ -266,8 +269,8 @@ def build_transforms(image_size: int, train: bool, mean: Sequence[float], std: S
     if not train:
         return A.Compose([A.Resize(image_size, image_size), norm])
     return A.Compose([
-        A.RandomResizedCrop(size=(image_size, image_size), scale=(0.7, 1.0), ratio=(0.8, 1.25)),
-        A.HorizontalFlip(p=0.5),
+        A.RandomResizedCrop(size=(image_size, image_size), scale=(scale_min, 1.0), ratio=(0.8, 1.25)),
+        A.HorizontalFlip(p=0.5 if hflip else 0.0),
         A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
         A.GaussianBlur(blur_limit=(3, 5), p=0.1),

@@ -112,3 +112,44 @@ def map5_report(
         # rank 1 is the only rank with reciprocal rank exactly 1.
         "top1": float((rr == 1.0).mean()),
     }
+
+
+def classification_report(truth: Sequence[int] | np.ndarray, scores: np.ndarray,
+                          n_classes: int | None = None) -> dict:
+    """Accuracy, balanced accuracy, top-5 accuracy and per-class recall of class scores.
+
+    Args:
+        truth: one true class index per row.
+        scores: ``(N, C)`` probabilities or logits (only their order within a row matters).
+        n_classes: number of classes (default ``scores.shape[1]``).
+
+    Returns:
+        ``{"accuracy", "balanced_accuracy", "top5", "n", "per_class_recall"}``. Balanced accuracy is the mean
+        recall over the classes that occur in ``truth`` (as scikit-learn's ``balanced_accuracy_score``);
+        ``per_class_recall`` lists every class, ``None`` where the class has no rows.
+    """
+    y = np.asarray(truth, dtype=np.int64).ravel()
+    s = np.asarray(scores)
+    if s.ndim != 2 or len(s) != len(y):
+        raise ValueError(f"classification_report: scores must be (N, C) with N = {len(y)}, got {s.shape}")
+    if len(y) == 0:
+        raise ValueError("classification_report: no rows to score")
+    n_classes = s.shape[1] if n_classes is None else n_classes
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"classification_report: labels must be in 0..{n_classes - 1}")
+    pred = s.argmax(1)
+    hit = pred == y
+    k = min(5, s.shape[1])
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    recall: list[float | None] = []
+    for c in range(n_classes):
+        rows = y == c
+        recall.append(float(hit[rows].mean()) if rows.any() else None)
+    present = [r for r in recall if r is not None]
+    return {
+        "accuracy": float(hit.mean()),
+        "balanced_accuracy": float(np.mean(present)),
+        "top5": float((top == y[:, None]).any(1).mean()),
+        "n": int(len(y)),
+        "per_class_recall": recall,
+    }

@@ -3,6 +3,7 @@
 Usage::
 
     python -m common.pipeline --data demo --exp demo --stages 01-04 --params params/demo.yaml -p epochs=3
+    python -m common.pipeline --params params/demo_classifier.yaml --stages 01,05
 
 What it does:
 
@@ -13,7 +14,7 @@ What it does:
    ``notebooks/`` folder (the same working folder Jupyter uses), and keeps the executed copy in
    ``working/<exp>/<notebook>.ipynb`` as the run's record;
 3. skips a stage whose outputs exist with the same parameters, unless ``--force``;
-4. prints ``working/<exp>/metrics.json`` at the end.
+4. prints ``working/<exp>/metrics.json`` at the end (stage 04's retrieval scores, stage 05's under ``classifier``).
 
 A stage rerun by hand in Jupyter with the same parameters (``params_file`` in its parameters cell, or the
 executed record opened and run again) computes the same result: both paths go through the same functions.
@@ -97,7 +98,7 @@ def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any]) -> bool:
 
 def run(stages: list[str], params: dict[str, Any], force: bool = False, log_output: bool = True,
         notebooks_dir: Path = NOTEBOOKS_DIR, kernel_name: str | None = None) -> dict | None:
-    """Execute ``stages`` in order; returns the experiment's metrics (or ``None`` before stage 04)."""
+    """Execute ``stages`` in order; returns the experiment's metrics (``None`` unless stage 04 or 05 ran)."""
     import papermill as pm
 
     exp = paths.check_exp_name(params.get("exp", STAGE_CONFIGS["01"]().exp))
@@ -127,14 +128,15 @@ def run(stages: list[str], params: dict[str, Any], force: bool = False, log_outp
         if env_before is None:
             os.environ.pop("REID_PROGRESS", None)
     metrics_file = exp_dir / "metrics.json"
-    return store.read_json(metrics_file) if "04" in stages and metrics_file.exists() else None
+    scored = "04" in stages or "05" in stages
+    return store.read_json(metrics_file) if scored and metrics_file.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="competition folder or name under inputs/ (default: the demo)")
     parser.add_argument("--exp", help="experiment name (default: the parameters file's name, else 'demo')")
-    parser.add_argument("--stages", default="01-04", help="e.g. 01-04, 02, 03-04, 02,04")
+    parser.add_argument("--stages", default="01-04", help="e.g. 01-04, 02, 03-04, 02,04, 01,05")
     parser.add_argument("--params", help="flat YAML parameters file, e.g. params/cpu.yaml")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter (repeatable)")
@@ -178,10 +180,19 @@ def summary_line(exp: str, metrics: dict) -> str:
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
+    lines = []
     if metrics.get("map5") is not None:
-        return (f"{exp}: MAP@5 = {fmt(metrics['map5'])} (known {fmt(metrics.get('map5_known'))}, "
-                f"new {fmt(metrics.get('map5_new'))}), threshold {metrics['threshold']:.2f}")
-    return f"{exp}: out-of-fold MAP@5 = {fmt(metrics.get('oof_map5'))} (no test.csv to score the submission)"
+        lines.append(f"{exp}: MAP@5 = {fmt(metrics['map5'])} (known {fmt(metrics.get('map5_known'))}, "
+                     f"new {fmt(metrics.get('map5_new'))}), threshold {metrics['threshold']:.2f}")
+    elif "oof_map5" in metrics:
+        lines.append(f"{exp}: out-of-fold MAP@5 = {fmt(metrics.get('oof_map5'))} "
+                     "(no test.csv to score the submission)")
+    cls = metrics.get("classifier")
+    if cls:
+        where = "test" if "test_accuracy" in cls else "oof"
+        lines.append(f"{exp} classifier: {where} accuracy = {fmt(cls[f'{where}_accuracy'])}, balanced accuracy = "
+                     f"{fmt(cls[f'{where}_balanced_accuracy'])}")
+    return "\n".join(lines) if lines else f"{exp}: no scores"
 
 
 if __name__ == "__main__":

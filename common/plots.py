@@ -255,3 +255,33 @@ def plot_similarity_histogram(embeddings: np.ndarray, labels: Sequence[str], max
     ax.set_ylabel("density")
     ax.legend()
     return _finish(fig)
+
+
+def plot_class_recall(metrics: dict, classes: pd.DataFrame, max_classes: int = 60) -> Figure:
+    """Per-class recall (test when scored, else out-of-fold) against the class's training images.
+
+    On long-tailed data this shows where the tail classes lose accuracy and what a long-tail trick recovers.
+
+    Args:
+        metrics: stage 05's ``metrics.json`` (:func:`common.classify.run_classification`'s result).
+        classes: :func:`common.classify.class_summary` (class index, ``images`` column), any order.
+        max_classes: at most this many classes are drawn (the most frequent, then the rarest, halves).
+    """
+    key = "test" if "test" in metrics else "oof"
+    recall = metrics[key]["per_class_recall"]
+    names = sorted(classes.index)  # logit order = sorted class names
+    table = pd.DataFrame({"images": classes["images"].reindex(names).to_numpy(), "recall": recall}, index=names)
+    table = table.sort_values("images", ascending=False, kind="stable")
+    if len(table) > max_classes:
+        table = pd.concat([table.head(max_classes // 2), table.tail(max_classes - max_classes // 2)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(table) + 2), 3.5))
+    x = np.arange(len(table))
+    ax.bar(x, table["recall"].fillna(0).to_numpy(), color="C0", alpha=0.8)
+    ax.set(ylim=(0, 1.05), ylabel=f"{key} recall", title=f"{key} recall per class, most frequent first "
+           f"(balanced accuracy {metrics[key]['balanced_accuracy']:.3f})")
+    ax.set_xticks(x, [str(n)[:12] for n in table.index], rotation=90, fontsize=7)
+    twin = ax.twinx()
+    twin.plot(x, table["images"].to_numpy(), color="C3", marker=".")
+    twin.set(ylabel="training images", yscale="log")
+    ax.grid(alpha=0.3, axis="y")
+    return _finish(fig)

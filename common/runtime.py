@@ -8,6 +8,7 @@ streams and the executed notebook keeps.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Iterable
@@ -79,3 +80,20 @@ def progress(iterable: Iterable | None = None, **kwargs: Any):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """``LambdaLR`` factor: linear warmup over ``warmup_steps``, then a cosine from 1 to 0 at ``total_steps``.
+
+    Args:
+        total_steps: optimiser steps of the whole run (the schedule is stepped every batch).
+        warmup_steps: steps of linear warmup (0 = none).
+    """
+
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+    return fn

@@ -62,6 +62,20 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def update_json(path: str | os.PathLike, values: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``values`` into the JSON object in ``path`` (created when absent), atomically; returns the result.
+
+    Several stages share ``working/<exp>/metrics.json``: each updates its own keys and keeps the others'.
+    """
+    path = Path(path)
+    current = read_json(path) if path.exists() else {}
+    if not isinstance(current, dict):
+        raise ValueError(f"{path}: expected a JSON object to update, found {type(current).__name__}")
+    current.update(values)
+    write_json(path, current)
+    return current
+
+
 def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     """Write a table as CSV without its index, atomically."""
     with atomic_path(path) as tmp:

@@ -163,7 +163,8 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     store.write_csv(out / "test_scores.csv", test)
     store.write_csv(paths.submission_path(cfg.exp), submission)
     store.write_json(out / "metrics.json", result_metrics)
-    store.write_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
+    # Keep other stages' keys (stage 05 writes "classifier"); stage 04's own keys are replaced.
+    store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
     store.mark_done(out, cfg.fingerprint())
     return RetrievalResult(oof, truth, sweep, threshold, test, submission, result_metrics)
 

@@ -15,7 +15,6 @@ train ``head_lr_mult`` times faster than the pretrained backbone.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from common.runtime import (
     progress,
     resolve_device,
     seed_everything,
+    warmup_cosine,
     worker_init,
 )
 from common.weights import backbone_normalization
@@ -107,16 +107,6 @@ def read_folds(exp: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run stage 02 (train embedder) first")
     return pd.read_csv(path, dtype={"image": str, "individual_id": str, "species": str})
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def fn(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
-
-    return fn
 
 
 def build_model(meta: dict[str, Any], pretrained: str | None = None) -> EmbeddingModel:
@@ -220,7 +210,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
                             build_transforms(cfg.image_size, False, mean, std))
     steps_per_epoch = len(_loader(fit_ds, cfg, True, 0, device))
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
 
     start_epoch, rows = 0, []

@@ -1,8 +1,8 @@
-"""Every notebook executed by papermill, chained 01 -> 04 through the runner on params/debug.yaml.
+"""Every notebook executed by papermill, chained 01 -> 05 through the runner on params/debug.yaml.
 
 Also checks that a stage rerun by hand (papermill on the notebook itself, with ``params_file`` set, the way a
-user reruns one stage in Jupyter) gives the same submission as the runner, and that a second runner call skips
-finished stages.
+user reruns one stage in Jupyter) gives the same submission as the runner (stage 04, and stage 05 retrained from
+scratch), and that a second runner call skips finished stages.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from common.config import STAGE_CONFIGS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "params" / "debug.yaml"
+STAGES = ["01", "02", "03", "04", "05"]
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +33,15 @@ def run_dirs(tmp_path_factory):
         mp.setenv(var, str(base / sub))
     mp.setenv("REID_PROGRESS", "off")
     params = {**load_params(DEBUG), "exp": "nbtest"}
-    metrics = pipeline.run(["01", "02", "03", "04"], params, log_output=False)
+    metrics = pipeline.run(STAGES, params, log_output=False)
     yield {"base": base, "params": params, "metrics": metrics}
     mp.undo()
 
 
 def test_chain_writes_every_contracted_file(run_dirs):
     exp = paths.exp_dir("nbtest")
-    for nb in ("01_crop_images", "02_train_embedder", "03_extract_embeddings", "04_retrieve_submit"):
+    for nb in ("01_crop_images", "02_train_embedder", "03_extract_embeddings", "04_retrieve_submit",
+               "05_train_classifier"):
         record = nbformat.read(exp / f"{nb}.ipynb", as_version=4)
         injected = [c for c in record.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert injected, f"{nb}: the executed record must keep the injected parameters"
@@ -58,24 +60,34 @@ def test_chain_writes_every_contracted_file(run_dirs):
     for key in ("map5", "map5_known", "map5_new", "threshold", "new_share"):
         assert key in metrics
     assert 0.0 <= metrics["map5"] <= 1.0
+    # stage 05: its arrays, its metrics (merged into the experiment's, next to stage 04's) and its submission
+    cls_dir = exp / "05_classifier"
+    for name in ("oof.npz", "test.npz", "metrics.json", "classes.json", "fold0/model.pt", "fold1/model.pt"):
+        assert (cls_dir / name).exists(), name
+    assert set(metrics["classifier"]) >= {"oof_accuracy", "oof_balanced_accuracy", "test_accuracy"}
+    cls_sub = pd.read_csv(paths.submission_path("nbtest-classifier"))
+    assert cls_sub["image"].tolist() == sample["image"].tolist()
+    assert (cls_sub["predictions"].str.split().map(len) == 5).all()
 
 
 def test_rerun_skips_finished_stages(run_dirs, capsys):
-    pipeline.run(["01", "02", "03", "04"], run_dirs["params"], log_output=False)
+    pipeline.run(STAGES, run_dirs["params"], log_output=False)
     out = capsys.readouterr().out
-    assert out.count("skipped") == 4, out
+    assert out.count("skipped") == len(STAGES), out
 
 
-def test_stage_by_hand_equals_runner(run_dirs, tmp_path):
-    """papermill on notebook 04 itself, with params_file (as in Jupyter), rewrites the same submission."""
+@pytest.mark.parametrize("stage, submission", [("04", "nbtest"), ("05", "nbtest-classifier")])
+def test_stage_by_hand_equals_runner(run_dirs, tmp_path, stage, submission):
+    """papermill on a notebook itself, with params_file (as in Jupyter) and force=True, rewrites the same
+    submission and metrics (stage 05 retrains both folds from scratch to get there)."""
     import papermill as pm
 
-    before = pd.read_csv(paths.submission_path("nbtest"))
+    before = pd.read_csv(paths.submission_path(submission))
     metrics_before = json.loads((paths.exp_dir("nbtest") / "metrics.json").read_text())
-    nb = pipeline.notebook_for("04")
+    nb = pipeline.notebook_for(stage)
     pm.execute_notebook(str(nb), str(tmp_path / "by_hand.ipynb"), cwd=str(nb.parent), progress_bar=False,
                         parameters={"params_file": str(DEBUG), "exp": "nbtest", "force": True})
-    after = pd.read_csv(paths.submission_path("nbtest"))
+    after = pd.read_csv(paths.submission_path(submission))
     pd.testing.assert_frame_equal(before, after)
     assert json.loads((paths.exp_dir("nbtest") / "metrics.json").read_text()) == metrics_before
 

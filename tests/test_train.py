@@ -21,7 +21,7 @@ from common.config import EmbedderConfig
 from common.data import DataError, load_competition
 from common.demo import TINY_DEMO, make_demo
 from common.heads import dynamic_margins
-from common.runtime import seed_everything
+from common.runtime import seed_everything, warmup_cosine
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,7 +114,7 @@ def test_read_folds_names_the_missing_file():
 
 # ---------------------------------------------------------------------------------------------- schedule
 def test_lr_lambda_warmup_then_cosine():
-    fn = train._lr_lambda(total_steps=10, warmup_steps=2)
+    fn = warmup_cosine(total_steps=10, warmup_steps=2)
     assert fn(0) == pytest.approx(0.5)  # (0 + 1) / 2: warmup starts at 1/warmup, not 0
     assert fn(1) == pytest.approx(1.0)  # (1 + 1) / 2
     assert fn(2) == pytest.approx(1.0)  # cosine starts: progress 0 -> 1
@@ -122,10 +122,10 @@ def test_lr_lambda_warmup_then_cosine():
     assert fn(6) == pytest.approx(0.5)  # progress 4/8: cosine midpoint
     assert fn(10) == pytest.approx(0.0, abs=1e-12)  # the end
     assert fn(13) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
-    no_warmup = train._lr_lambda(total_steps=4, warmup_steps=0)
+    no_warmup = warmup_cosine(total_steps=4, warmup_steps=0)
     assert [no_warmup(s) for s in range(5)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
                                                                0.5 * (1 - math.cos(math.pi / 4)), 0.0])
-    assert train._lr_lambda(0, 0)(0) == 1.0  # epochs=0: no division by zero
+    assert warmup_cosine(0, 0)(0) == 1.0  # epochs=0: no division by zero
 
 
 def test_logged_lr_follows_the_schedule(comp):
@@ -134,7 +134,7 @@ def test_logged_lr_follows_the_schedule(comp):
     log = train.train_fold(cfg, comp, folds, 0)
     n_fit = int((folds["fold"] != 0).sum())
     steps = n_fit // cfg.batch_size  # drop_last=True
-    fn = train._lr_lambda(2 * steps, int(0.5 * steps))
+    fn = warmup_cosine(2 * steps, int(0.5 * steps))
     assert log["epoch"].tolist() == [1, 2]
     assert log["lr"].tolist() == pytest.approx([cfg.lr * fn(steps), cfg.lr * fn(2 * steps)])
     assert log["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-12)

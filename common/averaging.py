@@ -1,0 +1,275 @@
+"""Weight averaging: the mean of several checkpoints' weights, and an exponential moving average of them.
+
+- Checkpoint averaging (the last epochs of one run, or several fine-tuned runs): Izmailov et al., "Averaging
+  Weights Leads to Wider Optima and Better Generalization" (SWA, https://arxiv.org/abs/1803.05407), and the
+  uniform/greedy "model soups" of Wortsman et al. (https://arxiv.org/abs/2203.05482), which issue 4 builds on
+  :func:`average_state_dicts`.
+- :class:`ModelEma`: Polyak-Ruppert averaging as an EMA of the weights during training (Polyak & Juditsky
+  1992; Tarvainen & Valpola, https://arxiv.org/abs/1703.01780), after timm's ``ModelEmaV2``
+  (https://github.com/huggingface/pytorch-image-models/blob/main/timm/utils/model_ema.py).
+
+Floating-point tensors are averaged in float64 and cast back to their dtype; integer tensors (BatchNorm's
+``num_batches_tracked``) cannot be averaged and are taken from the last state. BatchNorm running statistics
+are averaged like weights: after averaging checkpoints of different runs they may need a recompute on
+training data (SWA's ``update_bn``); averaging the last epochs of one run needs none in practice.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Accumulator:
+    """Running weighted sum of state dicts in float64, one state in memory at a time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.ref: Mapping[str, Any] | None = None
+        self.ref_name = ""
+        self.last: Mapping[str, Any] | None = None
+        self.total = 0.0
+
+    def add(self, state: Mapping[str, Any], weight: float, name: str) -> None:
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"{name}: expected a state dict (mapping of names to tensors), got {type(state).__name__}"
+            )
+        if self.ref is None:
+            self.ref, self.ref_name = state, name
+            if not state:
+                raise ValueError(f"{name}: the state dict is empty")
+        else:
+            _check_same_layout(self.ref, self.ref_name, state, name)
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                term = value.detach().to("cpu", torch.float64) * weight
+                self.sums[key] = term if key not in self.sums else self.sums[key].add_(term)
+        self.last = state
+        self.total += weight
+
+    def result(self) -> dict[str, Any]:
+        assert self.last is not None and self.total > 0
+        out: dict[str, Any] = {}
+        for key, value in self.last.items():
+            if key in self.sums:
+                out[key] = (self.sums[key] / self.total).to(device=value.device, dtype=value.dtype)
+            else:  # integer/bool tensors (num_batches_tracked) and non-tensor extras: the last state's
+                out[key] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+        return out
+
+
+def _check_same_layout(ref: Mapping[str, Any], ref_name: str, state: Mapping[str, Any], name: str) -> None:
+    """Raise ValueError naming the first key that is missing, extra, or of another shape."""
+    for key in ref:
+        if key not in state:
+            raise ValueError(f"{name}: key {key!r} is in {ref_name} but missing here")
+    for key in state:
+        if key not in ref:
+            raise ValueError(f"{name}: key {key!r} is not in {ref_name}")
+        a, b = ref[key], state[key]
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            raise ValueError(f"{name}: key {key!r} is a tensor in only one of this state and {ref_name}")
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{name}: key {key!r} has shape {tuple(b.shape)} but {tuple(a.shape)} in {ref_name}"
+            )
+        if a.is_floating_point() != b.is_floating_point():
+            raise ValueError(f"{name}: key {key!r} is {b.dtype} but {a.dtype} in {ref_name}")
+
+
+def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(v) for v in weights]
+    if len(w) != n:
+        raise ValueError(f"average: {len(w)} weights for {n} states")
+    if any(not v >= 0 for v in w) or sum(w) <= 0:
+        raise ValueError(f"average: weights must be >= 0 with a positive sum, got {w}")
+    return w
+
+
+def average_state_dicts(
+    states: Sequence[Mapping[str, Any]],
+    weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The (weighted) mean of state dicts with the same keys and shapes.
+
+    Floating-point tensors: ``sum(w_i * s_i) / sum(w_i)`` computed in float64, cast back to the dtype and
+    device of the last state's tensor. Integer and bool tensors (``num_batches_tracked``) and non-tensor
+    entries are copied from the last state.
+
+    Args:
+        states: state dicts, e.g. ``model.state_dict()`` of several epochs or runs.
+        weights: one non-negative weight per state (normalised here); ``None`` for a uniform mean.
+
+    Returns:
+        A new state dict, ready for ``model.load_state_dict``; the inputs are not modified.
+
+    Raises:
+        ValueError: if ``states`` is empty, the weights are invalid, or a key is missing, extra or of another
+            shape in some state (the key and the state's index are named).
+    """
+    if not states:
+        raise ValueError("average_state_dicts: no states to average")
+    w = _normalised_weights(weights, len(states))
+    acc = _Accumulator()
+    for i, (state, wi) in enumerate(zip(states, w, strict=True)):
+        acc.add(state, wi, f"state {i}")
+    return acc.result()
+
+
+def _load_state(path: Path) -> Mapping[str, Any]:
+    """A checkpoint's state dict: the file itself, or its ``"model"`` entry."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: holds no state dict (neither a mapping of tensors nor {{'model': ...}})")
+    return obj
+
+
+def average_checkpoints(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Uniform mean of the model weights stored in checkpoint files.
+
+    Files are read with ``torch.load(weights_only=True)`` onto the CPU, one at a time (memory: one checkpoint
+    plus a float64 running sum). Each may be a plain state dict or a training checkpoint
+    ``{"model": state_dict, "optimizer": ..., ...}``; only the model weights are averaged.
+
+    Args:
+        paths: checkpoint files.
+
+    Returns:
+        The averaged state dict (CPU tensors), as :func:`average_state_dicts`.
+
+    Raises:
+        FileNotFoundError: if a file is missing (checked for all files before any is read).
+        ValueError: if ``paths`` is empty, a file holds no state dict, or the files disagree on a key or shape
+            (the file and the key are named).
+    """
+    files = [Path(p) for p in paths]
+    if not files:
+        raise ValueError("average_checkpoints: no checkpoint paths given")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"average_checkpoints: checkpoint not found: {', '.join(missing)}")
+    acc = _Accumulator()
+    for f in files:
+        acc.add(_load_state(f), 1.0, str(f))
+    return acc.result()
+
+
+def _parse_epochs(epochs: str | int | Sequence[int]) -> list[int]:
+    if isinstance(epochs, int):
+        return [epochs]
+    if isinstance(epochs, str):
+        out = []
+        for token in epochs.replace(" ", "").split(","):
+            if not token:
+                continue
+            try:
+                out.append(int(token))
+            except ValueError:
+                msg = f"select_checkpoints: epochs {epochs!r}: {token!r} is not an integer"
+                raise ValueError(msg) from None
+        return out
+    return [int(e) for e in epochs]
+
+
+def select_checkpoints(
+    available: Sequence[int],
+    last_n: int = 0,
+    epochs: str | int | Sequence[int] = "",
+) -> list[int]:
+    """Choose which saved epochs to average: an explicit list, the last ``last_n``, or both (their union).
+
+    Args:
+        available: epochs that have a checkpoint on disk.
+        last_n: also take the ``last_n`` highest available epochs; 0 for none.
+        epochs: explicit epochs, as a comma-separated string (``"3,5,7"``), an int, or a sequence of ints;
+            ``""`` for none.
+
+    Returns:
+        The chosen epochs, sorted and unique; empty when neither ``last_n`` nor ``epochs`` asks for any.
+
+    Raises:
+        ValueError: if a requested epoch has no checkpoint (it is named, with the available ones), ``epochs``
+            does not parse, or ``last_n`` is negative or larger than the number of available epochs.
+    """
+    have = sorted({int(e) for e in available})
+    wanted = _parse_epochs(epochs)
+    missing = [e for e in wanted if e not in set(have)]
+    if missing:
+        raise ValueError(f"select_checkpoints: no checkpoint for epoch(s) {missing}; available: {have}")
+    if last_n < 0:
+        raise ValueError(f"select_checkpoints: last_n must be >= 0, got {last_n}")
+    if last_n > len(have):
+        raise ValueError(f"select_checkpoints: last_n={last_n} but only {len(have)} epochs available: {have}")
+    chosen = set(wanted) | (set(have[-last_n:]) if last_n else set())
+    return sorted(chosen)
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * model``.
+
+    Keeps a deep copy of the model in eval mode with gradients off (:attr:`module`); call :meth:`update` after
+    each optimiser step and evaluate or save :attr:`module`. Floating-point parameters *and* buffers
+    (BatchNorm running statistics) are averaged, as in timm's ``ModelEmaV2``; integer buffers
+    (``num_batches_tracked``) are copied from the model. With ``decay = 0.999`` the average spans roughly
+    the last 1,000 steps.
+
+    :meth:`state_dict` is that of the averaged model itself (no prefix), so it loads into a fresh model.
+
+    Args:
+        model: the model being trained; copied once here, then never modified.
+        decay: weight of the running average at each update, in ``[0, 1]``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ModelEma: decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards the model's current weights.
+
+        Args:
+            model: the trained model; same architecture (keys and shapes) as the one given at construction.
+
+        Raises:
+            ValueError: naming the first key that is missing, extra or of another shape.
+        """
+        ema_state = self.module.state_dict()
+        new_state = model.state_dict()
+        _check_same_layout(ema_state, "the EMA model", new_state, "ModelEma.update")
+        for key, ema_v in ema_state.items():
+            new_v = new_state[key].detach().to(ema_v.device)
+            if ema_v.is_floating_point():
+                ema_v.lerp_(new_v.to(ema_v.dtype), 1.0 - self.decay)  # ema + (1 - d) * (new - ema)
+            else:
+                ema_v.copy_(new_v)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged model's state dict."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the averaged weights (e.g. when resuming a run).
+
+        Args:
+            state: a state dict from :meth:`state_dict` (or of the same architecture).
+        """
+        self.module.load_state_dict(state)

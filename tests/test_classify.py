@@ -1,0 +1,259 @@
+"""Stage 05 (common.classify): config checks, label tables, the model, kill-and-resume with every stateful trick
+on, checkpoint averaging end to end, post-hoc adjustment, flip TTA, distillation checks and the written arrays.
+
+Training runs use a randomly initialised ``mobilenetv3_small_050`` at 32 px on the tiny generated demo
+(21 train images, 8 classes, 2 folds): about a second per run on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import isolate_dirs
+from torch import nn
+
+from common import classify, store
+from common.config import ClassifierConfig
+from common.data import DataError, load_competition
+from common.demo import TINY_DEMO, make_demo
+from common.losses import class_prior
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory):
+    root = make_demo(tmp_path_factory.mktemp("comp") / "demo_tiny", **TINY_DEMO)
+    return load_competition(root, check_pixels=False)
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    isolate_dirs(tmp_path, monkeypatch)
+    return tmp_path
+
+
+def tiny_cfg(comp, **overrides) -> ClassifierConfig:
+    values = dict(data=str(comp.root), exp="c", backbone="mobilenetv3_small_050", pretrained="none",
+                  image_size=32, epochs=2, batch_size=4, n_folds=2, folds="0", device="cpu",
+                  warmup_epochs=0.5, amp=False, use_crops=False)
+    return ClassifierConfig(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("bad, match", [
+    (dict(head="cosine"), "head='cosine'"),
+    (dict(loss="bce"), "loss='bce'"),
+    (dict(sampler="oversample"), "sampler="),
+    (dict(optimizer="sgd"), "optimizer="),
+    (dict(head="subcenter", arc_k=1), "arc_k >= 2"),
+    (dict(avg_last=7, epochs=6), "avg_last=7"),
+    (dict(avg_epochs="2,9", epochs=6), r"\[9\] not in 1..6"),
+    (dict(avg_epochs="two"), "comma list"),
+    (dict(distill_weight=1.5), "distill_weight"),
+    (dict(ema_decay=1.0), "ema_decay"),
+    (dict(exp="a", distill_from="a"), "itself"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ClassifierConfig(**bad)
+
+
+def test_avg_epoch_list_and_selected_epochs():
+    cfg = ClassifierConfig(epochs=6, avg_epochs="5, 3", avg_last=2)
+    assert cfg.avg_epoch_list() == [3, 5]
+    assert classify.averaged_epochs(cfg) == [3, 5, 6]  # the list plus the last two, sorted, once each
+    assert classify.averaged_epochs(ClassifierConfig(epochs=6)) == []
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def test_label_table_other_column_and_errors(comp, tmp_path):
+    table = classify.label_table(comp, "species")
+    assert table["label"].tolist() == comp.train["species"].tolist()
+    with pytest.raises(DataError, match=r"train.csv: no column 'colour'"):
+        classify.label_table(comp, "colour")
+    broken = dataclasses.replace(comp, train=comp.train.assign(grade=["a"] * 4 + [""] + ["b"] * 16))
+    with pytest.raises(DataError, match=r"train.csv, row 5: empty 'grade'"):
+        classify.label_table(broken, "grade")
+
+
+def test_prepare_folds_writes_classes_with_counts(comp):
+    cfg = tiny_cfg(comp)
+    folds = classify.prepare_folds(cfg, comp)
+    assert list(folds.columns) == ["image", "label", "fold"]
+    info = store.read_json(classify.stage_dir("c") / "classes.json")
+    counts = comp.train["individual_id"].value_counts()
+    assert info["classes"] == sorted(counts.index)
+    assert info["counts"] == [int(counts[c]) for c in info["classes"]]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_model_heads_shapes_and_arcface_logits():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    lin = classify.ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="linear").eval()
+    assert lin(x).shape == (3, 5) and lin(x).dtype == torch.float32
+    sub = classify.ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="subcenter",
+                                   arc_s=10.0, arc_k=3).eval()
+    assert sub.head.k == 3
+    with torch.no_grad():
+        f = sub.features(x)
+        w = torch.nn.functional.normalize(sub.head.weight).view(5, 3, -1)
+        cos = torch.einsum("nd,ckd->nck", torch.nn.functional.normalize(f), w).amax(2)
+        np.testing.assert_allclose(sub(x).numpy(), (10.0 * cos).numpy(), rtol=1e-5, atol=1e-5)
+    head_ids = {id(p) for p in sub.head_parameters()}
+    assert head_ids.isdisjoint(id(p) for p in sub.backbone_parameters())
+    assert len(head_ids) + len(list(sub.backbone_parameters())) == len(list(sub.parameters()))
+
+
+def test_predict_logits_flip_tta_averages_the_mirror():
+    class Columns(nn.Module):  # logits = the mean of each image column: mirroring reverses them
+        def forward(self, x):
+            return x.mean(dim=(1, 2))
+
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    files = []
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    for i in range(3):
+        img = rng.integers(0, 255, size=(4, 4, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        files.append(str(folder / f"{i}.png"))
+    plain = classify.predict_logits(Columns(), files, 4, [0.0] * 3, [1.0] * 3, tta_flip=False)
+    tta = classify.predict_logits(Columns(), files, 4, [0.0] * 3, [1.0] * 3, tta_flip=True)
+    np.testing.assert_allclose(tta, (plain + plain[:, ::-1]) / 2, rtol=1e-6)
+    assert not np.allclose(plain, plain[:, ::-1])  # the images are not symmetric: the test can fail
+
+
+# ---------------------------------------------------------------------------------------------- training
+def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
+    original, calls = classify.evaluate, {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if fail_on is not None and calls["n"] == fail_on:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(classify, "evaluate", wrapper)
+    return calls
+
+
+def test_kill_and_resume_matches_an_unbroken_run_with_every_stateful_trick(comp, monkeypatch):
+    """EMA, Softmax-EQL's accumulated gradients, the balanced sampler, CutMix/Mixup draws, dropout and
+    checkpoint averaging all carry state across epochs: a resumed run must end bit-identical."""
+    tricks = dict(epochs=3, dropout=0.2, ema_decay=0.5, loss="eql", sampler="balanced", cutmix_alpha=1.0,
+                  mixup_alpha=0.4, mix_prob=0.7, avg_last=2, head="arcface", optimizer="radam")
+    ref = tiny_cfg(comp, exp="unbroken", **tricks)
+    folds = classify.prepare_folds(ref, comp)
+    classify.train_fold(ref, comp, folds, 0)
+
+    cfg = dataclasses.replace(ref, exp="killed")
+    classify.prepare_folds(cfg, comp)
+    out = classify.fold_dir("killed", 0)
+    count_evaluate(monkeypatch, fail_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        classify.train_fold(cfg, comp, folds, 0)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "model.pt").exists()
+
+    torch.manual_seed(999)  # a new process starts from another RNG state
+    calls = count_evaluate(monkeypatch)
+    log = classify.train_fold(cfg, comp, folds, 0)
+    assert calls["n"] == 2 and log["epoch"].tolist() == [1, 2, 3]
+    want = torch.load(classify.fold_dir("unbroken", 0) / "model.pt", weights_only=True)
+    got = torch.load(out / "model.pt", weights_only=True)
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not differ, f"resumed weights differ: {differ[:5]}"
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_kept_epochs(comp):
+    cfg = tiny_cfg(comp, epochs=3, avg_epochs="1,3")
+    folds = classify.prepare_folds(cfg, comp)
+    classify.train_fold(cfg, comp, folds, 0)
+    out = classify.fold_dir("c", 0)
+    assert sorted(p.name for p in out.glob("epoch*.pt")) == ["epoch1.pt", "epoch3.pt"]
+    e1, e3 = (torch.load(out / f"epoch{e}.pt", weights_only=True) for e in (1, 3))
+    final = torch.load(out / "model.pt", weights_only=True)
+    for key, value in final.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (e1[key] + e3[key]) / 2)
+    assert not torch.equal(e1["head.weight"], e3["head.weight"])  # training moved: the mean is not trivial
+    assert store.read_json(out / "config.json")["final_weights"] == "average of epochs 1,3"
+
+
+def test_run_classification_arrays_metrics_submission_and_posthoc(comp):
+    cfg = tiny_cfg(comp, folds="all", epochs=1, la_posthoc_tau=1.0)
+    metrics = classify.run_classification(cfg, comp)
+    folds = pd.read_csv(classify.stage_dir("c") / "folds.csv", dtype=str)
+    info = store.read_json(classify.stage_dir("c") / "classes.json")
+    oof = store.load_arrays(classify.stage_dir("c") / "oof.npz")
+    # every training image once, fold 0's validation images first, in folds.csv order
+    expected = list(folds[folds["fold"] == "0"]["image"]) + list(folds[folds["fold"] == "1"]["image"])
+    assert oof["image"].tolist() == expected
+    np.testing.assert_allclose(oof["probs"].sum(1), 1.0, rtol=1e-5)
+    labels = folds.set_index("image").loc[expected, "label"]
+    assert oof["label"].tolist() == [info["classes"].index(c) for c in labels]
+    test = store.load_arrays(classify.stage_dir("c") / "test.npz", expected_image=list(comp.test["image"]))
+    np.testing.assert_allclose(test["probs"], (test["probs_fold0"] + test["probs_fold1"]) / 2, rtol=1e-6)
+
+    # the saved logits are the model's minus tau * log prior (prior = that fold's training counts)
+    model, meta = classify.load_classifier("c", 0)
+    files = list(comp.train.set_index("image").loc[expected[: (folds["fold"] == "0").sum()], "path"])
+    raw = classify.predict_logits(model, files, 32, meta["mean"], meta["std"], tta_flip=True)
+    prior = class_prior(np.maximum(info["counts"], 1)).numpy()
+    np.testing.assert_allclose(oof["logits"][: len(files)], raw - np.log(prior), rtol=1e-4, atol=1e-4)
+
+    assert metrics["oof"]["n"] == len(expected)
+    assert {"oof", "oof_no_posthoc", "test", "test_no_posthoc", "test_by_fold"} <= set(metrics)
+    truth = comp.truth.set_index("image")["individual_id"]
+    assert metrics["test"]["n"] + metrics["test_unscored"] == len(truth)
+    assert metrics["test_unscored"] == int((~truth.isin(info["classes"])).sum())
+    sub = pd.read_csv(classify.paths.submission_path("c-classifier"))
+    assert sub["image"].tolist() == comp.test["image"].tolist()
+    top = np.argsort(-test["probs"][0], kind="stable")[:5]
+    assert sub["predictions"][0].split() == [info["classes"][i] for i in top]
+    assert store.read_json(classify.paths.exp_dir("c") / "metrics.json")["classifier"]["oof_accuracy"] == \
+        metrics["oof"]["accuracy"]
+    table = classify.metrics_table(metrics)
+    assert {"oof", "test", "test, fold 0 model"} <= set(table.index)
+
+
+def test_distillation_needs_the_teachers_out_of_fold_predictions_before_training(comp, monkeypatch):
+    original = classify.build_model
+    monkeypatch.setattr(classify, "build_model", lambda *a, **k: pytest.fail("must fail before building"))
+    cfg = tiny_cfg(comp, exp="student", distill_from="nobody")
+    folds = classify.prepare_folds(cfg, comp)
+    with pytest.raises(FileNotFoundError, match="nobody"):
+        classify.train_fold(cfg, comp, folds, 0)
+    monkeypatch.setattr(classify, "build_model", original)
+    teacher = tiny_cfg(comp, exp="teacher", epochs=1, folds="0")  # fold 0 only: half the images predicted
+    classify.run_classification(teacher, comp)
+    folds = classify.prepare_folds(cfg, comp)
+    with pytest.raises(DataError, match="folds=all"):
+        classify.train_fold(dataclasses.replace(cfg, distill_from="teacher"), comp, folds, 0)
+
+
+def test_self_distillation_targets_are_the_teachers_probs(comp):
+    teacher = tiny_cfg(comp, exp="teacher", epochs=1, folds="all")
+    classify.run_classification(teacher, comp)
+    cfg = tiny_cfg(comp, exp="student", distill_from="teacher")
+    fit = classify.prepare_folds(cfg, comp).query("fold != 0")
+    classes = store.read_json(classify.stage_dir("student") / "classes.json")["classes"]
+    soft = classify.teacher_targets(cfg, list(fit["image"]), classes)
+    oof = store.load_arrays(classify.stage_dir("teacher") / "oof.npz")
+    row = {img: i for i, img in enumerate(oof["image"])}
+    np.testing.assert_array_equal(soft, oof["probs"][[row[i] for i in fit["image"]]])
+    log = classify.train_fold(cfg, comp, classify.prepare_folds(cfg, comp), 0)
+    assert np.isfinite(log["train_loss"]).all()
