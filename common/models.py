@@ -1,4 +1,5 @@
-"""The embedder: a timm backbone, GeM pooling, a BN-Dropout-Linear-BN neck and ArcFace heads.
+"""The models: the embedder (a timm backbone, GeM pooling, a BN-Dropout-Linear-BN neck and ArcFace heads) and
+the classifier of stage 05 (a timm backbone, average pooling and a linear or ArcFace head).
 
 Where the backbone's weights come from (``pretrained``: ``"auto"``, ``"none"``, ``"timm"``, ``"offline"`` or
 a local file) is decided in :mod:`common.weights`.
@@ -16,7 +17,8 @@ from common.heads import ArcMarginProduct
 from common.weights import OFFLINE_WEIGHTS, backbone_normalization, load_backbone_weights, resolve_pretrained
 
 # backbone_normalization is also re-exported here for older imports (bench/embedder_reid.py).
-__all__ = ["GeM", "create_backbone", "feature_channels", "EmbeddingModel", "backbone_normalization"]
+__all__ = ["GeM", "create_backbone", "feature_channels", "EmbeddingModel", "ClassifierModel",
+           "backbone_normalization"]
 
 
 class GeM(nn.Module):
@@ -208,3 +210,57 @@ class EmbeddingModel(nn.Module):
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Everything else: GeM ``p``, neck, ArcFace and species heads (the head learning-rate multiplier)."""
         return (p for n, p in self.named_parameters() if not n.startswith("backbone."))
+
+
+# ----------------------------------------------------------------------------------------- the classifier
+class ClassifierModel(nn.Module):
+    """A timm backbone, average pooling, dropout and a classification head.
+
+    Args:
+        backbone: timm model name.
+        n_classes: number of classes.
+        pretrained: where the backbone weights come from (see :func:`common.models.create_backbone`).
+        head: ``linear``; ``arcface`` (:class:`~common.heads.ArcMarginProduct`, k=1); ``subcenter``
+            (``arc_k`` sub-centres, max over them). With ``margins`` the ArcFace margin is per class.
+        dropout: dropout before the head.
+        arc_s: ArcFace scale.
+        arc_m: fixed ArcFace margin (radians).
+        arc_k: sub-centres per class (``subcenter``).
+        margins: optional per-class margins ``(n_classes,)``, e.g. from :func:`~common.heads.dynamic_margins`.
+        in_chans: input channels.
+    """
+
+    def __init__(self, backbone: str, n_classes: int, pretrained: str = "auto", head: str = "linear",
+                 dropout: float = 0.0, arc_s: float = 30.0, arc_m: float = 0.5, arc_k: int = 1,
+                 margins: torch.Tensor | None = None, in_chans: int = 3) -> None:
+        super().__init__()
+        if head not in ("linear", "arcface", "subcenter"):
+            raise ValueError(f"ClassifierModel: head={head!r}: use linear, arcface or subcenter")
+        self.backbone = create_backbone(backbone, pretrained, in_chans=in_chans)
+        self.num_features = feature_channels(self.backbone, in_chans)
+        self.head_type = head
+        self.dropout = nn.Dropout(dropout)
+        if head == "linear":
+            self.head = nn.Linear(self.num_features, n_classes)
+        else:
+            self.head = ArcMarginProduct(self.num_features, n_classes, s=arc_s, m=arc_m, margins=margins,
+                                         k=arc_k if head == "subcenter" else 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(N, num_features)``."""
+        return self.backbone(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(N, n_classes)``; ArcFace heads put their margin on ``labels`` when given."""
+        f = self.dropout(self.features(x))
+        if self.head_type == "linear":
+            return self.head(f).float()
+        return self.head(f, labels)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """The backbone's parameters (base learning rate)."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The head's parameters (``head_lr_mult`` x the base learning rate)."""
+        return self.head.parameters()

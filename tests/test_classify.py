@@ -1,4 +1,4 @@
-"""Stage 05 (common.classify): config checks, label tables, the model, kill-and-resume with every stateful trick
+"""Stage 05 (common.classify, common.classify_train): config checks, label tables, the model, kill-and-resume with every stateful trick
 on, checkpoint averaging end to end, post-hoc adjustment, flip TTA, distillation checks and the written arrays.
 
 Training runs use a randomly initialised ``mobilenetv3_small_050`` at 32 px on the tiny generated demo
@@ -16,11 +16,12 @@ import torch
 from conftest import isolate_dirs
 from torch import nn
 
-from common import classify, store
+from common import classify, classify_train, store
 from common.config import ClassifierConfig
 from common.data import DataError, load_competition
 from common.demo import TINY_DEMO, make_demo
 from common.losses import class_prior
+from common.models import ClassifierModel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,8 +70,8 @@ def test_config_rejects_bad_values(bad, match):
 def test_avg_epoch_list_and_selected_epochs():
     cfg = ClassifierConfig(epochs=6, avg_epochs="5, 3", avg_last=2)
     assert cfg.avg_epoch_list() == [3, 5]
-    assert classify.averaged_epochs(cfg) == [3, 5, 6]  # the list plus the last two, sorted, once each
-    assert classify.averaged_epochs(ClassifierConfig(epochs=6)) == []
+    assert classify_train.averaged_epochs(cfg) == [3, 5, 6]  # the list plus the last two, sorted, once each
+    assert classify_train.averaged_epochs(ClassifierConfig(epochs=6)) == []
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -98,9 +99,9 @@ def test_prepare_folds_writes_classes_with_counts(comp):
 def test_model_heads_shapes_and_arcface_logits():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
-    lin = classify.ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="linear").eval()
+    lin = ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="linear").eval()
     assert lin(x).shape == (3, 5) and lin(x).dtype == torch.float32
-    sub = classify.ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="subcenter",
+    sub = ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head="subcenter",
                                    arc_s=10.0, arc_k=3).eval()
     assert sub.head.k == 3
     with torch.no_grad():
@@ -138,7 +139,7 @@ def test_predict_logits_flip_tta_averages_the_mirror():
 
 # ---------------------------------------------------------------------------------------------- training
 def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
-    original, calls = classify.evaluate, {"n": 0}
+    original, calls = classify_train.evaluate, {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -146,7 +147,7 @@ def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
             raise KeyboardInterrupt("simulated kill")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(classify, "evaluate", wrapper)
+    monkeypatch.setattr(classify_train, "evaluate", wrapper)
     return calls
 
 
@@ -231,13 +232,13 @@ def test_run_classification_arrays_metrics_submission_and_posthoc(comp):
 
 
 def test_distillation_needs_the_teachers_out_of_fold_predictions_before_training(comp, monkeypatch):
-    original = classify.build_model
-    monkeypatch.setattr(classify, "build_model", lambda *a, **k: pytest.fail("must fail before building"))
+    original = classify_train.build_model
+    monkeypatch.setattr(classify_train, "build_model", lambda *a, **k: pytest.fail("must fail before building"))
     cfg = tiny_cfg(comp, exp="student", distill_from="nobody")
     folds = classify.prepare_folds(cfg, comp)
     with pytest.raises(FileNotFoundError, match="nobody"):
         classify.train_fold(cfg, comp, folds, 0)
-    monkeypatch.setattr(classify, "build_model", original)
+    monkeypatch.setattr(classify_train, "build_model", original)
     teacher = tiny_cfg(comp, exp="teacher", epochs=1, folds="0")  # fold 0 only: half the images predicted
     classify.run_classification(teacher, comp)
     folds = classify.prepare_folds(cfg, comp)
@@ -251,9 +252,20 @@ def test_self_distillation_targets_are_the_teachers_probs(comp):
     cfg = tiny_cfg(comp, exp="student", distill_from="teacher")
     fit = classify.prepare_folds(cfg, comp).query("fold != 0")
     classes = store.read_json(classify.stage_dir("student") / "classes.json")["classes"]
-    soft = classify.teacher_targets(cfg, list(fit["image"]), classes)
+    soft = classify_train.teacher_targets(cfg, list(fit["image"]), classes)
     oof = store.load_arrays(classify.stage_dir("teacher") / "oof.npz")
     row = {img: i for i, img in enumerate(oof["image"])}
     np.testing.assert_array_equal(soft, oof["probs"][[row[i] for i in fit["image"]]])
     log = classify.train_fold(cfg, comp, classify.prepare_folds(cfg, comp), 0)
     assert np.isfinite(log["train_loss"]).all()
+
+
+@pytest.mark.parametrize("name, features", [("mobilenetv3_small_100", 1024), ("ghostnet_100", 1280)])
+def test_mobile_backbones_build_with_each_head(name, features):
+    """The speed side of the track: MobileNetV3-small and GhostNet (timm names) with a linear or ArcFace head."""
+    x = torch.zeros(2, 3, 64, 64)
+    for head in ("linear", "arcface"):
+        model = ClassifierModel(name, 7, pretrained="none", head=head).eval()
+        assert model.num_features == features  # what the backbone returns after its conv_head, not num_features
+        with torch.no_grad():
+            assert model(x).shape == (2, 7)
