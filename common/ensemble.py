@@ -68,10 +68,11 @@ def _ids(values: Sequence[Any], what: str, source: str) -> list[str]:
 def _same_set(a: list[str], b: list[str], what: str, source: str, ref_source: str) -> None:
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
-        example = f"{only_a[0]!r} is only in {source}" if only_a else f"{only_b[0]!r} is only in {ref_source}"
+        sides = ((only_a, source), (only_b, ref_source))
+        examples = [f"{v[0]!r} is only in {name}" for v, name in sides if v]
         raise ValueError(
             f"{source} and {ref_source} have different {what}: {len(only_a)} only in {source}, "
-            f"{len(only_b)} only in {ref_source}; e.g. {example}"
+            f"{len(only_b)} only in {ref_source}; e.g. {', '.join(examples)}"
         )
 
 
@@ -108,6 +109,8 @@ def align(
     ref_rows, ref_cols = _ids(ref_images, "image", ref_source), _ids(ref_classes, "class", ref_source)
     _same_set(rows, ref_rows, "images", source, ref_source)
     _same_set(cols, ref_cols, "classes", source, ref_source)
+    if rows == ref_rows and cols == ref_cols:
+        return values  # already in order: no copy
     row_pos = {v: i for i, v in enumerate(rows)}
     col_pos = {v: i for i, v in enumerate(cols)}
     return values[np.ix_([row_pos[v] for v in ref_rows], [col_pos[v] for v in ref_cols])]
@@ -129,9 +132,9 @@ def ensemble_probs(
     *raw* factor ``(acc_i / min acc) ** factor`` and sums them over ``n`` models divided by ``n``, without
     normalising the factors, so its rows sum to ``mean(w_i)`` rather than 1. That is the normalised weighted
     mean times the constant ``sum(w) / n``: argmax, per-class rankings and re-distribution are unchanged, but
-    a confidence threshold is not (the reference's README says to ensemble *without* ``--scale`` before
-    pseudo-labelling for that reason). ``rescale=False`` (default) normalises the weights, so rows stay
-    probability distributions; ``rescale=True`` reproduces the reference's numbers.
+    a confidence threshold is not (the reference's ``Reproduce.md`` ensembles *without* ``--scale --factor``
+    before thresholding probabilities for pseudo-labels). ``rescale=False`` (default) normalises the weights,
+    so rows stay probability distributions; ``rescale=True`` reproduces the reference's numbers.
 
     Args:
         probs: one ``(N, C)`` array per model (softmax outputs; any non-negative scores work).
@@ -142,7 +145,8 @@ def ensemble_probs(
         rescale: use ``weights`` as given and divide by the number of models (the reference's ``--scale``).
 
     Returns:
-        ``(ensemble, images, classes)``: float64 ``(N, C)`` and the first model's ids and class names.
+        ``(ensemble, images, classes)``: ``(N, C)`` (float32 when every input is float32, else float64) and
+        the first model's ids and class names.
     """
     n = len(probs)
     if n == 0:
@@ -158,7 +162,9 @@ def ensemble_probs(
         raise ValueError(f"ensemble_probs: need {n} finite weights >= 0 with a positive sum, got {weights!r}")
     w = w / n if rescale else w / w.sum()
     ref_images, ref_classes = [str(v) for v in images[0]], [str(v) for v in classes[0]]
-    out = np.zeros((len(ref_images), len(ref_classes)), dtype=np.float64)
+    # float32 inputs (stage 05 writes float32) sum in float32: a float64 (N, C) of a large test set is GBs
+    dtype = np.float32 if all(np.asarray(p).dtype == np.float32 for p in probs) else np.float64
+    out = np.zeros((len(ref_images), len(ref_classes)), dtype=dtype)
     for i in range(n):
         aligned = align(probs[i], images[i], classes[i], ref_images, ref_classes, names[i], names[0])
         if not np.isfinite(aligned).all():
@@ -166,7 +172,7 @@ def ensemble_probs(
             raise ValueError(
                 f"{names[i]}: value at image {ref_images[r]!r}, class {ref_classes[c]!r} is not finite"
             )
-        out += w[i] * aligned.astype(np.float64)
+        out += dtype(w[i]) * aligned
     return out, ref_images, ref_classes
 
 
@@ -185,15 +191,16 @@ def blend_scores(
     ``score = (1 - ratio) * retrieval + ratio * classifier`` for each ``(image, individual)`` candidate.
 
     The scale issue: a retrieval score is the cosine similarity of the best neighbour
-    (:func:`common.retrieval.individual_scores`), in ``[-1, 1]`` and in practice squeezed into roughly
-    ``[0.2, 0.9]``; a softmax probability is near 0 for all but a few classes; a logit is unbounded
+    (:func:`common.retrieval.individual_scores`), in ``[-1, 1]`` and for the best candidates usually in a
+    narrow positive band; a softmax probability is near 0 for all but a few classes; a logit is unbounded
     (``s * cos`` for an ArcFace head, ``s`` ~ 30). A blend of raw values of different scales is dominated by
     the wider one whatever ``ratio`` says. So: ``kind="prob"`` uses probabilities as they are (both terms then
     lie in ``[0, 1]`` for positive similarities); ``kind="logit"`` divides logits by ``logit_scale``: pass the
     ArcFace ``s`` (``arc_s``) and the term *is* the cosine to the class centre, on the retrieval scale (with
     post-hoc logit adjustment it is shifted by ``tau * log prior / s``). Either way the blended scores are a
     new scale: tune the ``new_individual`` threshold on the blended out-of-fold table
-    (:func:`common.retrieval.tune_threshold`), never reuse the retrieval one.
+    (:func:`common.retrieval.tune_threshold`), never reuse the retrieval one. Tune ``ratio`` out of fold too:
+    the ACCV 2022 winners list a retrieval/classification mix among what did not help them.
 
     Candidates per image: the individuals the retrieval table holds, plus (when ``ratio > 0``) the
     classifier's ``class_top_k`` best classes. A missing retrieval score is filled with that image's lowest
@@ -226,24 +233,30 @@ def blend_scores(
     table = retrieval_table[["image", "individual_id", "score"]].astype({"image": str, "individual_id": str})
     rows, cols = _ids(images, "image", "classifier"), _ids(classes, "class", "classifier")
     _same_set(sorted(set(table["image"])), rows, "images", "retrieval table", "classifier")
-    values = np.asarray(class_scores, dtype=np.float64)
+    values = np.asarray(class_scores)  # kept in its dtype: (N, C) can be GBs; gathered entries go to float64
     if values.shape != (len(rows), len(cols)):
         raise ValueError(
             f"classifier: array of shape {values.shape} for {len(rows)} images x {len(cols)} classes"
         )
-    if kind == "prob" and ((values < -1e-6) | (values > 1 + 1e-6)).any():
+    if not np.isfinite(values).all():
+        r, c = (int(v) for v in np.argwhere(~np.isfinite(values))[0])
+        raise ValueError(f"classifier: image {rows[r]!r}, class {cols[c]!r} is {values[r, c]}")
+    if kind == "prob" and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
         r, c = (int(v) for v in np.argwhere((values < -1e-6) | (values > 1 + 1e-6))[0])
         raise ValueError(
             f"classifier: kind='prob' but image {rows[r]!r}, class {cols[c]!r} is {values[r, c]}; "
             "pass logits with kind='logit'"
         )
-    values = values / logit_scale if kind == "logit" else values
+    scale = float(logit_scale) if kind == "logit" else 1.0
     if not set(table["individual_id"]) & set(cols):
         raise ValueError("blend_scores: no retrieval individual is a classifier class (wrong label_column?)")
 
     pairs = table[["image", "individual_id"]]
     if ratio > 0 and class_top_k > 0:
-        top = np.argsort(-values, axis=1, kind="stable")[:, : min(class_top_k, len(cols))]
+        kk = min(class_top_k, len(cols))
+        # the kk best columns per row (their order does not matter: the output is sorted by score)
+        top = np.argpartition(-values, kk - 1, axis=1)[:, :kk] if kk < len(cols) else np.arange(kk)[None]
+        top = np.broadcast_to(top, (len(rows), kk))
         extra = pd.DataFrame(
             {"image": np.repeat(rows, top.shape[1]), "individual_id": np.asarray(cols)[top].ravel()}
         )
@@ -254,8 +267,8 @@ def blend_scores(
     row_pos = pd.Series(np.arange(len(rows)), index=rows)[merged["image"]].to_numpy()
     col_pos = pd.Series(np.arange(len(cols)), index=cols).reindex(merged["individual_id"]).to_numpy()
     known = ~np.isnan(col_pos)
-    c_score = values.min(axis=1)[row_pos]
-    c_score[known] = values[row_pos[known], col_pos[known].astype(int)]
+    c_score = values.min(axis=1)[row_pos].astype(np.float64) / scale
+    c_score[known] = values[row_pos[known], col_pos[known].astype(int)].astype(np.float64) / scale
     out = merged.assign(score=(1.0 - ratio) * r_score + ratio * c_score)
     return out.sort_values(
         ["image", "score", "individual_id"], ascending=[True, False, True], ignore_index=True

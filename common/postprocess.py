@@ -24,7 +24,9 @@ from common.metrics import NEW_LABEL, map_at_k
 
 
 def _check_matrix(probs: np.ndarray, images: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.asarray(probs)
+    if not np.issubdtype(probs.dtype, np.floating):
+        probs = probs.astype(np.float64)
     if probs.ndim != 2 or probs.shape != (len(images), len(classes)):
         raise ValueError(f"{where}: probs of shape {probs.shape} for {len(images)} images x "
                          f"{len(classes)} classes")
@@ -76,7 +78,7 @@ def tune_species_thresholds(
                          f"e.g. {missing[0]!r}")
     if min_queries < 1:
         raise ValueError(f"tune_species_thresholds: min_queries must be >= 1, got {min_queries}")
-    best, sweep = retrieval.tune_threshold(table, truth, thresholds, k=k, new_label=new_label)
+    best = retrieval.tune_threshold(table, truth, thresholds, k=k, new_label=new_label)[0]
     by_species = pd.Series(species).reindex(list(truth))
     per_species, rows = {}, []
     for name, members in by_species.groupby(by_species, sort=True):
@@ -84,8 +86,9 @@ def tune_species_thresholds(
         sub_truth = {i: truth[i] for i in images}
         sub_table = table[table["image"].astype(str).isin(set(images))]
         own = len(images) >= min_queries
-        thr = retrieval.tune_threshold(sub_table, sub_truth, thresholds, k=k, new_label=new_label)[0] \
-            if own else best
+        thr = best
+        if own:
+            thr = retrieval.tune_threshold(sub_table, sub_truth, thresholds, k=k, new_label=new_label)[0]
         per_species[str(name)] = thr
 
         def score(t: float, sub_table=sub_table, images=images, sub_truth=sub_truth) -> float:
@@ -99,6 +102,8 @@ def tune_species_thresholds(
 
 def candidate_species(table: pd.DataFrame, individual_species: Mapping[str, str] | pd.Series) -> pd.Series:
     """``image -> species`` of each image's best candidate: the species of a test image, which has no label.
+
+    An image whose best candidate has no species in ``individual_species`` gets NaN (the default threshold).
 
     Args:
         table: ``image, individual_id, score``.
@@ -260,8 +265,8 @@ def write_pseudo_training_table(
 
     Training rows get ``round`` 0 and an empty ``confidence``. A pseudo row takes the columns ``pseudo`` has;
     a training column it lacks is filled from the label when the training table maps every label to one value
-    and the column has fewer distinct values than there are labels (``species`` of an ``individual_id``), else
-    left empty (e.g. ``path``: add it to ``pseudo`` first).
+    and some value is shared by several rows (``species`` of an ``individual_id``), else left empty (e.g.
+    ``path``: add it to ``pseudo`` first).
 
     Args:
         train: the *original* training table (not an earlier round's output).
@@ -295,8 +300,8 @@ def write_pseudo_training_table(
         if col in rows.columns:
             continue
         per_label = train.groupby(labels)[col].nunique(dropna=False)
-        # a function of the label with fewer values than labels (not a per-image column such as a path)
-        if (per_label == 1).all() and train[col].nunique(dropna=False) < len(per_label):
+        # one value per label, shared by several rows (a per-image column such as a path is never filled)
+        if (per_label == 1).all() and train[col].duplicated().any():
             lookup = train.assign(_l=labels).drop_duplicates("_l").set_index("_l")[col]
             rows[col] = rows[label_column].astype(str).map(lookup)
     base = train.assign(round=0, confidence=np.nan)
@@ -340,7 +345,8 @@ def flag_noisy_labels(
         pos = {c: i for i, c in enumerate(names)}
         unknown = [i for i, v in enumerate(lab) if str(v) not in pos]
         if unknown:
-            raise ValueError(f"flag_noisy_labels: row {unknown[0]}: label {lab[unknown[0]]!r} is not a class")
+            bad_label = str(lab[unknown[0]])
+            raise ValueError(f"flag_noisy_labels: row {unknown[0]}: label {bad_label!r} is not a class")
         idx = np.array([pos[str(v)] for v in lab], dtype=int)
     pred = probs.argmax(axis=1)
     conf = probs[np.arange(len(pred)), pred]

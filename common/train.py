@@ -15,7 +15,6 @@ train ``head_lr_mult`` times faster than the pretrained backbone.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import paths, store
+from common import checkpoint, paths, store
 from common.config import EmbedderConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
 from common.heads import dynamic_margins
@@ -163,12 +162,9 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     """
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
-    if cfg.force and out.exists():
-        shutil.rmtree(out)
-    if store.stage_done(out, params):
-        return pd.read_csv(out / "log.csv")
-    if store.stage_done(out):  # finished with other parameters
-        raise RuntimeError(f"{out} holds a model trained with other parameters; use force=True to retrain")
+    done = checkpoint.finished_log(out, params, cfg.force)
+    if done is not None:
+        return done
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed + fold)
@@ -188,11 +184,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
         "used_crops": used_crops,
         "n_fit": len(fit), "n_valid": len(valid),
     }
-    last = out / "last.pt"
-    if last.exists():
-        old = store.read_json(out / "config.json")
-        if {k: old["config"].get(k) for k in _MODEL_FIELDS} != params:
-            raise RuntimeError(f"{last}: checkpoint from other parameters; use force=True to start over")
+    checkpoint.check_resumable(out, params)
     store.write_json(out / "config.json", meta)
 
     model = build_model(meta).to(device)
@@ -213,16 +205,8 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
 
-    start_epoch, rows = 0, []
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        rows = pd.read_csv(out / "log.csv").to_dict("records") if (out / "log.csv").exists() else []
-        rows = [r for r in rows if r["epoch"] <= start_epoch]
+    training_state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    start_epoch, rows = checkpoint.resume(out, training_state)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -261,10 +245,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
             "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": opt.param_groups[0]["lr"],
             "seconds": round(elapsed, 2), "images_per_s": round(seen / elapsed, 1),
         })
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch}
-        with store.atomic_path(last) as tmp:
-            torch.save(state, tmp)
+        checkpoint.save_state(out, epoch, training_state)
         if cfg.keep_epoch_checkpoints:
             with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
