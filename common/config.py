@@ -185,6 +185,9 @@ class EmbedderConfig(FoldConfig):
         margin_b: dynamic-margin offset.
         species_weight: weight of the auxiliary species loss (0 disables the species head).
         label_smoothing: label smoothing of the ArcFace cross-entropy.
+        rrc_scale_min: smallest area share of the random resized crop (1 = no crop): lower values train on
+            parts of the animal, which helps when test images show other parts than the training images.
+        hflip: random horizontal flip in training (turn it off when markings are side-specific).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU.
         use_crops: train on stage 01's crops when they exist, else on full images.
         max_images: cap on training images (0 = all), for debug runs.
@@ -215,10 +218,17 @@ class EmbedderConfig(FoldConfig):
     margin_b: float = 0.05
     species_weight: float = 0.0
     label_smoothing: float = 0.0
+    rrc_scale_min: float = 0.7
+    hflip: bool = True
     amp: bool = True
     use_crops: bool = True
     max_images: int = 0
     keep_epoch_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.rrc_scale_min <= 1.0:
+            raise ValueError(f"rrc_scale_min={self.rrc_scale_min}: must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,12 +427,155 @@ class ClassifierConfig(FoldConfig):
         return epochs
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig(StageConfig):
+    """Stage 06: ensemble other experiments' outputs, post-process, write pseudo-labels and a submission.
+
+    Classifier side (stage-05 runs named in ``members``): an accuracy-weighted probability ensemble, model
+    soups, pseudo-labels, label cleaning and label re-distribution. Retrieval side (stage-03 runs named in
+    ``embed_members``): one KNN search over the concatenated embeddings of every fold and model, optionally
+    blended with the classifier ensemble, with a global, per-species or share-of-test ``new_individual``
+    threshold. The outputs go to ``working/<exp>/06_ensemble/`` of *this* experiment, which may be one of
+    the members.
+
+    Parameter names shared with stage 04 (``knn_k``, ``oof_new_share``, ``threshold_*``, ``new_label``) mean
+    the same thing.
+
+    Args:
+        members: comma list of stage-05 experiments whose out-of-fold and test probabilities are ensembled
+            (``self`` = this experiment; empty: no classifier ensemble).
+        weight_factor: member weight (OOF accuracy / lowest OOF accuracy) ** weight_factor, normalised;
+            0 averages the members plainly.
+        rescale: save the ensemble as the reference's ``--scale`` does (raw factors, divided by the number of
+            members, so rows sum to the mean factor); rankings are unchanged and every probability threshold
+            below still reads the normalised ensemble.
+        pseudo_threshold: keep test images whose ensemble top probability is at least this as pseudo-labels,
+            in a new training folder (0: off).
+        pseudo_round: the pseudo-label round (1, 2, ...): the folder is ``06_ensemble/pseudo_round<N>/``.
+        clean_threshold: flag training images whose out-of-fold ensemble prediction differs from their label
+            with at least this probability, and write a cleaned training folder (0: off).
+        redistribute_k: give every class predicted fewer than K times on the test set up to K test images
+            (0: off); the classifier submission uses the re-distributed first answer.
+        soup: ``none``, ``uniform`` or ``greedy`` model soup of the ``soup_members`` fold models.
+        soup_members: comma list of stage-05 experiments of one architecture and class list, fine-tuned from
+            the same initial weights, whose fold-k models are the fold-k soup's ingredients (empty: ``members``).
+        embed_members: comma list of experiments whose stage-03 embeddings are concatenated (every common
+            fold, every experiment) for one KNN search (``self`` = this experiment; empty: no retrieval side).
+        blend_ratio: weight of the classifier ensemble's probability in the blended retrieval score; 0 keeps
+            the retrieval score alone (needs ``members`` when above 0).
+        threshold_mode: ``global`` (one threshold tuned out of fold), ``species`` (one per species with
+            enough out-of-fold queries, tuned out of fold) or ``share`` (the one that makes ``new_share`` of
+            the test images answer ``new_individual`` first).
+        new_share: target share of test images answered ``new_individual`` first (``threshold_mode`` share).
+        species_min_queries: fewest out-of-fold queries of a species for its own threshold.
+        knn_k: neighbours retrieved per query image before grouping by individual.
+        oof_new_share: share of out-of-fold queries made unseen individuals by hiding their individual from
+            the fold's gallery.
+        threshold_min: lowest threshold of the sweep.
+        threshold_max: highest threshold of the sweep.
+        threshold_step: sweep step.
+        new_label: the id that stands for an unseen individual.
+        gallery_size: flagged training images shown in the label-cleaning gallery.
+    """
+
+    stage: ClassVar[str] = "06"
+
+    members: str = ""
+    weight_factor: float = 25.0
+    rescale: bool = False
+    pseudo_threshold: float = 0.0
+    pseudo_round: int = 1
+    clean_threshold: float = 0.0
+    redistribute_k: int = 0
+    soup: str = "none"
+    soup_members: str = ""
+    embed_members: str = ""
+    blend_ratio: float = 0.0
+    threshold_mode: str = "global"
+    new_share: float = 0.2
+    species_min_queries: int = 50
+    knn_k: int = 50
+    oof_new_share: float = 0.2
+    threshold_min: float = 0.0
+    threshold_max: float = 1.0
+    threshold_step: float = 0.02
+    new_label: str = "new_individual"
+    gallery_size: int = 12
+
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "soup": ("none", "uniform", "greedy"),
+        "threshold_mode": ("global", "species", "share"),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {list(choices)}")
+        for name in ("pseudo_threshold", "clean_threshold", "blend_ratio", "new_share", "oof_new_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        if not self.weight_factor >= 0:
+            raise ValueError(f"weight_factor={self.weight_factor}: must be >= 0 (0 = plain mean)")
+        for name in ("pseudo_round", "species_min_queries", "knn_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.redistribute_k < 0 or self.gallery_size < 0:
+            raise ValueError("redistribute_k and gallery_size must be >= 0")
+        if not self.threshold_step > 0 or self.threshold_max < self.threshold_min:
+            raise ValueError(f"threshold sweep {self.threshold_min}..{self.threshold_max} step "
+                             f"{self.threshold_step}: need step > 0 and max >= min")
+        lists = {n: self.member_list(n) for n in ("members", "soup_members", "embed_members")}  # validates
+        needs_members = {"pseudo_threshold": self.pseudo_threshold > 0, "clean_threshold": self.clean_threshold > 0,
+                         "redistribute_k": self.redistribute_k > 0, "blend_ratio": self.blend_ratio > 0}
+        for name, used in needs_members.items():
+            if used and not lists["members"]:
+                raise ValueError(f"{name}={getattr(self, name)} needs a classifier ensemble: set members")
+        if self.blend_ratio > 0 and not lists["embed_members"]:
+            raise ValueError(f"blend_ratio={self.blend_ratio} blends retrieval scores: set embed_members")
+        if self.soup != "none" and not (lists["soup_members"] or lists["members"]):
+            raise ValueError(f"soup={self.soup!r} needs soup_members (or members)")
+
+    def member_list(self, name: str = "members") -> list[str]:
+        """A comma-list field (``members``, ``soup_members``, ``embed_members``) as checked experiment names;
+        ``self`` stands for this experiment; ``soup_members`` falls back to ``members`` when empty."""
+        from common.paths import check_exp_name
+
+        text = str(getattr(self, name)).strip()
+        if name == "soup_members" and not text:
+            text = str(self.members).strip()
+        # "self" names this experiment: a run can ensemble its own stage-05 and stage-03 outputs.
+        names = [self.exp if p.strip() == "self" else p.strip() for p in text.split(",") if p.strip()]
+        for n in names:
+            try:
+                check_exp_name(n)
+            except ValueError as err:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {err}") from err
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{name}={getattr(self, name)!r}: {repeated} named twice")
+        return names
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parameters plus the finish markers of the members' stages: retraining a member reruns stage 06."""
+        from common.paths import stage_dir
+
+        def stamp(exp: str, stage: str) -> int | None:
+            marker = stage_dir(exp, stage) / "_done.json"
+            return marker.stat().st_mtime_ns if marker.exists() else None
+
+        inputs = {f"05:{m}": stamp(m, "05") for m in self.member_list("members") + self.member_list("soup_members")}
+        inputs.update({f"03:{m}": stamp(m, "03") for m in self.member_list("embed_members")})
+        return {**super().fingerprint(), "inputs": inputs}
+
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "01": CropConfig,
     "02": EmbedderConfig,
     "03": ExtractConfig,
     "04": RetrievalConfig,
     "05": ClassifierConfig,
+    "06": EnsembleConfig,
 }
 
 # Parameters that are not config fields but that every notebook's parameters cell accepts.

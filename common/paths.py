@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "03": "03_embeddings",
     "04": "04_retrieval",
     "05": "05_classifier",
+    "06": "06_ensemble",
 }
 
 _EXP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -125,7 +126,7 @@ def exp_dir(exp: str) -> Path:
 
 
 def stage_dir(exp: str, stage: str) -> Path:
-    """``working/<exp>/<stage folder>``; ``stage`` is ``"01"``..``"05"`` or a folder name."""
+    """``working/<exp>/<stage folder>``; ``stage`` is ``"01"``..``"06"`` or a folder name."""
     name = STAGES.get(stage, stage)
     return exp_dir(exp) / name
 

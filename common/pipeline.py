@@ -98,7 +98,7 @@ def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any]) -> bool:
 
 def run(stages: list[str], params: dict[str, Any], force: bool = False, log_output: bool = True,
         notebooks_dir: Path = NOTEBOOKS_DIR, kernel_name: str | None = None) -> dict | None:
-    """Execute ``stages`` in order; returns the experiment's metrics (``None`` unless stage 04 or 05 ran)."""
+    """Execute ``stages`` in order; returns the experiment's metrics (``None`` unless stage 04, 05 or 06 ran)."""
     import papermill as pm
 
     exp = paths.check_exp_name(params.get("exp", STAGE_CONFIGS["01"]().exp))
@@ -128,7 +128,7 @@ def run(stages: list[str], params: dict[str, Any], force: bool = False, log_outp
         if env_before is None:
             os.environ.pop("REID_PROGRESS", None)
     metrics_file = exp_dir / "metrics.json"
-    scored = "04" in stages or "05" in stages
+    scored = any(s in stages for s in ("04", "05", "06"))
     return store.read_json(metrics_file) if scored and metrics_file.exists() else None
 
 
@@ -192,6 +192,11 @@ def summary_line(exp: str, metrics: dict) -> str:
         where = "test" if "test_accuracy" in cls else "oof"
         lines.append(f"{exp} classifier: {where} accuracy = {fmt(cls[f'{where}_accuracy'])}, balanced accuracy = "
                      f"{fmt(cls[f'{where}_balanced_accuracy'])}")
+    ens = metrics.get("ensemble")
+    if ens:
+        shown = ", ".join(f"{k} = {fmt(v) if isinstance(v, float) else v}" for k, v in ens.items()
+                          if isinstance(v, int | float | str) and not isinstance(v, bool))
+        lines.append(f"{exp} ensemble: {shown}")
     return "\n".join(lines) if lines else f"{exp}: no scores"
 
 

@@ -285,3 +285,34 @@ def plot_class_recall(metrics: dict, classes: pd.DataFrame, max_classes: int = 6
     twin.set(ylabel="training images", yscale="log")
     ax.grid(alpha=0.3, axis="y")
     return _finish(fig)
+
+
+def plot_flagged_images(flagged: pd.DataFrame, image_paths: Mapping[str, str | Path], n_cols: int = 6) -> Figure:
+    """A gallery of training images whose label the out-of-fold ensemble confidently disputes.
+
+    Each tile is titled with the given label, the predicted one and the prediction's probability.
+
+    Args:
+        flagged: ``image, label, predicted, confidence`` rows (:func:`common.postprocess.flag_noisy_labels`), in
+            the order to show.
+        image_paths: ``image -> file`` for every flagged image.
+        n_cols: tiles per row.
+    """
+    missing = [c for c in ("image", "label", "predicted", "confidence") if c not in flagged.columns]
+    if missing:
+        raise ValueError(f"plot_flagged_images: table lacks column(s) {missing}")
+    if flagged.empty:
+        raise ValueError("plot_flagged_images: nothing to show")
+    absent = [i for i in flagged["image"] if i not in image_paths or not Path(image_paths[i]).is_file()]
+    if absent:
+        raise FileNotFoundError(f"plot_flagged_images: no image file for {len(absent)} images, e.g. {absent[0]!r}")
+    n_cols = max(1, min(n_cols, len(flagged)))
+    n_rows = -(-len(flagged) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.6 * n_rows), squeeze=False)
+    for ax, row in zip(axes.ravel(), flagged.itertuples(index=False), strict=False):
+        _show(ax, Path(image_paths[row.image]))
+        ax.set_title(f"{row.image}\nlabel {row.label}\npred {row.predicted} {row.confidence:.2f}", fontsize=7,
+                     color=WRONG)
+    for ax in axes.ravel()[len(flagged):]:
+        ax.axis("off")
+    return _finish(fig)

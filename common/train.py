@@ -43,8 +43,8 @@ from common.weights import backbone_normalization
 _MODEL_FIELDS = (
     "backbone", "pretrained", "image_size", "embedding_dim", "epochs", "batch_size", "lr", "head_lr_mult",
     "weight_decay", "warmup_epochs", "gem_p", "dropout", "arc_s", "arc_m", "arc_easy_margin", "arc_k",
-    "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "use_crops",
-    "max_images", "seed", "n_folds",
+    "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "rrc_scale_min",
+    "hflip", "use_crops", "max_images", "seed", "n_folds",
 )
 
 
@@ -195,7 +195,8 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     )
     fit_ds = ImageDataset(fit["path"], [class_index[c] for c in fit["individual_id"]],
                           [species_index[s] for s in fit["species"]],
-                          build_transforms(cfg.image_size, True, mean, std))
+                          build_transforms(cfg.image_size, True, mean, std, scale_min=cfg.rrc_scale_min,
+                                           hflip=cfg.hflip))
     known = valid[valid["individual_id"].isin(class_index)]
     valid_ds = ImageDataset(known["path"], [class_index[c] for c in known["individual_id"]],
                             [species_index[s] for s in known["species"]],

@@ -269,3 +269,15 @@ def test_mobile_backbones_build_with_each_head(name, features):
         assert model.num_features == features  # what the backbone returns after its conv_head, not num_features
         with torch.no_grad():
             assert model(x).shape == (2, 7)
+
+
+def test_plot_class_recall_orders_by_training_images():
+    from common import plots
+
+    classes = pd.DataFrame({"images": [5, 50, 1]}, index=pd.Index(["b", "a", "c"], name="class"))
+    metrics = {"oof": {"per_class_recall": [0.9, 0.5, None], "balanced_accuracy": 0.7}}  # logit order a, b, c
+    fig = plots.plot_class_recall(metrics, classes)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]  # most images first
+    assert [round(p.get_height(), 2) for p in ax.patches] == [0.9, 0.5, 0.0]  # c has no rows: drawn as 0
+    assert "oof recall" in ax.get_ylabel()

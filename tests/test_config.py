@@ -34,7 +34,8 @@ def test_defaults():
     assert (emb.n_folds, emb.folds, emb.epochs, emb.lr, emb.amp) == (5, "0", 6, 1e-3, True)
     assert EmbedderConfig.defaults() == emb.to_dict()
     assert RetrievalConfig().fold_merge == "mean"
-    assert [cls.stage for cls in STAGE_CONFIGS.values()] == ["01", "02", "03", "04"]
+    assert [cls.stage for cls in STAGE_CONFIGS.values()] == sorted(STAGE_CONFIGS)  # 01, 02, ... in order
+    assert list(STAGE_CONFIGS)[:5] == ["01", "02", "03", "04", "05"]
 
 
 def test_fingerprint_ignores_force_and_workers():
@@ -204,3 +205,20 @@ def test_retrieval_fold_merge():
 def test_crop_config_fields():
     cfg = CropConfig(crop="false", box_conf="0.5")
     assert cfg.crop is False and cfg.box_conf == 0.5
+
+
+def test_embedder_augmentation_fields_are_checked():
+    assert EmbedderConfig(rrc_scale_min=0.4, hflip=False).rrc_scale_min == 0.4
+    with pytest.raises(ValueError, match="rrc_scale_min=0.0"):
+        EmbedderConfig(rrc_scale_min=0.0)
+
+
+def test_ensemble_members_self_means_this_experiment():
+    from common.config import EnsembleConfig
+
+    cfg = EnsembleConfig(exp="run3", members="self, run1", embed_members="self")
+    assert cfg.member_list() == ["run3", "run1"]
+    assert cfg.member_list("embed_members") == ["run3"]
+    assert cfg.member_list("soup_members") == ["run3", "run1"]  # empty: falls back to members
+    with pytest.raises(ValueError, match="named twice"):
+        EnsembleConfig(exp="run3", members="self,run3").member_list()

@@ -320,3 +320,17 @@ def test_open_competition_bad_pixels_not_cached(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=r"t1\.png: unreadable"):
             data.open_competition(str(root))
     assert not list((tmp_path / "work").glob(".checked/*.json"))
+
+
+def test_build_transforms_crop_scale_and_flip_switches():
+    import albumentations as A
+
+    def find(pipeline, kind):
+        return next(t for t in pipeline.transforms if isinstance(t, kind))
+
+    default = data.build_transforms(32, True, [0.5] * 3, [0.5] * 3)
+    assert find(default, A.RandomResizedCrop).scale == (0.7, 1.0)
+    assert find(default, A.HorizontalFlip).p == 0.5
+    custom = data.build_transforms(32, True, [0.5] * 3, [0.5] * 3, scale_min=0.3, hflip=False)
+    assert find(custom, A.RandomResizedCrop).scale == (0.3, 1.0)
+    assert find(custom, A.HorizontalFlip).p == 0.0

@@ -100,3 +100,26 @@ def test_map5_report_none_when_a_group_is_empty():
     assert rep["map5_known"] == pytest.approx(0.75)
     rep = map5_report(["z"], [["new_individual"]], known={"a"})
     assert rep["map5_known"] is None and rep["map5_new"] == 1.0
+
+
+def test_classification_report_by_hand_and_against_scikit_learn():
+    from common.metrics import classification_report
+
+    # 3 classes; rows: truth, argmax -> hit?  (0,0) y, (0,1) n, (1,1) y, (2,2) y, (2,0) n
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
+    truth = np.array([0, 0, 1, 2, 2])
+    rep = classification_report(truth, scores, n_classes=4)  # class 3 never occurs
+    assert rep["accuracy"] == pytest.approx(3 / 5)
+    assert rep["per_class_recall"] == [0.5, 1.0, 0.5, None]
+    assert rep["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)  # classes present only
+    assert rep["top5"] == 1.0  # with 4 classes, every truth is in the top 4
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 7, size=300)
+    s = rng.random((300, 7))
+    rep = classification_report(y, s)
+    assert rep["accuracy"] == pytest.approx(sk.accuracy_score(y, s.argmax(1)))
+    assert rep["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, s.argmax(1)))
+    assert rep["top5"] == pytest.approx(sk.top_k_accuracy_score(y, s, k=5, labels=np.arange(7)))
+    with pytest.raises(ValueError, match="labels must be in 0..6"):
+        classification_report(np.array([7]), s[:1])

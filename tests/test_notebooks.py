@@ -1,8 +1,8 @@
-"""Every notebook executed by papermill, chained 01 -> 05 through the runner on params/debug.yaml.
+"""Every notebook executed by papermill, chained 01 -> 06 through the runner on params/debug.yaml.
 
 Also checks that a stage rerun by hand (papermill on the notebook itself, with ``params_file`` set, the way a
-user reruns one stage in Jupyter) gives the same submission as the runner (stage 04, and stage 05 retrained from
-scratch), and that a second runner call skips finished stages.
+user reruns one stage in Jupyter) gives the same submission as the runner (stage 04, stage 05 retrained from
+scratch, stage 06), and that a second runner call skips finished stages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from common.config import STAGE_CONFIGS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "params" / "debug.yaml"
-STAGES = ["01", "02", "03", "04", "05"]
+STAGES = ["01", "02", "03", "04", "05", "06"]
+ENSEMBLE_SUBMISSION = "nbtest-emb1-ens1-w25-blend0.5-thrspecies"  # params/debug.yaml's stage-06 settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def run_dirs(tmp_path_factory):
 def test_chain_writes_every_contracted_file(run_dirs):
     exp = paths.exp_dir("nbtest")
     for nb in ("01_crop_images", "02_train_embedder", "03_extract_embeddings", "04_retrieve_submit",
-               "05_train_classifier"):
+               "05_train_classifier", "06_ensemble_postprocess"):
         record = nbformat.read(exp / f"{nb}.ipynb", as_version=4)
         injected = [c for c in record.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert injected, f"{nb}: the executed record must keep the injected parameters"
@@ -68,6 +69,17 @@ def test_chain_writes_every_contracted_file(run_dirs):
     cls_sub = pd.read_csv(paths.submission_path("nbtest-classifier"))
     assert cls_sub["image"].tolist() == sample["image"].tolist()
     assert (cls_sub["predictions"].str.split().map(len) == 5).all()
+    # stage 06: the ensemble's arrays, pseudo-label and cleaned folders, its metrics and its submission
+    ens_dir = exp / "06_ensemble"
+    for name in ("oof.npz", "test.npz", "members.csv", "metrics.json", "pseudo_round1/train.csv",
+                 "pseudo_rounds.csv", "flagged.csv", "cleaned/train.csv", "redistributed.csv", "soup/fold0.pt",
+                 "soup/fold1.pt", "retrieval_oof_scores.csv", "species_thresholds.csv"):
+        assert (ens_dir / name).exists(), name
+    assert metrics["ensemble"]["submission"] == ENSEMBLE_SUBMISSION
+    assert set(metrics["ensemble"]) >= {"oof_accuracy", "retrieval_oof_map5", "retrieval_map5", "pseudo_kept"}
+    ens_sub = pd.read_csv(paths.submission_path(ENSEMBLE_SUBMISSION))
+    assert ens_sub["image"].tolist() == sample["image"].tolist()
+    assert ens_sub["predictions"].str.split().map(len).between(1, 5).all()
 
 
 def test_rerun_skips_finished_stages(run_dirs, capsys):
@@ -76,7 +88,8 @@ def test_rerun_skips_finished_stages(run_dirs, capsys):
     assert out.count("skipped") == len(STAGES), out
 
 
-@pytest.mark.parametrize("stage, submission", [("04", "nbtest"), ("05", "nbtest-classifier")])
+@pytest.mark.parametrize("stage, submission", [("04", "nbtest"), ("05", "nbtest-classifier"),
+                                               ("06", ENSEMBLE_SUBMISSION)])
 def test_stage_by_hand_equals_runner(run_dirs, tmp_path, stage, submission):
     """papermill on a notebook itself, with params_file (as in Jupyter) and force=True, rewrites the same
     submission and metrics (stage 05 retrains both folds from scratch to get there)."""

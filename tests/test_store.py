@@ -139,3 +139,14 @@ def test_stage_done_params_that_json_changes(tmp_path):
     store.mark_done(tmp_path, params)
     assert store.stage_done(tmp_path, {"size": (128, 64), "root": Path("/x/y")})
     assert not store.stage_done(tmp_path, {"size": (128, 65), "root": Path("/x/y")})
+
+
+def test_update_json_merges_keys_and_rejects_non_objects(tmp_path):
+    path = tmp_path / "metrics.json"
+    assert store.update_json(path, {"map5": 0.5}) == {"map5": 0.5}  # created
+    assert store.update_json(path, {"classifier": {"acc": 0.9}}) == {"map5": 0.5, "classifier": {"acc": 0.9}}
+    assert store.update_json(path, {"map5": 0.6})["map5"] == 0.6  # a stage's own key is replaced
+    assert json.loads(path.read_text()) == {"map5": 0.6, "classifier": {"acc": 0.9}}
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: expected a JSON object"):
+        store.update_json(tmp_path / "list.json", {"a": 1})

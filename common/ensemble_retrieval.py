@@ -1,0 +1,183 @@
+"""Stage 06's retrieval side: concatenated embeddings of several runs, a classifier blend, other thresholds.
+
+* Embeddings: the ``embed_members``' stage-03 outputs joined by :func:`common.retrieval.concat_embeddings`
+  (each part L2-normalised, then the whole), so one search scores the mean cosine similarity of the parts.
+  Out of fold, query fold ``k`` uses the fold-``k`` models of every member (models that never saw it) against
+  the other folds' images, as stage 04 does (``oof_new_share`` of the queries made unseen by hiding their
+  individual); on the test set every fold of every member is joined. The members must share the fold split
+  (``02_embedder/folds.csv``).
+* Blend (``blend_ratio > 0``): :func:`common.ensemble.blend_scores` of those scores with the classifier
+  ensemble's probabilities, on the out-of-fold images both sides have. The classifier knows the individuals
+  that were hidden from a fold's gallery, which no test image of an unseen individual allows, so out of fold a
+  candidate that is not in the query's gallery is dropped after blending: the threshold is then tuned on the
+  same situation the test set poses.
+* ``new_individual`` threshold: ``global`` (:func:`common.retrieval.tune_threshold`), ``species``
+  (:func:`common.postprocess.tune_species_thresholds`; a test image takes the species of its best candidate)
+  or ``share`` (:func:`common.postprocess.threshold_for_share` on the test scores).
+
+Writes ``06_ensemble/retrieval_oof_scores.csv``, ``retrieval_oof_truth.csv``, ``retrieval_test_scores.csv``, ``threshold_sweep.csv`` and
+``species_thresholds.csv`` (species mode).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common import ensemble, metrics, paths, postprocess, retrieval, store
+from common.config import EnsembleConfig
+from common.data import Competition
+from common.embed import load_fold_embeddings
+from common.submit import hide_individuals
+from common.train import read_folds
+
+
+def embed_folds(names: list[str]) -> list[int]:
+    """Folds whose train and test embeddings exist for every member; raises naming a member with none."""
+    found = {}
+    for n in names:
+        base = paths.stage_dir(n, "03")
+        found[n] = {int(p.name[4:]) for p in base.glob("fold*") if p.name[4:].isdigit()
+                    and (p / "train.npz").exists() and (p / "test.npz").exists()}
+        if not found[n]:
+            raise FileNotFoundError(f"embed member {n!r}: no fold{{k}}/train.npz and test.npz under {base}; run "
+                                    f"stages 02-03 with exp={n} first")
+    common = sorted(set.intersection(*found.values()))
+    if not common:
+        raise FileNotFoundError(f"embed members share no fold with embeddings: {found}")
+    return common
+
+
+def shared_split(names: list[str]) -> pd.DataFrame:
+    """The first member's ``02_embedder/folds.csv``, checked to equal every other member's."""
+    ref = read_folds(names[0])
+    for n in names[1:]:
+        other = read_folds(n)
+        if not ref[["image", "fold"]].equals(other[["image", "fold"]]):
+            raise ValueError(f"embed member {n!r}: {paths.stage_dir(n, '02') / 'folds.csv'} splits the images "
+                             f"otherwise than {names[0]!r}; concatenated out-of-fold embeddings need one split")
+    return ref
+
+
+def joined(names: list[str], folds: list[int], split: str, images: pd.Series) -> np.ndarray:
+    """Every member's embeddings of ``folds`` for ``images``, concatenated and re-normalised."""
+    return retrieval.concat_embeddings([load_fold_embeddings(n, k, split, images) for n in names for k in folds])
+
+
+def oof_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]
+               ) -> tuple[pd.DataFrame, pd.Series, dict[str, set[str]]]:
+    """Out-of-fold ``image, individual_id, score``, the truth, and each query's gallery individuals."""
+    table = shared_split(names)
+    row = pd.Series(np.arange(len(comp.train)), index=comp.train["image"])
+    tables, truths, gallery = [], [], {}
+    for k in folds:
+        emb = joined(names, [k], "train", comp.train["image"])
+        fit, valid = table[table["fold"] != k], table[table["fold"] == k]
+        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + k)
+        fit = fit[~fit["individual_id"].isin(hidden)]
+        scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                       k=cfg.knn_k)
+        tables.append(retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"]))
+        truths.append(pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
+                                index=valid["image"].astype(str).to_numpy()))
+        known = set(fit["individual_id"].astype(str))
+        gallery.update({str(i): known for i in valid["image"]})
+    return pd.concat(tables, ignore_index=True), pd.concat(truths), gallery
+
+
+def test_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]) -> pd.DataFrame:
+    """Test ``image, individual_id, score`` against every training image, all folds and members joined."""
+    gallery = joined(names, folds, "train", comp.train["image"])
+    queries = joined(names, folds, "test", comp.test["image"])
+    scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+    return retrieval.individual_scores(scores, idx, comp.train["individual_id"].to_numpy(), comp.test["image"])
+
+
+def blend_oof(cfg: EnsembleConfig, oof: pd.DataFrame, truth: pd.Series, gallery: dict[str, set[str]],
+              ens: dict) -> tuple[pd.DataFrame, pd.Series]:
+    """The blended out-of-fold table on the images both sides scored, without out-of-gallery candidates."""
+    common = sorted(set(oof["image"].astype(str)) & set(ens["oof_images"]))
+    if not common:
+        raise ValueError("blend_ratio > 0: the classifier members and the embed members share no out-of-fold "
+                         "image; train them on the same folds (n_folds, seed, folds)")
+    pos = {img: i for i, img in enumerate(ens["oof_images"])}
+    probs = ens["oof_probs"][[pos[i] for i in common]]
+    table = oof[oof["image"].astype(str).isin(set(common))]
+    blended = ensemble.blend_scores(table, probs, common, ens["classes"], cfg.blend_ratio)
+    keep = [ind in gallery[img] for img, ind in zip(blended["image"], blended["individual_id"], strict=True)]
+    return blended[keep].reset_index(drop=True), truth[common]
+
+
+def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path
+                           ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Scores, blend, threshold and submission of the retrieval side; returns ``(metrics, submission)``.
+
+    Args:
+        cfg: stage config.
+        comp: the competition.
+        ens: the classifier ensemble (:func:`common.ensemble_stage.classifier_ensemble`), needed to blend.
+        out: the stage folder.
+    """
+    names = cfg.member_list("embed_members")
+    folds = embed_folds(names)
+    oof, truth, gallery = oof_scores(cfg, comp, names, folds)
+    test = test_scores(cfg, comp, names, folds)
+    if cfg.blend_ratio > 0:
+        if ens["label_column"] != "individual_id":
+            raise ValueError(f"blend_ratio > 0: the classifier members classify {ens['label_column']!r}, not "
+                             "individual_id; their classes cannot be blended with individuals")
+        oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
+        test = ensemble.blend_scores(test, ens["test_probs"], list(comp.test["image"]), ens["classes"],
+                                     cfg.blend_ratio)
+    grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
+    best, sweep = retrieval.tune_threshold(oof, truth, grid, new_label=cfg.new_label)
+    images = list(comp.test["image"].astype(str))
+    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
+                           "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max())}
+    if cfg.threshold_mode == "species":
+        species = comp.train.set_index("image")["species"]
+        per, best, summary = postprocess.tune_species_thresholds(oof, truth, species, grid,
+                                                                 cfg.species_min_queries, new_label=cfg.new_label)
+        store.write_csv(out / "species_thresholds.csv", summary)
+        individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]
+        sub = postprocess.predict_by_species(test, postprocess.candidate_species(test, individual_species), per,
+                                             best, new_label=cfg.new_label, images=images)[["image", "predictions"]]
+        oof_pred = postprocess.predict_by_species(oof, species, per, best, new_label=cfg.new_label,
+                                                  images=list(truth.index))
+        res.update(threshold=best, species_thresholds=per)
+    else:
+        thr = best
+        if cfg.threshold_mode == "share":
+            thr, achieved = postprocess.threshold_for_share(test, cfg.new_share, images)
+            res["target_share"] = cfg.new_share
+        sub = retrieval.predict(test, thr, new_label=cfg.new_label, images=images)
+        oof_pred = retrieval.predict(oof, thr, new_label=cfg.new_label, images=list(truth.index))
+        res["threshold"] = float(thr)
+    res["oof_map5"] = metrics.map_at_k(truth.tolist(), oof_pred["predictions"].str.split().tolist())
+    res["new_share"] = float((sub["predictions"].str.split().str[0] == cfg.new_label).mean())
+    if comp.truth is not None:
+        t = comp.truth.set_index("image")["individual_id"].reindex(sub["image"])
+        scored = t.notna().to_numpy()
+        rep = metrics.map5_report(t[scored].tolist(), sub["predictions"][scored].str.split().tolist(),
+                                  comp.known_individuals, cfg.new_label)
+        res.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()})
+    store.write_csv(out / "retrieval_oof_scores.csv", oof)
+    store.write_csv(out / "retrieval_oof_truth.csv",
+                    truth.rename_axis("image").rename("individual_id").reset_index())
+    store.write_csv(out / "retrieval_test_scores.csv", test)
+    store.write_csv(out / "threshold_sweep.csv", sweep)
+    return res, sub
+
+
+def plot_sweep(exp: str, result: dict[str, Any]):
+    """The out-of-fold threshold sweep of the retrieval side with the chosen threshold, or ``None``."""
+    from common import plots
+
+    path = paths.stage_dir(exp, "06") / "threshold_sweep.csv"
+    if "retrieval" not in result or not path.exists():
+        return None
+    return plots.plot_threshold_sweep(pd.read_csv(path), result["retrieval"]["threshold"])

@@ -1,0 +1,232 @@
+"""Stage 06 end to end (common.ensemble_stage, common.soup_stage, common.ensemble_retrieval) on the tiny demo.
+
+Two stage-05 runs ``a`` and ``b`` (randomly initialised ``mobilenetv3_small_050``, 32 px, 1 epoch, both folds,
+same seed so same folds and same initial weights, different learning rates) and one stage-02/03/04 run ``e``
+(the embedder, fold_merge=concat) are built once for the module: about five seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from common import classify, embed, ensemble_stage, paths, store, submit, train
+from common.config import ClassifierConfig, EmbedderConfig, EnsembleConfig, ExtractConfig, RetrievalConfig
+from common.data import load_competition
+from common.demo import TINY_DEMO, make_demo
+
+CLS = dict(backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1, batch_size=4, n_folds=2,
+           folds="all", device="cpu", warmup_epochs=0.5, amp=False, use_crops=False)
+
+
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory, one_torch_thread):
+    base = tmp_path_factory.mktemp("ens")
+    mp = pytest.MonkeyPatch()
+    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
+                     ("REID_SUBMISSIONS_DIR", "submissions")):
+        mp.setenv(var, str(base / sub))
+    mp.setenv("REID_PROGRESS", "off")
+    comp = load_competition(make_demo(base / "demo_tiny", **TINY_DEMO), check_pixels=False)
+    for exp, lr in (("a", 1e-3), ("b", 3e-3)):
+        classify.run_classification(ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, **CLS), comp)
+    emb = dict(data=str(comp.root), exp="e", n_folds=2, folds="all", device="cpu")
+    ecfg = EmbedderConfig(**emb, backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1,
+                          batch_size=4, amp=False, use_crops=False, embedding_dim=32)
+    train.run_training(ecfg, comp, train.prepare_folds(ecfg, comp))
+    embed.run_extraction(ExtractConfig(**emb, batch_size=16), comp)
+    submit.run_retrieval(RetrievalConfig(**emb, fold_merge="concat", knn_k=10), comp)
+    yield comp
+    mp.undo()
+
+
+def ens_cfg(comp, **kw) -> EnsembleConfig:
+    return EnsembleConfig(**{"data": str(comp.root), "exp": "ens", "members": "a,b", "device": "cpu", **kw})
+
+
+def member_arrays(exp: str, split: str) -> dict:
+    return store.load_arrays(paths.stage_dir(exp, "05") / f"{split}.npz")
+
+
+def test_weights_from_oof_accuracy_and_weighted_mean(comp):
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="w"), comp)
+    a, b = member_arrays("a", "oof"), member_arrays("b", "oof")
+    acc = np.array([(m["probs"].argmax(1) == m["label"]).mean() for m in (a, b)])
+    assert (acc > 0).all() and acc[0] != acc[1]  # the weights below are not trivially equal
+    raw = (acc / acc.min()) ** 25
+    w = raw / raw.sum()
+    table = ensemble_stage.members_table("w", res)
+    np.testing.assert_allclose(table["oof_accuracy"], acc)
+    np.testing.assert_allclose(table["weight"], w, rtol=1e-12)
+    assert res["weights"] == pytest.approx({"a": w[0], "b": w[1]}, abs=1e-6)
+    out = ensemble_stage.stage_dir("w")
+    for split in ("oof", "test"):
+        pa, pb = member_arrays("a", split)["probs"], member_arrays("b", split)["probs"]
+        got = store.load_arrays(out / f"{split}.npz")["probs"]
+        np.testing.assert_allclose(got, w[0] * pa + w[1] * pb, rtol=1e-5, atol=1e-6)
+    oof = store.load_arrays(out / "oof.npz")
+    assert res["oof"]["accuracy"] == pytest.approx((oof["probs"].argmax(1) == a["label"]).mean())
+    # factor 0: the plain mean; rescale keeps the raw factors (rows sum to their mean, ranks unchanged)
+    ensemble_stage.run_ensemble(ens_cfg(comp, exp="plain", weight_factor=0.0), comp)
+    mean = (member_arrays("a", "test")["probs"] + member_arrays("b", "test")["probs"]) / 2
+    np.testing.assert_allclose(store.load_arrays(ensemble_stage.stage_dir("plain") / "test.npz")["probs"], mean,
+                               rtol=1e-5, atol=1e-6)
+    ensemble_stage.run_ensemble(ens_cfg(comp, exp="scaled", rescale=True), comp)
+    scaled = store.load_arrays(ensemble_stage.stage_dir("scaled") / "test.npz")["probs"]
+    np.testing.assert_allclose(scaled.sum(1), raw.mean(), rtol=1e-4)
+    top = json.loads((paths.exp_dir("w") / "metrics.json").read_text())["ensemble"]
+    assert top["oof_accuracy"] == res["oof"]["accuracy"] and top["submission"] == "w-ens2-w25"
+
+
+def test_submission_name_format_and_redistribution(comp):
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, redistribute_k=2), comp)
+    assert res["submission"] == "ens-ens2-w25-rd2"
+    sub = pd.read_csv(paths.submission_path("ens-ens2-w25-rd2"), dtype=str)
+    assert list(sub.columns) == ["image", "predictions"]
+    assert sub["image"].tolist() == comp.test["image"].tolist()
+    rows = sub["predictions"].str.split()
+    assert (rows.map(len) == 5).all() and (rows.map(lambda r: len(set(r))) == 5).all()
+    first = rows.str[0]
+    redis = pd.read_csv(ensemble_stage.stage_dir("ens") / "redistributed.csv", dtype={"image": str, "label": str})
+    assert first.tolist() == redis["label"].tolist()  # the submission answers the re-distributed label first
+    probs = store.load_arrays(ensemble_stage.stage_dir("ens") / "test.npz")["probs"]
+    classes = store.read_json(ensemble_stage.stage_dir("ens") / "classes.json")["classes"]
+    argmax = [classes[i] for i in probs.argmax(1)]
+    before, after = pd.Series(argmax).value_counts(), first.value_counts()
+    below = [c for c in classes if before.get(c, 0) < 2]
+    assert res["redistribute"]["classes_below_k_before"] == len(below) > 0  # something to re-distribute
+    assert res["redistribute"]["moved"] == sum(f != a for f, a in zip(first, argmax, strict=True)) > 0
+    assert res["redistribute"]["classes_below_k_after"] == sum(after.get(c, 0) < 2 for c in classes)
+    assert all(after.get(c, 0) >= 2 for c in classes)  # 13 test images, 6 classes: every class reaches 2
+
+
+def test_pseudo_label_folder_trains_and_tracks_rounds(comp):
+    ensemble_stage.run_ensemble(ens_cfg(comp, exp="p0"), comp)
+    test = store.load_arrays(ensemble_stage.stage_dir("p0") / "test.npz")
+    top = test["probs"].max(1)
+    thr = float(np.sort(top)[len(top) // 2])  # 1 epoch: near-uniform probabilities; keep the upper half
+    kept_by_hand = sorted(np.asarray(test["image"])[top >= thr].tolist())
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="p1", pseudo_threshold=thr), comp)
+    assert 0 < len(kept_by_hand) < len(comp.test)  # the threshold keeps some, not all
+    folder = ensemble_stage.stage_dir("p1") / "pseudo_round1"
+    assert res["pseudo"]["kept"] == len(kept_by_hand) and res["pseudo"]["folder"] == str(folder)
+    pseudo = load_competition(folder)  # every image decodes through its link
+    assert len(pseudo.train) == len(comp.train) + len(kept_by_hand)
+    rows = pseudo.train[pseudo.train["round"] == "1"]
+    assert sorted(rows["image"]) == kept_by_hand
+    species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]
+    assert (rows["species"] == rows["individual_id"].map(species)).all()  # species filled from the label
+    assert pseudo.test["image"].tolist() == comp.test["image"].tolist()
+    assert (ensemble_stage.stage_dir("p1") / "train_round1.csv").exists()
+    # stage 05 trains on the folder as it is
+    cfg05 = ClassifierConfig(data=str(folder), exp="p1c", lr=1e-3, **{**CLS, "folds": "0"})
+    assert classify.run_classification(cfg05)["oof"]["n"] > 0
+    # round 2 from the round-1 folder: round 1 is counted, round 1 cannot be written twice
+    with pytest.raises(ValueError, match="already holds round 1; use pseudo_round=2"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="p2", data=str(folder), pseudo_threshold=thr), pseudo)
+    ensemble_stage.run_ensemble(ens_cfg(comp, exp="p2", pseudo_threshold=thr, pseudo_round=2), pseudo)
+    rounds = pd.read_csv(ensemble_stage.stage_dir("p2") / "pseudo_round2" / "pseudo_rounds.csv")
+    assert rounds["round"].tolist() == [1, 2] and rounds["n_images"].iloc[0] == len(kept_by_hand)
+    r2 = load_competition(ensemble_stage.stage_dir("p2") / "pseudo_round2", check_pixels=False)
+    assert set(r2.train["round"]) <= {"0", "2"}  # built on the original rows, not on round 1's
+
+
+def test_label_cleaning_flags_confident_disagreements(comp):
+    ensemble_stage.run_ensemble(ens_cfg(comp, exp="cl0"), comp)
+    oof = store.load_arrays(ensemble_stage.stage_dir("cl0") / "oof.npz")
+    conf, pred = oof["probs"].max(1), oof["probs"].argmax(1)
+    wrong = pred != oof["label"]
+    thr = float(np.sort(conf[wrong])[wrong.sum() // 2])  # flags the more confident half of the mistakes
+    by_hand = set(np.asarray(oof["image"])[wrong & (conf >= thr)].tolist())
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="cl", clean_threshold=thr), comp)
+    assert 0 < len(by_hand) < len(comp.train)
+    flagged = pd.read_csv(ensemble_stage.stage_dir("cl") / "flagged.csv", dtype={"image": str})
+    assert set(flagged["image"]) == by_hand and res["clean"]["flagged"] == len(by_hand)
+    cleaned = load_competition(ensemble_stage.stage_dir("cl") / "cleaned", check_pixels=False)
+    assert set(cleaned.train["image"]) == set(comp.train["image"]) - by_hand
+    fig = ensemble_stage.plot_flagged("cl", comp, res, n=4)
+    assert len([ax for ax in fig.axes if ax.images]) == min(4, len(by_hand))
+
+
+def test_soups_average_the_members_fold_models(comp):
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="su", soup="uniform"), comp)
+    assert res["soup"]["kept"] == {"0": ["a", "b"], "1": ["a", "b"]}
+    soup = torch.load(ensemble_stage.stage_dir("su") / "soup" / "fold0.pt", weights_only=True)
+    sa, sb = (torch.load(paths.stage_dir(e, "05") / "fold0" / "model.pt", weights_only=True) for e in "ab")
+    key = next(k for k, v in soup.items() if v.is_floating_point() and not torch.equal(sa[k], sb[k]))
+    torch.testing.assert_close(soup[key], (sa[key] + sb[key]) / 2)
+    assert res["soup"]["oof"]["n"] == len(comp.train)
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="sg", soup="greedy"), comp)
+    steps = pd.read_csv(ensemble_stage.stage_dir("sg") / "soup_steps.csv")
+    for k, part in steps.groupby("fold"):
+        assert part["candidate_score"].iloc[0] == part["candidate_score"].max()  # starts from the best run
+        assert res["soup"]["kept"][str(k)][0] == part["candidate"].iloc[0]
+
+
+def test_retrieval_side_matches_stage_04_and_blends(comp):
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="r", members="", embed_members="e", knn_k=10), comp)
+    assert res["submission"] == "r-emb1-thrglobal"
+    # one member, no blend, global threshold: stage 04 with fold_merge=concat, the same numbers
+    pd.testing.assert_frame_equal(pd.read_csv(paths.submission_path("r-emb1-thrglobal")),
+                                  pd.read_csv(paths.submission_path("e")))
+    stage04 = store.read_json(paths.stage_dir("e", "04") / "metrics.json")
+    assert res["retrieval"]["threshold"] == stage04["threshold"]
+    assert res["retrieval"]["oof_map5"] == pytest.approx(stage04["oof_map5"])
+    assert res["retrieval"]["map5"] == pytest.approx(stage04["map5"])
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="rb", embed_members="e", knn_k=10, blend_ratio=0.5,
+                                              threshold_mode="share", new_share=0.3), comp)
+    name = "rb-emb1-ens2-w25-blend0.5-thrshare0.3"
+    assert res["submission"] == name
+    first = pd.read_csv(paths.submission_path(name))["predictions"].str.split().str[0]
+    assert (first == "new_individual").sum() == round(0.3 * len(comp.test))  # 4 of 13 answer new first
+    out, ids = ensemble_stage.stage_dir("rb"), {"image": str, "individual_id": str}
+    raw = pd.read_csv(paths.stage_dir("e", "04") / "test_scores.csv", dtype=ids)
+    both = raw.merge(pd.read_csv(out / "retrieval_test_scores.csv", dtype=ids), on=["image", "individual_id"],
+                     suffixes=("_raw", "_blend"))
+    probs, classes = store.load_arrays(out / "test.npz")["probs"], store.read_json(out / "classes.json")["classes"]
+    rows = both["image"].map({i: r for r, i in enumerate(comp.test["image"])})
+    p = probs[rows, both["individual_id"].map(classes.index)]
+    assert len(both) == len(raw)  # every retrieved candidate kept, classifier candidates added
+    np.testing.assert_allclose(both["score_blend"], 0.5 * both["score_raw"] + 0.5 * p, rtol=1e-6)
+    # out of fold, a query made unseen (truth new_individual) never gets its hidden individual back from the
+    # classifier: candidates outside the query's gallery are dropped after blending
+    truth = pd.read_csv(out / "retrieval_oof_truth.csv", dtype=ids).set_index("image")["individual_id"]
+    oof = pd.read_csv(out / "retrieval_oof_scores.csv", dtype=ids)
+    own = comp.train.set_index("image")["individual_id"]
+    new = truth[truth == "new_individual"].index
+    assert len(new) > 0 and not (oof["image"].isin(new) & (oof["individual_id"] == oof["image"].map(own))).any()
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="rs", members="", embed_members="e", knn_k=10,
+                                              threshold_mode="species", species_min_queries=1), comp)
+    summary = pd.read_csv(ensemble_stage.stage_dir("rs") / "species_thresholds.csv")
+    assert set(summary["species"]) == set(comp.train["species"]) and summary["own"].all()
+    assert res["retrieval"]["species_thresholds"] == dict(zip(summary["species"], summary["threshold"],
+                                                              strict=True))
+
+
+def test_clear_errors(comp, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"member 'ghost': .*05_classifier/classes.json not found"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="x", members="a,ghost"), comp)
+    other = paths.stage_dir("c", "05")
+    shutil.copytree(paths.stage_dir("a", "05"), other)
+    info = store.read_json(other / "classes.json")
+    store.write_json(other / "classes.json", {**info, "classes": info["classes"][:-1] + ["zebra"]})
+    with pytest.raises(ValueError, match=r"member 'c': .*classes.json lists other classes .*'zebra' only in 'c'"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="x", members="a,c"), comp)
+    (other / "oof.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"member 'c': .*oof.npz not found"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="x", members="a,c"), comp)
+    with pytest.raises(FileNotFoundError, match=r"ghost/02_embedder/folds.csv not found"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="x", embed_members="e,ghost", soup="uniform"), comp)
+    with pytest.raises(ValueError, match="nothing to do"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="x", members=""), comp)
+    for bad, match in ((dict(members="", pseudo_threshold=0.5), "needs a classifier ensemble"),
+                       (dict(blend_ratio=0.5), "set embed_members"), (dict(soup="best"), "soup='best'"),
+                       (dict(members="a,a"), "named twice"), (dict(threshold_mode="auto"), "threshold_mode")):
+        with pytest.raises(ValueError, match=match):
+            ens_cfg(comp, **bad)
+    assert not (paths.exp_dir("x") / "06_ensemble" / "metrics.json").exists()  # failed before writing
