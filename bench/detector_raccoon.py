@@ -21,7 +21,6 @@ weights (its table then says ``cached``). A section is appended to ``bench/RESUL
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import shlex
@@ -36,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
 from common import paths, store  # noqa: E402
 from common.detect import (  # noqa: E402
     evaluate_boxes,
@@ -46,16 +46,6 @@ from common.detect import (  # noqa: E402
 )
 
 TARGET_MAP50 = 0.6
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def split_images(names: list[str], n_dev: int, seed: int) -> tuple[list[str], list[str]]:
@@ -162,7 +152,7 @@ def main() -> None:
         f"\n## Detector on raccoon: fine-tune vs scratch, {args.imgsz} px, {len(dev)} dev / "
         f"{len(test)} held-out images\n\n"
         f"- command: `HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/{cmd}` (from the repo root)\n"
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- date: {utc_stamp()}\n"
         f"- machine: {os.cpu_count()} CPUs, {cpu_model()}, "
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
         f"load average at start {load_start:.2f} (shared machine: timings are indicative)\n"
@@ -176,10 +166,7 @@ def main() -> None:
         f"{table}\n\n{verdict}\n"
     )
     if not args.no_append:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.results, "a") as fh:  # other benchmarks append here too: never overwrite
-            fh.write(text)
-        print(f"appended to {args.results}")
+        print(f"appended to {append_section(args.results, text)}")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import hashlib
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -66,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
 from common import paths, store  # noqa: E402
 from common.config import EmbedderConfig, parse_cli_value  # noqa: E402
 from common.data import DataError, load_competition  # noqa: E402
@@ -290,16 +289,6 @@ def exp_name(dataset: str, cfg: EmbedderConfig) -> str:
     return f"bench-{dataset}-{digest}"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 # ----------------------------------------------------------------------------------------- main
 def parse_overrides(items: list[str]) -> dict[str, object]:
     """``key=value`` strings -> values, checked against EmbedderConfig's fields and the extraction keys."""
@@ -328,8 +317,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
-
-    import torch
 
     from common.runtime import resolve_device
 
@@ -412,10 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         "", f"## Embedder re-identification on unseen individuals: {args.dataset}", "",
         f"- command: `{command}` (from the repository root)",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, torch {torch.__version__} on "
-        f"{resolve_device(cfg.device).type} ({torch.get_num_threads()} threads), load average at start "
-        f"{load:.2f} (shared machine: times are indicative)",
+        f"- date: {utc_stamp()}",
+        f"- machine: {torch_machine_line(resolve_device(cfg.device).type, load)}",
         f"- data: {desc}; metric: leave-one-out MAP@5 among the unseen images "
         f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}, unseen images "
         f"embedded at {eval_size} px",
@@ -439,9 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ref:
         print(f"ratio trained (mean over seeds) / best untrained: {trained.mean() / ref:.2f}")
     if args.record:
-        with open(args.results, "a") as fh:  # other benchmarks append here too: never rewrite
-            fh.write(text)
-        print(f"appended to {args.results}")
+        print(f"appended to {append_section(args.results, text)}")
     return {"rows": rows, "total_s": total}
 
 

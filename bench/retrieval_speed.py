@@ -14,7 +14,6 @@ scikit-learn is used here only as a reference (it is not a dependency of ``commo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import shlex
@@ -27,17 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
 from common.retrieval import l2_normalize, search  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_sklearn(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -128,7 +118,7 @@ def main() -> None:
         f"## Retrieval speed: {args.n_queries} queries x {args.n_gallery} gallery x {args.dim}-d, k={args.k}",
         "",
         f"- command: `{command}` (from the repository root)",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_stamp()}",
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}, "
         f"load average at start {load:.2f} (shared machine: timings are indicative)",
         f"- versions: python {platform.python_version()}, faiss {faiss.__version__}, torch {torch.__version__} "
@@ -151,10 +141,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_append:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.results, "a") as fh:  # another benchmark appends here too: never overwrite
-            fh.write(text)
-        print(f"appended to {args.results}")
+        print(f"appended to {append_section(args.results, text)}")
 
 
 if __name__ == "__main__":

@@ -165,3 +165,34 @@ def test_bad_file_stops_the_conversion(bench, tmp_path):
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: not a readable gzip file"):
         bench.convert(tmp_path / "work", tmp_path / "shared", n_max=100)
     assert not (tmp_path / "work" / "fmnist_lt100").exists()
+
+
+def test_score_and_posthoc_by_hand(bench):
+    classes = ["Ankle_boot", "Bag", "Sneaker", "T-shirt_top"]
+    counts = [1, 1, 1, 97]  # prior .01 x3, .97: post hoc adds 4.605 to the rare classes, 0.030 to the head
+    y = np.array([0, 1, 2, 3, 3])
+    scores = np.array([
+        [0.0, -5.0, -5.0, 0.5],  # Ankle_boot: head wins (wrong); adjusted 4.61 vs 0.53: right
+        [-5.0, 1.0, -5.0, 0.0],  # Bag: right, stays right
+        [-5.0, -5.0, -5.0, 0.0],  # Sneaker: wrong, stays wrong (-0.39 vs 0.03)
+        [-5.0, -5.0, -5.0, 3.0],  # T-shirt: right, stays right
+        [0.0, -5.0, -5.0, 0.1],  # T-shirt: right; adjusted Ankle_boot 4.61 vs 0.13: wrong
+    ])
+    got = bench.score(y, scores, classes, counts)
+    assert got["accuracy"] == pytest.approx(3 / 5)
+    assert got["balanced_accuracy"] == pytest.approx((0 + 1 + 0 + 1) / 4)
+    assert got["tail_accuracy"] == pytest.approx((0 + 1 + 0) / 3)  # Sneaker, Bag, Ankle_boot
+    assert got["balanced_posthoc"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+
+
+def test_verdict(bench):
+    assert bench.verdict({"key": "ls", "balanced_accuracy": 0.60}, 0.55, 0.02) == "yes (+5.0 pts)"
+    assert bench.verdict({"key": "ls", "balanced_accuracy": 0.56}, 0.55, 0.02) == "within seed noise (+1.0 pts)"
+    assert bench.verdict({"key": "ls", "balanced_accuracy": 0.50}, 0.55, 0.02) == "NO (-5.0 pts)"
+    assert bench.verdict({"key": "ce_seed1", "balanced_accuracy": 0.50}, 0.55, 0.02) == "-"
+    # rows without training: their change on every plain-CE seed's model decides, not the band
+    paired = {"key": "tta", "balanced_accuracy": 0.551}
+    assert bench.verdict({**paired, "paired": [0.01, 0.002, 0.03]}, 0.55, 0.05) == "yes on all 3 seeds " \
+        "(+1.0, +0.2, +3.0 pts)"
+    assert bench.verdict({**paired, "paired": [0.01, -0.002]}, 0.55, 0.05) == "mixed over 2 seeds (+1.0, -0.2 pts)"
+    assert bench.verdict({**paired, "paired": [-0.01]}, 0.55, 0.0) == "NO on 1 seed (-1.0 pts)"
