@@ -78,6 +78,9 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     Returns:
         The metrics written to ``05_classifier/metrics.json``.
     """
+    out = stage_dir(cfg.exp)
+    if not cfg.force and store.stage_done(out, cfg.fingerprint()) and (out / "metrics.json").exists():
+        return store.read_json(out / "metrics.json")  # finished with these parameters: nothing to redo
     comp = comp if comp is not None else open_competition(cfg.data)
     folds = prepare_folds(cfg, comp)
     info = store.read_json(stage_dir(cfg.exp) / "classes.json")
@@ -101,7 +104,6 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         test_logits[k] = (predict_logits(model, test_files, desc=f"fold {k} test", **args)
                           if len(test_files) else np.zeros((0, len(classes)), np.float32))
 
-    out = stage_dir(cfg.exp)
     oof_images = [img for part, _, _ in oof_parts for img in part["image"]]
     oof_raw = np.concatenate([lg for _, lg, _ in oof_parts]).astype(np.float32)
     oof_label = np.array([class_index[c] for part, _, _ in oof_parts for c in part["label"]])

@@ -281,3 +281,12 @@ def test_plot_class_recall_orders_by_training_images():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]  # most images first
     assert [round(p.get_height(), 2) for p in ax.patches] == [0.9, 0.5, 0.0]  # c has no rows: drawn as 0
     assert "oof recall" in ax.get_ylabel()
+
+
+def test_finished_stage_is_not_predicted_again(comp, monkeypatch):
+    cfg = tiny_cfg(comp, epochs=1)
+    first = classify.run_classification(cfg, comp)
+    monkeypatch.setattr(classify, "predict_logits", lambda *a, **k: pytest.fail("must not predict again"))
+    assert classify.run_classification(cfg, comp) == first
+    with pytest.raises(pytest.fail.Exception, match="must not predict again"):
+        classify.run_classification(dataclasses.replace(cfg, tta_flip=False), comp)  # other parameters: redo
