@@ -110,8 +110,10 @@ def source(cell: dict) -> str:
     return "".join(src) if isinstance(src, list) else src
 
 
-def test_there_are_notebooks():
-    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_"], [p.name for p in NOTEBOOKS]
+def test_there_is_one_notebook_per_stage():
+    from common.config import STAGE_CONFIGS
+
+    assert [p.name[:3] for p in NOTEBOOKS] == [f"{s}_" for s in STAGE_CONFIGS], [p.name for p in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
