@@ -43,6 +43,8 @@ class StageConfig:
     """
 
     stage: ClassVar[str] = ""
+    # Fields that take one of a few words: checked in __post_init__ with an error listing the choices.
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     data: str = "demo"
     exp: str = "demo"
@@ -56,6 +58,9 @@ class StageConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {list(choices)}")
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -266,6 +271,7 @@ class RetrievalConfig(FoldConfig):
     """
 
     stage: ClassVar[str] = "04"
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"fold_merge": ("mean", "concat")}
 
     knn_k: int = 50
     fold_merge: str = "mean"
@@ -276,11 +282,6 @@ class RetrievalConfig(FoldConfig):
     threshold_step: float = 0.02
     new_label: str = "new_individual"
     n_examples: int = 6
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.fold_merge not in ("mean", "concat"):
-            raise ValueError(f"fold_merge={self.fold_merge!r}: use 'mean' or 'concat'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,9 +394,6 @@ class ClassifierConfig(FoldConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, choices in self._CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {list(choices)}")
         if not 0.0 < self.rrc_scale_min <= 1.0:
             raise ValueError(f"rrc_scale_min={self.rrc_scale_min}: must be in (0, 1]")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -509,9 +507,6 @@ class EnsembleConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, choices in self._CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {list(choices)}")
         for name in ("pseudo_threshold", "clean_threshold", "blend_ratio", "new_share", "oof_new_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
