@@ -442,8 +442,11 @@ class EnsembleConfig(StageConfig):
     Args:
         members: comma list of stage-05 experiments whose out-of-fold and test probabilities are ensembled
             (``self`` = this experiment; empty: no classifier ensemble).
-        weight_factor: member weight (OOF accuracy / lowest OOF accuracy) ** weight_factor, normalised;
+        weight_factor: member weight (OOF score / lowest OOF score) ** weight_factor, normalised;
             0 averages the members plainly.
+        weight_by: the OOF score of the weights: ``accuracy`` (the reference solution's) or
+            ``balanced_accuracy`` (mean per-class recall: better when the test set is balanced and the
+            training set long-tailed). Scored on the training images every member predicted out of fold.
         rescale: save the ensemble as the reference's ``--scale`` does (raw factors, divided by the number of
             members, so rows sum to the mean factor); rankings are unchanged and every probability threshold
             below still reads the normalised ensemble.
@@ -480,6 +483,7 @@ class EnsembleConfig(StageConfig):
 
     members: str = ""
     weight_factor: float = 25.0
+    weight_by: str = "accuracy"
     rescale: bool = False
     pseudo_threshold: float = 0.0
     pseudo_round: int = 1
@@ -502,6 +506,7 @@ class EnsembleConfig(StageConfig):
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "soup": ("none", "uniform", "greedy"),
+        "weight_by": ("accuracy", "balanced_accuracy"),
         "threshold_mode": ("global", "species", "share"),
     }
 

@@ -56,10 +56,17 @@ class Member:
     oof_label: np.ndarray
     test_images: list[str]
     test_probs: np.ndarray
+    oof_own: int = 0  # out-of-fold rows in the member's own oof.npz (before keeping the images all members share)
 
     @property
     def oof_accuracy(self) -> float:
         return float((self.oof_probs.argmax(1) == self.oof_label).mean()) if len(self.oof_label) else 0.0
+
+    def oof_score(self, by: str = "accuracy") -> float:
+        """Out-of-fold ``accuracy`` or ``balanced_accuracy`` (mean per-class recall) of the member."""
+        if by == "accuracy" or not len(self.oof_label):
+            return self.oof_accuracy
+        return float(metrics.classification_report(self.oof_label, self.oof_probs, len(self.classes))[by])
 
 
 def load_member(exp: str) -> Member:
@@ -73,7 +80,15 @@ def load_member(exp: str) -> Member:
     oof, test = store.load_arrays(folder / "oof.npz"), store.load_arrays(folder / "test.npz")
     return Member(exp, [str(c) for c in info["classes"]], str(info.get("label_column", "individual_id")),
                   [str(i) for i in oof["image"]], oof["probs"], oof["label"].astype(int),
-                  [str(i) for i in test["image"]], test["probs"])
+                  [str(i) for i in test["image"]], test["probs"], oof_own=len(oof["image"]))
+
+
+def _keep_oof(member: Member, images: list[str]) -> Member:
+    """``member`` with its out-of-fold rows restricted to ``images``, in that order."""
+    row = {img: i for i, img in enumerate(member.oof_images)}
+    idx = np.array([row[i] for i in images], dtype=np.int64)
+    return dataclasses.replace(member, oof_images=list(images), oof_probs=member.oof_probs[idx],
+                               oof_label=member.oof_label[idx])
 
 
 def load_members(names: list[str]) -> list[Member]:
@@ -93,14 +108,22 @@ def load_members(names: list[str]) -> list[Member]:
             raise ValueError(f"ensemble member {m.exp!r}: {where} lists other classes than member {ref.exp!r} "
                              f"({len(only_m)} only in {m.exp!r}, {len(only_ref)} only in {ref.exp!r}; e.g. "
                              f"{example}): train every member on the same data and label_column")
-    return out
+    # Members may have predicted different training images out of fold (folds=0 against folds=all, another
+    # seed's split): weights and the OOF ensemble use the images every member predicted, in member 0's order.
+    shared = set(ref.oof_images).intersection(*(m.oof_images for m in out[1:]))
+    if not shared:
+        raise ValueError(f"ensemble members {names}: no training image was predicted out of fold by every member "
+                         "(05_classifier/oof.npz): train them with the same n_folds and seed, and overlapping folds")
+    images = [i for i in ref.oof_images if i in shared]
+    return [m if len(m.oof_images) == len(images) else _keep_oof(m, images) for m in out]
 
 
-def member_weights(members: list[Member], factor: float) -> np.ndarray:
-    """Raw (unnormalised) weights ``(oof_acc / min oof_acc) ** factor``; all 1 for one member or factor 0."""
+def member_weights(members: list[Member], factor: float, by: str = "accuracy") -> np.ndarray:
+    """Raw (unnormalised) weights ``(score / min score) ** factor``, the score being each member's out-of-fold
+    ``accuracy`` or ``balanced_accuracy`` (``by``); all 1 for one member or factor 0."""
     if len(members) == 1 or factor == 0:
         return np.ones(len(members))
-    scores = [m.oof_accuracy for m in members]
+    scores = [m.oof_score(by) for m in members]
     zero = [m.exp for m, s in zip(members, scores, strict=True) if s <= 0]
     if zero:
         raise ValueError(f"ensemble member(s) {zero}: out-of-fold accuracy 0, so (acc / min acc) ** "
@@ -274,7 +297,7 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
 
 def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Member], out: Path) -> dict:
     """Weights, OOF and test ensembles, pseudo-labels, cleaning and re-distribution; written under ``out``."""
-    raw = member_weights(members, cfg.weight_factor)
+    raw = member_weights(members, cfg.weight_factor, cfg.weight_by)
     weights = raw / raw.sum()
     oof, oof_images, classes = combine(members, weights, "oof")
     test, test_images, _ = combine(members, weights, "test")
@@ -289,11 +312,15 @@ def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Me
     store.write_json(out / "classes.json", {"label_column": label_column, "classes": classes})
     table = pd.DataFrame({"member": [m.exp for m in members],
                           "oof_accuracy": [m.oof_accuracy for m in members],
+                          f"oof_{cfg.weight_by}": [m.oof_score(cfg.weight_by) for m in members],
                           "oof_images": [len(m.oof_images) for m in members],
+                          "oof_images_own": [m.oof_own for m in members],
                           "raw_factor": raw, "weight": weights})
     store.write_csv(out / "members.csv", table)
     n = len(classes)
-    res: dict[str, Any] = {"weights_from": "out-of-fold accuracy of each member (05_classifier/oof.npz)",
+    res: dict[str, Any] = {"weights_from": f"out-of-fold {cfg.weight_by} of each member on the "
+                                           f"{len(oof_images)} training images every member predicted out of "
+                                           "fold (05_classifier/oof.npz)",
                            "weight_factor": cfg.weight_factor, "rescale": cfg.rescale,
                            "weights": dict(zip(table["member"], np.round(weights, 6).tolist(), strict=True)),
                            "oof": report(oof_label, oof, n)}

@@ -230,3 +230,25 @@ def test_clear_errors(comp, tmp_path):
         with pytest.raises(ValueError, match=match):
             ens_cfg(comp, **bad)
     assert not (paths.exp_dir("x") / "06_ensemble" / "metrics.json").exists()  # failed before writing
+
+
+def test_members_keep_the_out_of_fold_images_they_share_and_weight_by_balanced_accuracy():
+    from common.ensemble_stage import Member, _keep_oof, member_weights
+
+    def member(exp, images, labels, preds):
+        probs = np.eye(2, dtype=np.float32)[preds]
+        return Member(exp, ["a", "b"], "individual_id", images, probs, np.array(labels), [], probs[:0],
+                      oof_own=len(images))
+
+    # m0 predicted 4 images (labels a a a b, all answered a); m1 predicted 3 of them (one right answer each)
+    m0 = member("m0", ["i1", "i2", "i3", "i4"], [0, 0, 0, 1], [0, 0, 0, 0])
+    m1 = member("m1", ["i4", "i2", "i1"], [1, 0, 0], [1, 1, 0])
+    kept = _keep_oof(m1, ["i1", "i2", "i4"])
+    assert kept.oof_images == ["i1", "i2", "i4"] and kept.oof_label.tolist() == [0, 0, 1]
+    assert kept.oof_probs.argmax(1).tolist() == [0, 1, 1]
+    shared0 = _keep_oof(m0, ["i1", "i2", "i4"])
+    # on the shared images: m0 accuracy 2/3, balanced (1 + 0) / 2 = 0.5; m1 accuracy 2/3, balanced (0.5 + 1) / 2
+    assert shared0.oof_score() == pytest.approx(2 / 3) and kept.oof_score() == pytest.approx(2 / 3)
+    assert shared0.oof_score("balanced_accuracy") == pytest.approx(0.5)
+    assert kept.oof_score("balanced_accuracy") == pytest.approx(0.75)
+    np.testing.assert_allclose(member_weights([shared0, kept], 2.0, "balanced_accuracy"), [1.0, 1.5 ** 2])
