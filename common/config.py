@@ -462,8 +462,11 @@ class EnsembleConfig(StageConfig):
             the same initial weights, whose fold-k models are the fold-k soup's ingredients (empty: ``members``).
         embed_members: comma list of experiments whose stage-03 embeddings are concatenated (every common
             fold, every experiment) for one KNN search (``self`` = this experiment; empty: no retrieval side).
-        blend_ratio: weight of the classifier ensemble's probability in the blended retrieval score; 0 keeps
+        blend_ratio: weight of the classifier ensemble's score in the blended retrieval score; 0 keeps
             the retrieval score alone (needs ``members`` when above 0).
+        blend_on: the classifier score blended: ``prob`` (ensemble probability) or ``cosine`` (the members'
+            ArcFace logits divided by their ``arc_s``: the cosine to the class centre, on the retrieval scale;
+            needs ArcFace-head members).
         threshold_mode: ``global`` (one threshold tuned out of fold), ``species`` (one per species with
             enough out-of-fold queries, tuned out of fold) or ``share`` (the one that makes ``new_share`` of
             the test images answer ``new_individual`` first).
@@ -493,6 +496,7 @@ class EnsembleConfig(StageConfig):
     soup_members: str = ""
     embed_members: str = ""
     blend_ratio: float = 0.0
+    blend_on: str = "prob"
     threshold_mode: str = "global"
     new_share: float = 0.2
     species_min_queries: int = 50
@@ -507,6 +511,7 @@ class EnsembleConfig(StageConfig):
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "soup": ("none", "uniform", "greedy"),
         "weight_by": ("accuracy", "balanced_accuracy"),
+        "blend_on": ("prob", "cosine"),
         "threshold_mode": ("global", "species", "share"),
     }
 

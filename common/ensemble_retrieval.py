@@ -97,6 +97,11 @@ def test_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds:
     return retrieval.individual_scores(scores, idx, comp.train["individual_id"].to_numpy(), comp.test["image"])
 
 
+def _kind(cfg: EnsembleConfig) -> str:
+    """``blend_scores``' kind: probabilities, or cosines already divided by ``arc_s`` (logits of scale 1)."""
+    return "logit" if cfg.blend_on == "cosine" else "prob"
+
+
 def blend_oof(cfg: EnsembleConfig, oof: pd.DataFrame, truth: pd.Series, gallery: dict[str, set[str]],
               ens: dict) -> tuple[pd.DataFrame, pd.Series]:
     """The blended out-of-fold table on the images both sides scored, without out-of-gallery candidates."""
@@ -105,9 +110,9 @@ def blend_oof(cfg: EnsembleConfig, oof: pd.DataFrame, truth: pd.Series, gallery:
         raise ValueError("blend_ratio > 0: the classifier members and the embed members share no out-of-fold "
                          "image; train them on the same folds (n_folds, seed, folds)")
     pos = {img: i for i, img in enumerate(ens["oof_images"])}
-    probs = ens["oof_probs"][[pos[i] for i in common]]
+    probs = ens["oof_blend"][[pos[i] for i in common]]
     table = oof[oof["image"].astype(str).isin(set(common))]
-    blended = ensemble.blend_scores(table, probs, common, ens["classes"], cfg.blend_ratio)
+    blended = ensemble.blend_scores(table, probs, common, ens["classes"], cfg.blend_ratio, kind=_kind(cfg))
     keep = [ind in gallery[img] for img, ind in zip(blended["image"], blended["individual_id"], strict=True)]
     return blended[keep].reset_index(drop=True), truth[common]
 
@@ -131,8 +136,8 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
             raise ValueError(f"blend_ratio > 0: the classifier members classify {ens['label_column']!r}, not "
                              "individual_id; their classes cannot be blended with individuals")
         oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
-        test = ensemble.blend_scores(test, ens["test_probs"], list(comp.test["image"]), ens["classes"],
-                                     cfg.blend_ratio)
+        test = ensemble.blend_scores(test, ens["test_blend"], list(comp.test["image"]), ens["classes"],
+                                     cfg.blend_ratio, kind=_kind(cfg))
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
     best, sweep = retrieval.tune_threshold(oof, truth, grid, new_label=cfg.new_label)
     images = list(comp.test["image"].astype(str))

@@ -57,6 +57,8 @@ class Member:
     test_images: list[str]
     test_probs: np.ndarray
     oof_own: int = 0  # out-of-fold rows in the member's own oof.npz (before keeping the images all members share)
+    oof_cosine: np.ndarray | None = None  # logits / arc_s: the cosine to each class centre (ArcFace heads only)
+    test_cosine: np.ndarray | None = None
 
     @property
     def oof_accuracy(self) -> float:
@@ -78,9 +80,16 @@ def load_member(exp: str) -> Member:
                                     f"exp={exp} first (or drop it from members)")
     info = store.read_json(folder / "classes.json")
     oof, test = store.load_arrays(folder / "oof.npz"), store.load_arrays(folder / "test.npz")
+    oof_cos = test_cos = None
+    fold_config = sorted(folder.glob("fold*/config.json"))
+    cfg = store.read_json(fold_config[0])["config"] if fold_config else {}
+    if cfg.get("head") in ("arcface", "subcenter"):  # ArcFace logits are s * cos: divided by s, a cosine
+        oof_cos = (oof["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
+        test_cos = (test["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
     return Member(exp, [str(c) for c in info["classes"]], str(info.get("label_column", "individual_id")),
                   [str(i) for i in oof["image"]], oof["probs"], oof["label"].astype(int),
-                  [str(i) for i in test["image"]], test["probs"], oof_own=len(oof["image"]))
+                  [str(i) for i in test["image"]], test["probs"], oof_own=len(oof["image"]),
+                  oof_cosine=oof_cos, test_cosine=test_cos)
 
 
 def _keep_oof(member: Member, images: list[str]) -> Member:
@@ -88,7 +97,8 @@ def _keep_oof(member: Member, images: list[str]) -> Member:
     row = {img: i for i, img in enumerate(member.oof_images)}
     idx = np.array([row[i] for i in images], dtype=np.int64)
     return dataclasses.replace(member, oof_images=list(images), oof_probs=member.oof_probs[idx],
-                               oof_label=member.oof_label[idx])
+                               oof_label=member.oof_label[idx],
+                               oof_cosine=None if member.oof_cosine is None else member.oof_cosine[idx])
 
 
 def load_members(names: list[str]) -> list[Member]:
@@ -131,10 +141,12 @@ def member_weights(members: list[Member], factor: float, by: str = "accuracy") -
     return ensemble.accuracy_weights(scores, factor, normalize=False)
 
 
-def combine(members: list[Member], weights: np.ndarray, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """Weighted mean of the members' ``oof`` or ``test`` probabilities (normalised weights), first member's order."""
+def combine(members: list[Member], weights: np.ndarray, split: str, values: str = "probs"
+            ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Weighted mean of the members' ``oof`` or ``test`` ``probs`` or ``cosine`` scores (normalised weights),
+    in the first member's row and class order."""
     names = [str(paths.stage_dir(m.exp, "05") / f"{split}.npz") for m in members]
-    probs = [m.oof_probs if split == "oof" else m.test_probs for m in members]
+    probs = [getattr(m, f"{split}_{'probs' if values == 'probs' else 'cosine'}") for m in members]
     images = [m.oof_images if split == "oof" else m.test_images for m in members]
     return ensemble.ensemble_probs(probs, images, [m.classes for m in members], weights, names)
 
@@ -227,7 +239,7 @@ def submission_name(cfg: EnsembleConfig) -> str:
         parts += [f"ens{len(members)}", f"w{cfg.weight_factor:g}"] + (["rescale"] if cfg.rescale else [])
     if cfg.member_list("embed_members"):
         if cfg.blend_ratio > 0:
-            parts.append(f"blend{cfg.blend_ratio:g}")
+            parts.append(f"blend{cfg.blend_ratio:g}" + ("cos" if cfg.blend_on == "cosine" else ""))
         parts.append(f"thr{cfg.threshold_mode}" + (f"{cfg.new_share:g}" if cfg.threshold_mode == "share" else ""))
     elif cfg.redistribute_k:
         parts.append(f"rd{cfg.redistribute_k}")
@@ -331,7 +343,16 @@ def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Me
         if scored.any():
             res["test"] = report(np.array([classes.index(c) for c in labels[scored]]), test[scored], n)
     ens = {"classes": classes, "label_column": label_column, "oof_probs": oof, "oof_images": oof_images,
-           "oof_label": oof_label, "test_probs": test, "redistributed": None}
+           "oof_label": oof_label, "test_probs": test, "redistributed": None,
+           "oof_blend": oof, "test_blend": test}  # what the retrieval side blends with (blend_on)
+    if cfg.blend_on == "cosine" and cfg.blend_ratio > 0:  # the classifier's logits, on the retrieval scale
+        linear = [m.exp for m in members if m.oof_cosine is None]
+        if linear:
+            raise ValueError(f"blend_on=cosine: member(s) {linear} have a linear head, whose logits have no cosine "
+                             "scale; use blend_on=prob or ArcFace-head members (head=arcface or subcenter)")
+        ens["oof_blend"] = combine(members, weights, "oof", "cosine")[0]
+        ens["test_blend"] = ensemble.align(combine(members, weights, "test", "cosine")[0], test_images, classes,
+                                           list(comp.test["image"]), classes, "the members' test.npz", where)
     if cfg.pseudo_threshold > 0:
         res["pseudo"] = write_pseudo_labels(cfg, comp, test, classes, label_column, out)
     if cfg.clean_threshold > 0:

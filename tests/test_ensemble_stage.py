@@ -252,3 +252,30 @@ def test_members_keep_the_out_of_fold_images_they_share_and_weight_by_balanced_a
     assert shared0.oof_score("balanced_accuracy") == pytest.approx(0.5)
     assert kept.oof_score("balanced_accuracy") == pytest.approx(0.75)
     np.testing.assert_allclose(member_weights([shared0, kept], 2.0, "balanced_accuracy"), [1.0, 1.5 ** 2])
+
+
+def test_blend_on_cosine_uses_arcface_logits_over_s(comp):
+    # member "a" relabelled as an ArcFace run with s = 10: its saved logits / 10 are the cosines blended
+    shutil.copytree(paths.stage_dir("a", "05"), paths.stage_dir("ac", "05"))
+    for cfg_file in paths.stage_dir("ac", "05").glob("fold*/config.json"):
+        meta = store.read_json(cfg_file)
+        meta["config"].update(head="arcface", arc_s=10.0)
+        store.write_json(cfg_file, meta)
+    member = ensemble_stage.load_member("ac")
+    logits = store.load_arrays(paths.stage_dir("ac", "05") / "test.npz")["logits"]
+    np.testing.assert_allclose(member.test_cosine, logits / 10.0, rtol=1e-6)
+    assert ensemble_stage.load_member("a").test_cosine is None  # a linear head has no cosine scale
+
+    res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="rc", members="ac", embed_members="e", knn_k=10,
+                                              blend_ratio=0.5, blend_on="cosine"), comp)
+    assert res["submission"] == "rc-emb1-ens1-w25-blend0.5cos-thrglobal"
+    ids = {"image": str, "individual_id": str}
+    raw = pd.read_csv(paths.stage_dir("e", "04") / "test_scores.csv", dtype=ids)
+    both = raw.merge(pd.read_csv(ensemble_stage.stage_dir("rc") / "retrieval_test_scores.csv", dtype=ids),
+                     on=["image", "individual_id"], suffixes=("_raw", "_blend"))
+    rows = both["image"].map({i: r for r, i in enumerate(member.test_images)})
+    cos = member.test_cosine[rows, both["individual_id"].map(member.classes.index)]
+    np.testing.assert_allclose(both["score_blend"], 0.5 * both["score_raw"] + 0.5 * cos, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"blend_on=cosine: member\(s\) \['a'\] have a linear head"):
+        ensemble_stage.run_ensemble(ens_cfg(comp, exp="rl", members="a", embed_members="e", knn_k=10,
+                                            blend_ratio=0.5, blend_on="cosine"), comp)
