@@ -19,7 +19,10 @@ Flat modules, one job each:
   adjustment, distillation), :mod:`common.mixing` (CutMix, Mixup), :mod:`common.sampling` (class-balanced
   sampler) and :mod:`common.averaging` (checkpoint averaging, EMA);
 * :mod:`common.ensemble` / :mod:`common.postprocess` - ensembles, soups, blends; thresholds, pseudo-labels,
-  label cleaning, re-distribution (the functions of stage 06; the notebook is not written yet);
+  label cleaning, re-distribution (the functions of stage 06), wired to files by
+  :mod:`common.ensemble_stage`, :mod:`common.soup_stage` and :mod:`common.ensemble_retrieval`;
+* :mod:`common.export` - conv-BN folding, ONNX Runtime and OpenVINO export of stage-05 classifiers;
+  :mod:`common.ann` - approximate (IVF) indexes for galleries of a million embeddings and more;
 * :mod:`common.metrics` - MAP@5, accuracy and friends; :mod:`common.plots` - figures for the notebooks;
 * :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress;
 * :mod:`common.pipeline` - the papermill runner.
