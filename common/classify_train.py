@@ -32,6 +32,7 @@ from common import checkpoint, paths, store
 from common.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.config import ClassifierConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
+from common.embed import forward_images
 from common.heads import dynamic_margins
 from common.losses import build_criterion, distillation_loss, mix_hard_soft, to_soft_targets
 from common.metrics import classification_report
@@ -47,7 +48,7 @@ from common.runtime import (
     worker_init,
 )
 from common.sampling import ClassBalancedSampler
-from common.train import crops_available, image_paths
+from common.train import fold_split
 from common.weights import backbone_normalization
 
 STAGE = "05"
@@ -202,10 +203,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed + fold)
-    table = folds.merge(comp.train[["image", "path"]], on="image", how="left", validate="one_to_one")
-    used_crops = cfg.use_crops and crops_available(cfg.exp)
-    table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
-    fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    fit, valid, used_crops = fold_split(cfg, comp, folds, fold)
     classes = store.read_json(stage_dir(cfg.exp) / "classes.json")["classes"]
     class_index = {c: i for i, c in enumerate(classes)}
     # A class absent from this fold's training part still has a logit; priors and margins count it once.
@@ -365,18 +363,6 @@ def predict_logits(model: nn.Module, image_files: list[str], image_size: int, me
         amp: autocast on CUDA.
         desc: progress-bar label.
     """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    dataset = ImageDataset(image_files, transform=build_transforms(image_size, False, mean, std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    out = []
-    for batch in progress(loader, desc=desc, leave=False):
-        x = batch["image"].to(device, non_blocking=True)
-        with amp_context(device, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu())
-    n_out = getattr(getattr(model, "head", None), "out_features", 0)
-    return torch.cat(out).numpy() if out else np.zeros((0, n_out), np.float32)
+    model = model.to(torch.device(device)).eval()
+    return forward_images(model, image_files, image_size, mean, std, batch_size, tta_flip, device, num_workers,
+                          amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0))

@@ -27,6 +27,57 @@ def embeddings_dir(exp: str, fold: int) -> Path:
 
 
 @torch.no_grad()
+def forward_images(
+    forward,
+    image_files: list[str],
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 64,
+    tta_flip: bool = True,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    amp: bool = True,
+    desc: str = "predict",
+    n_out: int = 0,
+) -> np.ndarray:
+    """``forward`` over images read and resized as in evaluation, averaged with the horizontal flip's output.
+
+    The one batch loop behind :func:`extract` (embeddings) and
+    :func:`common.classify_train.predict_logits` (logits).
+
+    Args:
+        forward: maps a batch ``(N, 3, H, W)`` on ``device`` to ``(N, D)`` (e.g. ``model.embed`` or ``model``).
+        image_files: image paths, one output row each, in order.
+        image_size: square input size (the training size).
+        mean: normalisation mean.
+        std: normalisation std.
+        batch_size: images per forward pass.
+        tta_flip: average each output with that of the image's horizontal flip.
+        device: where to run.
+        num_workers: loader workers.
+        amp: autocast on CUDA.
+        desc: progress-bar label.
+        n_out: columns of the (empty) result when there are no images.
+
+    Returns:
+        float32 ``(len(image_files), D)``.
+    """
+    device = torch.device(device)
+    dataset = ImageDataset(image_files, transform=build_transforms(image_size, False, mean, std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    chunks = []
+    for batch in progress(loader, desc=desc, leave=False):
+        x = batch["image"].to(device, non_blocking=True)
+        with amp_context(device, amp):
+            out = forward(x).float()
+            if tta_flip:
+                out = (out + forward(torch.flip(x, dims=[3])).float()) / 2
+        chunks.append(out.cpu())
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, n_out), dtype=np.float32)
+
+
 def extract(
     model: torch.nn.Module,
     image_files: list[str],
@@ -55,22 +106,10 @@ def extract(
         amp: autocast on CUDA.
         desc: progress-bar label.
     """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    dataset = ImageDataset(image_files, transform=build_transforms(image_size, False, mean, std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    chunks = []
-    for batch in progress(loader, desc=desc, leave=False):
-        x = batch["image"].to(device, non_blocking=True)
-        with amp_context(device, amp):
-            emb = model.embed(x).float()
-            if tta_flip:
-                emb = emb + model.embed(torch.flip(x, dims=[3])).float()
-        chunks.append(torch.nn.functional.normalize(emb, dim=1).cpu().numpy())
-    if not chunks:
-        return np.zeros((0, getattr(model, "embedding_dim", 0)), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32)
+    model = model.to(torch.device(device)).eval()
+    emb = forward_images(model.embed, image_files, image_size, mean, std, batch_size, tta_flip, device,
+                         num_workers, amp, desc, n_out=getattr(model, "embedding_dim", 0))
+    return torch.nn.functional.normalize(torch.from_numpy(emb), dim=1).numpy().astype(np.float32)
 
 
 def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:

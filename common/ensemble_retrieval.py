@@ -32,7 +32,7 @@ from common import ensemble, metrics, paths, postprocess, retrieval, store
 from common.config import EnsembleConfig
 from common.data import Competition
 from common.embed import load_fold_embeddings
-from common.submit import hide_individuals
+from common.submit import fold_oof_scores
 from common.train import read_folds
 
 
@@ -72,20 +72,13 @@ def oof_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: 
                ) -> tuple[pd.DataFrame, pd.Series, dict[str, set[str]]]:
     """Out-of-fold ``image, individual_id, score``, the truth, and each query's gallery individuals."""
     table = shared_split(names)
-    row = pd.Series(np.arange(len(comp.train)), index=comp.train["image"])
     tables, truths, gallery = [], [], {}
     for k in folds:
         emb = joined(names, [k], "train", comp.train["image"])
-        fit, valid = table[table["fold"] != k], table[table["fold"] == k]
-        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + k)
-        fit = fit[~fit["individual_id"].isin(hidden)]
-        scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
-                                       k=cfg.knn_k)
-        tables.append(retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"]))
-        truths.append(pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
-                                index=valid["image"].astype(str).to_numpy()))
-        known = set(fit["individual_id"].astype(str))
-        gallery.update({str(i): known for i in valid["image"]})
+        scores, truth, known = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        tables.append(scores)
+        truths.append(truth)
+        gallery.update({str(i): known for i in table.loc[table["fold"] == k, "image"]})
     return pd.concat(tables, ignore_index=True), pd.concat(truths), gallery
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from common import metrics, paths, retrieval, store
-from common.config import RetrievalConfig
+from common.config import EnsembleConfig, RetrievalConfig
 from common.data import Competition
 from common.embed import embeddings_dir, load_fold_embeddings
 from common.train import read_folds
@@ -54,16 +54,38 @@ def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tup
     tables, truths = [], []
     for k in folds:
         emb = load_fold_embeddings(cfg.exp, k, "train", comp.train["image"])
-        row = pd.Series(np.arange(len(comp.train)), index=comp.train["image"])
-        fit, valid = table[table["fold"] != k], table[table["fold"] == k]
-        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + k)
-        fit = fit[~fit["individual_id"].isin(hidden)]
-        scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
-                                       k=cfg.knn_k)
-        tables.append(retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"]))
-        truths.append(pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
-                                index=valid["image"].to_numpy()))
+        scores, truth, _ = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        tables.append(scores)
+        truths.append(truth)
     return pd.concat(tables, ignore_index=True), pd.concat(truths)
+
+
+def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, images: pd.Series,
+                    table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.Series, set[str]]:
+    """One fold's out-of-fold retrieval: its images query the other folds' images, with a seeded share of
+    individuals hidden from the gallery (:func:`hide_individuals`). Shared by stages 04 and 06.
+
+    Args:
+        cfg: a config with ``oof_new_share``, ``seed``, ``knn_k`` and ``new_label``.
+        emb: embeddings of every training image, rows in ``images`` order.
+        images: the training image ids of ``emb``'s rows.
+        table: the fold table (``image, individual_id, fold``).
+        fold: the fold whose images are the queries.
+
+    Returns:
+        Per-individual scores (``image, individual_id, score``), the truth per query image (``new_label`` for
+        individuals absent from the gallery) and the gallery's individuals.
+    """
+    row = pd.Series(np.arange(len(images)), index=images)
+    fit, valid = table[table["fold"] != fold], table[table["fold"] == fold]
+    hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
+    fit = fit[~fit["individual_id"].isin(hidden)]
+    scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                   k=cfg.knn_k)
+    table_k = retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"])
+    truth = pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
+                      index=valid["image"].astype(str).to_numpy())
+    return table_k, truth, set(fit["individual_id"].astype(str))
 
 
 def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float, seed: int) -> set[str]:

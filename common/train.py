@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import checkpoint, paths, store
-from common.config import EmbedderConfig
+from common.config import ClassifierConfig, EmbedderConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
 from common.heads import dynamic_margins
 from common.models import EmbeddingModel
@@ -82,6 +82,25 @@ def image_paths(table: pd.DataFrame, exp: str, split: str, use_crops: bool) -> l
     if missing:
         raise DataError(f"{missing[0]}: crop missing ({len(missing)} in all); rerun stage 01 with force=True")
     return [str(c) for c in crops]
+
+
+def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds: pd.DataFrame, fold: int
+               ) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """A fold's training and validation rows with a ``path`` column (stage 01's crops when ``cfg.use_crops``
+    and they exist, else the full images), and whether crops were used. Shared by stages 02 and 05.
+
+    Args:
+        cfg: a config with ``exp`` and ``use_crops`` (:class:`~common.config.EmbedderConfig` or
+            :class:`~common.config.ClassifierConfig`).
+        comp: the validated competition.
+        folds: a fold table with ``image`` and ``fold``.
+        fold: the validation fold.
+    """
+    table = folds.merge(comp.train[["image", "path"]], on="image", how="left", validate="one_to_one")
+    used_crops = cfg.use_crops and crops_available(cfg.exp)
+    table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
+    fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    return fit, valid, used_crops
 
 
 def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
@@ -168,10 +187,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed + fold)
-    table = folds.merge(comp.train[["image", "path"]], on="image", how="left", validate="one_to_one")
-    used_crops = cfg.use_crops and crops_available(cfg.exp)
-    table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
-    fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    fit, valid, used_crops = fold_split(cfg, comp, folds, fold)
     classes = sorted(fit["individual_id"].unique())
     species = sorted(comp.train["species"].unique())
     class_index = {c: i for i, c in enumerate(classes)}
