@@ -56,16 +56,28 @@ def dynamic_margins(
     Raises:
         ValueError: if ``counts`` is empty, not one-dimensional, or holds a count below 1.
     """
-    n = np.asarray(counts, dtype=np.float64)
+    n = class_counts(counts, "dynamic_margins")
+    return torch.from_numpy(a * n**p + b).float()
+
+
+def class_counts(counts: Sequence[int] | np.ndarray | torch.Tensor, who: str) -> np.ndarray:
+    """Training images per class as a float64 array, checked: non-empty, 1-D, every count >= 1.
+
+    Args:
+        counts: one count per class id (a sequence, array or tensor).
+        who: the caller's name, for the error message.
+
+    Raises:
+        ValueError: naming the first bad class and how many there are.
+    """
+    n = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
     if n.ndim != 1 or n.size == 0:
-        raise ValueError(f"dynamic_margins: counts must be a non-empty 1-D sequence, got shape {n.shape}")
+        raise ValueError(f"{who}: counts must be a non-empty 1-D sequence, got shape {n.shape}")
     bad = np.flatnonzero(~(n >= 1))
     if bad.size:
-        raise ValueError(
-            f"dynamic_margins: every class needs a count >= 1; class {int(bad[0])} has {n[bad[0]]!r} "
-            f"({bad.size} bad classes in all)"
-        )
-    return torch.from_numpy(a * n**p + b).float()
+        raise ValueError(f"{who}: every class needs a count >= 1; class {int(bad[0])} has {n[bad[0]]:g} "
+                         f"({bad.size} bad classes in all)")
+    return n
 
 
 class ArcMarginProduct(nn.Module):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.heads import class_counts
+
 LOSSES = ("ce", "focal", "eql")
 
 
@@ -27,15 +29,7 @@ def class_prior(counts: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tens
     Raises:
         ValueError: if ``counts`` is empty, not 1-D, or holds a count below 1 (the class is named).
     """
-    n = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
-    if n.ndim != 1 or n.size == 0:
-        raise ValueError(f"class_prior: counts must be a non-empty 1-D sequence, got shape {n.shape}")
-    bad = np.flatnonzero(~(n >= 1))
-    if bad.size:
-        raise ValueError(
-            f"class_prior: every class needs a count >= 1; class {int(bad[0])} has {n[bad[0]]:g} "
-            f"({bad.size} bad classes in all)"
-        )
+    n = class_counts(counts, "class_prior")
     return torch.from_numpy(n / n.sum()).float()
 
 
