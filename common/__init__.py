@@ -24,7 +24,10 @@ Flat modules, one job each:
 * :mod:`common.export` - conv-BN folding, ONNX Runtime and OpenVINO export of stage-05 classifiers;
   :mod:`common.ann` - approximate (IVF) indexes for galleries of a million embeddings and more;
 * :mod:`common.metrics` - MAP@5, accuracy and friends; :mod:`common.plots` - figures for the notebooks;
-* :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress;
+* :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress,
+  GPU speed settings; :mod:`common.distributed` - multi-process (DDP) training under torchrun;
+* :mod:`common.kaggle` - the Kaggle bundle (code and weights datasets, kernel folders) for offline kernels;
+  :mod:`common.throughput` - measured throughput and the T4 runtime estimate;
 * :mod:`common.pipeline` - the papermill runner.
 """
 

@@ -28,6 +28,9 @@ FLAT_BELOW = 200_000
 DEFAULT_NPROBE_SHARE = 1 / 32
 """Default ``nprobe`` as a share of ``nlist`` (see :func:`default_nprobe`): 125 of 4000 cells for 1M rows; in
 ``bench/ann_speed.py`` nprobe 128 of 4000 gave recall@5 1.000 and 64 gave 0.961 on 1M clustered rows."""
+IVF_MIN_QUERIES = 10_000
+"""With fewer queries than this the exact search is kept (:func:`choose_index`): on 1M rows the IVF build took
+146 s and saved 1/58 - 1/282 s per query (``bench/ann_speed.py``), so it pays off from about 10,700 queries."""
 KINDS = ("flat", "ivf")
 
 
@@ -68,21 +71,26 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(1, math.ceil(nlist * DEFAULT_NPROBE_SHARE))))
 
 
-def choose_index(n_gallery: int, dim: int) -> str:
-    """The index kind for a gallery: ``"flat"`` (exact) below :data:`FLAT_BELOW` rows, else ``"ivf"``.
+def choose_index(n_gallery: int, dim: int, n_queries: int | None = None) -> str:
+    """The index kind for a search: ``"flat"`` (exact) below :data:`FLAT_BELOW` gallery rows or, when the number
+    of queries is known, below :data:`IVF_MIN_QUERIES` queries; else ``"ivf"``.
 
     Below ~200k rows exact search of a few thousand queries takes seconds on a CPU and k-means training
-    would cost more than it saves; above it the scan grows linearly while IVF's grows like ``sqrt(n)``.
+    would cost more than it saves; above it the scan grows linearly while IVF's grows like ``sqrt(n)``. The
+    index is built for one search, so its build must also be paid back by enough queries.
 
     Args:
         n_gallery: rows in the gallery.
         dim: embedding size (checked to be positive; the rule does not depend on it).
+        n_queries: queries that will be searched with this index (``None``: not known, not considered).
     """
     if n_gallery < 1:
         raise ValueError(f"choose_index: n_gallery must be >= 1, got {n_gallery}")
     if dim < 1:
         raise ValueError(f"choose_index: dim must be >= 1, got {dim}")
-    return "flat" if n_gallery < FLAT_BELOW else "ivf"
+    if n_gallery < FLAT_BELOW or (n_queries is not None and n_queries < IVF_MIN_QUERIES):
+        return "flat"
+    return "ivf"
 
 
 def build_index(

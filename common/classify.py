@@ -21,6 +21,7 @@ The submission ``submissions/<exp>-classifier.csv`` lists each test image's five
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import paths, store
+from common import distributed, paths, store
 from common.classify_train import (  # noqa: F401  (re-exported: the stage's API in one place)
     LOG_COLUMNS,
     fold_dir,
@@ -82,13 +83,19 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     if not cfg.force and store.stage_done(out, cfg.fingerprint()) and (out / "metrics.json").exists():
         return store.read_json(out / "metrics.json")  # finished with these parameters: nothing to redo
     comp = comp if comp is not None else open_competition(cfg.data)
+    if cfg.inference_only:
+        return infer_classification(cfg, comp)
     folds = prepare_folds(cfg, comp)
     info = store.read_json(stage_dir(cfg.exp) / "classes.json")
     classes, counts = info["classes"], info["counts"]
     class_index = {c: i for i, c in enumerate(classes)}
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
+    train_cfg = cfg
+    if cfg.nproc > 1 and not distributed.in_launch():  # torchrun trains the folds; this process reads them
+        distributed.launch("05", cfg.to_dict(), cfg.nproc, out)
+        train_cfg = dataclasses.replace(cfg, force=False)
+    logs = [train_fold(train_cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
     train_seconds = float(sum(log["seconds"].sum() for log in logs))
 
     use_crops = cfg.use_crops and crops_available(cfg.exp)
@@ -151,6 +158,55 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     return metrics
 
 
+def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, Any]:
+    """``inference_only``: test predictions of an earlier full run's fold models (found by experiment name, e.g.
+    in an attached Kaggle dataset); no training. Writes ``test.npz``, the submission (on Kaggle also
+    ``/kaggle/working/submission.csv``) and ``metrics.json`` (the run's out-of-fold scores, test scores when
+    ``test.csv`` has the truth)."""
+    out = stage_dir(cfg.exp)
+    hint = "inference_only needs a full stage-05 run of this experiment"
+    run = paths.find_stage_dir(cfg.exp, "05", "metrics.json", hint=hint)
+    where = paths.find_stage_dir(cfg.exp, "05", "classes.json", hint=hint) / "classes.json"
+    info = store.read_json(where)
+    classes, counts = info["classes"], info["counts"]
+    device = resolve_device(cfg.device)
+    models = [(k, *load_classifier(cfg.exp, k, device)) for k in cfg.fold_list()]  # all found before any work
+    if models[0][2]["classes"] != classes:  # the logits' order is the trained model's
+        raise ValueError(f"{where}: its classes are not those fold {models[0][0]}'s model was trained on: this "
+                         f"competition's train.csv differs from the one the run of {cfg.exp!r} used")
+    per_fold = {}
+    for k, model, meta in models:
+        files = image_paths(comp.test, cfg.exp, "test", meta["used_crops"])
+        logits = predict_logits(model, files, image_size=meta["config"]["image_size"], mean=meta["mean"],
+                                std=meta["std"], batch_size=2 * cfg.batch_size, tta_flip=cfg.tta_flip, device=device,
+                                num_workers=cfg.num_workers, amp=cfg.amp, desc=f"fold {k} test")
+        per_fold[k] = _posthoc(logits, counts, cfg.la_posthoc_tau)
+    probs = {f"probs_fold{k}": _softmax(lg) for k, lg in per_fold.items()}
+    test_probs = np.mean(list(probs.values()), axis=0).astype(np.float32)
+    store.save_arrays(out / "test.npz", list(comp.test["image"]), probs=test_probs, **probs,
+                      logits=np.mean(list(per_fold.values()), axis=0).astype(np.float32))
+    stored = store.read_json(run / "metrics.json")
+    metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": len(classes), "folds": cfg.fold_list(),
+                               "inference_only": True, "oof": stored["oof"],
+                               "final_weights": models[-1][2]["final_weights"]}
+    truth = truth_labels(comp, cfg.label_column)
+    class_index = {c: i for i, c in enumerate(classes)}
+    if truth is not None and len(comp.test):
+        labels = truth.reindex(comp.test["image"])
+        scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
+        if scored.any():
+            metrics["test"] = _report(np.array([class_index[c] for c in labels[scored]]), test_probs[scored],
+                                      len(classes))
+    top5 = np.argsort(-test_probs, axis=1, kind="stable")[:, :5]
+    sub = pd.DataFrame({"image": comp.test["image"], "predictions": [" ".join(classes[i] for i in row) for row in top5]})
+    store.write_csv(paths.submission_path(f"{cfg.exp}-classifier"), sub)
+    if paths.on_kaggle():
+        store.write_csv(paths.working_dir() / "submission.csv", sub)
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return metrics
+
+
 def _report(y: np.ndarray, scores: np.ndarray, n_classes: int) -> dict[str, Any]:
     rep = classification_report(y, scores, n_classes)
     rep["per_class_recall"] = [None if r is None else round(r, 4) for r in rep["per_class_recall"]]
@@ -168,7 +224,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def training_logs(exp: str, folds_run: list[int]) -> pd.DataFrame:
     """Every requested fold's ``log.csv`` stacked, with a ``fold`` column (for the training-curve plot)."""
-    return pd.concat([pd.read_csv(fold_dir(exp, k) / "log.csv").assign(fold=k) for k in folds_run],
+    files = [paths.find_stage_dir(exp, "05", f"fold{k}/log.csv") / f"fold{k}" / "log.csv" for k in folds_run]
+    return pd.concat([pd.read_csv(f).assign(fold=k) for f, k in zip(files, folds_run, strict=True)],
                      ignore_index=True)
 
 

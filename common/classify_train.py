@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import checkpoint, paths, store
+from common import checkpoint, distributed, paths, store
 from common.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.config import ClassifierConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
@@ -40,10 +40,14 @@ from common.mixing import BatchMixer
 from common.models import ClassifierModel
 from common.runtime import (
     amp_context,
+    configure_device,
+    loader_workers,
     needs_grad_scaler,
     progress,
     resolve_device,
     seed_everything,
+    set_train_mode,
+    to_memory_format,
     warmup_cosine,
     worker_init,
 )
@@ -61,7 +65,7 @@ _MODEL_FIELDS = (
     "dynamic_margin", "margin_a", "margin_p", "margin_b", "loss", "label_smoothing", "focal_gamma", "eql_tau",
     "la_loss_tau", "sampler", "mixup_alpha", "cutmix_alpha", "mix_prob", "rrc_scale_min", "hflip", "ema_decay",
     "avg_last", "avg_epochs", "distill_from", "distill_mode", "distill_weight", "distill_temperature",
-    "use_crops", "max_images", "seed", "n_folds",
+    "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
 )
 
 
@@ -105,6 +109,14 @@ def label_table(comp: Competition, label_column: str) -> pd.DataFrame:
         row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
         raise DataError(f"{where}, row {row}: empty {label_column!r}")
     return pd.DataFrame({"image": comp.train["image"], "label": labels.astype(str), "path": comp.train["path"]})
+
+
+def read_folds(exp: str) -> pd.DataFrame:
+    """Read ``folds.csv`` written by :func:`prepare_folds` (``image, label, fold``)."""
+    path = stage_dir(exp) / "folds.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run stage 05 first")
+    return pd.read_csv(path, dtype={"image": str, "label": str})
 
 
 def prepare_folds(cfg: ClassifierConfig, comp: Competition) -> pd.DataFrame:
@@ -160,13 +172,11 @@ class _Indexed(torch.utils.data.Dataset):
         return {**self.base[i], "index": torch.tensor(i)}
 
 
-def _loader(dataset, cfg: ClassifierConfig, device: torch.device, shuffle: bool = False, seed: int = 0,
-            sampler: torch.utils.data.Sampler | None = None, batch_size: int | None = None):
+def _loader(dataset, cfg: ClassifierConfig, device: torch.device, batch_size: int | None = None):
+    """An evaluation loader (in order, no augmentation randomness)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        drop_last=(shuffle or sampler is not None) and len(dataset) > cfg.batch_size,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(seed))
+        dataset, batch_size=batch_size or cfg.batch_size, shuffle=False,
+        num_workers=loader_workers(cfg.num_workers), pin_memory=device.type == "cuda", worker_init_fn=worker_init)
 
 
 def build_optimizer(cfg: ClassifierConfig, model: ClassifierModel) -> torch.optim.Optimizer:
@@ -202,6 +212,9 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
         return done
 
     device = resolve_device(cfg.device)
+    info = distributed.setup(device, cfg.batch_size, cfg.sync_bn)  # one process unless launched by torchrun
+    device = distributed.process_device(device, info)
+    configure_device(device)
     seed_everything(cfg.seed + fold)
     fit, valid, used_crops = fold_split(cfg, comp, folds, fold)
     classes = store.read_json(stage_dir(cfg.exp) / "classes.json")["classes"]
@@ -220,10 +233,11 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     soft = None
     if cfg.distill_from:  # checked before the model is built: a missing teacher fails in a second
         soft = torch.from_numpy(teacher_targets(cfg, list(fit["image"]), classes))
-    store.write_json(out / "config.json", meta)
+    if info.is_main:
+        store.write_json(out / "config.json", meta)
 
     n_classes = len(classes)
-    model = build_model(meta).to(device)
+    model = distributed.prepare_model(build_model(meta), info, device, cfg.sync_bn, cfg.channels_last)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     criterion = build_criterion(cfg.loss, n_classes, np.maximum(counts, 1), label_smoothing=cfg.label_smoothing,
                                 focal_gamma=cfg.focal_gamma, eql_tau=cfg.eql_tau, la_tau=cfg.la_loss_tau)
@@ -242,7 +256,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     if cfg.sampler != "random":
         sampler = ClassBalancedSampler(y_fit, power=1.0 if cfg.sampler == "balanced" else 0.5,
                                        seed=cfg.seed * 1000 + fold)
-    steps_per_epoch = len(_loader(fit_ds, cfg, device, shuffle=True, sampler=sampler))
+    steps_per_epoch = distributed.ShardSampler(range(len(fit_ds)), cfg.batch_size).n_batches
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
@@ -250,22 +264,28 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     training_state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler,
                       "criterion": criterion, "ema": ema}
     start_epoch, rows = checkpoint.resume(out, training_state)
+    train_model = distributed.wrap(model, info, device, cfg.compile)  # DDP across processes, else `model`
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         # Reseed every random source each epoch: a resumed run draws what an unbroken one does.
+        # The epoch's order and each image's augmentation depend on (seed, epoch) only: the same for any number
+        # of processes and loader workers.
         seed_everything((cfg.seed + fold) * 1000 + epoch)
-        train_tf.set_random_seed(cfg.seed * 1000 + epoch)
+        fit_ds.base.sample_seed = cfg.seed * 1000 + epoch
         mixer.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = _loader(fit_ds, cfg, device, shuffle=True, seed=cfg.seed * 1000 + epoch, sampler=sampler)
-        model.train()
+            order = list(sampler)
+        else:
+            order = distributed.epoch_order(len(fit_ds), cfg.seed * 1000 + epoch)
+        loader = distributed.epoch_loader(fit_ds, order, cfg.batch_size, info, cfg.num_workers, device)
+        set_train_mode(model, cfg.norm_eval)
         criterion.train()
         total_loss = correct = seen = 0.0
-        bar = progress(loader, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False)
+        bar = progress(loader, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False, disable=not info.is_main)
         for batch in bar:
-            x = batch["image"].to(device, non_blocking=True)
+            x = to_memory_format(batch["image"].to(device, non_blocking=True), device, cfg.channels_last)
             y = batch["label"].to(device, non_blocking=True)
             target: torch.Tensor = y
             if soft is not None and cfg.distill_mode == "mix":
@@ -275,7 +295,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
             # ArcFace heads put the margin on the dominant class of a mixed target.
             margin_labels = target.argmax(1) if target.ndim == 2 else y
             with amp_context(device, cfg.amp):
-                logits = model(x, labels=margin_labels if cfg.head != "linear" else None)
+                logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None)
             loss = criterion(logits.float(), target)
             if soft is not None and cfg.distill_mode == "kd":
                 kd = distillation_loss(logits, soft[batch["index"]].to(device), cfg.distill_temperature)
@@ -292,28 +312,36 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
             correct += (logits.argmax(1) == margin_labels).sum().item()
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        total_loss, correct, seen = distributed.all_sum([total_loss, correct, seen], info, device)
         eval_model = ema.module if ema is not None else model
-        report = evaluate(eval_model, valid_ds, cfg, device, n_classes)
+        # Validation on rank 0 with the plain model (a DDP forward on one rank alone would wait for the others).
+        report = (evaluate(eval_model, valid_ds, cfg, device, n_classes) if info.is_main
+                  else dict.fromkeys(("loss", "accuracy", "balanced_accuracy"), float("nan")))
         elapsed = time.perf_counter() - t0
         rows.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
                      "valid_loss": report["loss"], "valid_acc": report["accuracy"],
                      "valid_balanced_acc": report["balanced_accuracy"], "lr": opt.param_groups[0]["lr"],
                      "seconds": round(elapsed, 2), "images_per_s": round(seen / elapsed, 1)})
-        if epoch in avg:
-            with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
-                torch.save(eval_model.state_dict(), tmp)
-        checkpoint.save_state(out, epoch, training_state)
-        store.write_csv(out / "log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS))
+        if info.is_main:  # only rank 0 writes
+            if epoch in avg:
+                with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
+                    torch.save(eval_model.state_dict(), tmp)
+            checkpoint.save_state(out, epoch, training_state)
+            store.write_csv(out / "log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS))
 
+    log = pd.DataFrame(rows, columns=LOG_COLUMNS)
+    if not info.is_main:
+        distributed.barrier(info)
+        return log
     if avg:
         final = average_checkpoints([out / f"epoch{e}.pt" for e in avg])
     else:
         final = (ema.module if ema is not None else model).state_dict()
-    log = pd.DataFrame(rows, columns=LOG_COLUMNS)
     store.write_csv(out / "log.csv", log)
     with store.atomic_path(out / "model.pt") as tmp:
         torch.save(final, tmp)
     store.mark_done(out, params)
+    distributed.barrier(info)  # the other processes go on once rank 0 has written this fold
     return log
 
 
@@ -334,9 +362,9 @@ def evaluate(model: nn.Module, dataset: ImageDataset, cfg: ClassifierConfig, dev
 
 def load_classifier(exp: str, fold: int, device: torch.device | str = "cpu") -> tuple[ClassifierModel, dict]:
     """A finished fold's final model (eval mode) and its ``config.json`` metadata."""
-    folder = fold_dir(exp, fold)
-    if not store.stage_done(folder):
-        raise FileNotFoundError(f"{folder}: fold {fold} has not finished training (run stage 05 first)")
+    # Read where it is: this run's working/, else an attached Kaggle dataset (found by experiment name).
+    folder = paths.find_stage_dir(exp, STAGE, f"fold{fold}/_done.json",
+                                  hint=f"fold {fold} has not finished training (run stage 05 first)") / f"fold{fold}"
     meta = store.read_json(folder / "config.json")
     model = build_model(meta, pretrained="none")
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))

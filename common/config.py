@@ -38,7 +38,8 @@ class StageConfig:
         exp: experiment name; outputs go to ``working/<exp>/`` and ``submissions/<exp>.csv``.
         seed: seed for splits, initialisation, augmentation and loader order.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        num_workers: data-loader worker processes (0 = load in the main process).
+        num_workers: data-loader worker processes (0 = load in the main process, -1 = sized to the machine:
+            its CPU cores shared by the training processes, one left for the main loop, at most 8).
         force: rerun a stage even when its outputs exist with the same parameters.
     """
 
@@ -147,6 +148,8 @@ class CropConfig(StageConfig):
         crop_margin: margin added around each box, as a fraction of its width/height.
         crops_from: reuse the crops of another experiment (its stage 01 must have finished) instead of
             training a detector again: many embedder experiments share one set of crops.
+        inference_only: train nothing: predict test boxes with the detector an earlier run of this experiment
+            trained (found by experiment name, e.g. in an attached Kaggle dataset) and write test crops only.
     """
 
     stage: ClassVar[str] = "01"
@@ -161,10 +164,45 @@ class CropConfig(StageConfig):
     box_conf: float = 0.25
     crop_margin: float = 0.1
     crops_from: str = ""
+    inference_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbedderConfig(FoldConfig):
+class TrainConfig(FoldConfig):
+    """Fields of the training stages (02, 05): processes, GPU speed-ups and BatchNorm handling.
+
+    Args:
+        nproc: training processes on this machine. Above 1 the notebook launches ``torchrun
+            --nproc_per_node=nproc`` (DDP: one process per GPU, NCCL; gloo on CPU) and waits for it;
+            ``batch_size`` stays the global batch, split evenly across processes.
+        sync_bn: synchronise BatchNorm statistics across processes (CUDA only; torch's SyncBatchNorm).
+        norm_eval: keep every BatchNorm layer in eval mode while training (running statistics frozen), for
+            small per-process batches; it also makes a multi-process run match a one-process run.
+        channels_last: channels-last memory format on CUDA (faster convolutions with AMP); ignored on CPU.
+        compile: ``torch.compile`` the training model (slow first steps, then faster on recent GPUs).
+    """
+
+    nproc: int = 1
+    sync_bn: bool = False
+    norm_eval: bool = False
+    channels_last: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nproc < 1:
+            raise ValueError(f"nproc={self.nproc}: must be >= 1 (processes per machine)")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """As :meth:`StageConfig.fingerprint`, without the knobs that change speed, not results."""
+        fp = super().fingerprint()
+        for name in ("nproc", "channels_last", "compile"):
+            fp.pop(name, None)
+        return fp
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderConfig(TrainConfig):
     """Stage 02: train a GeM + ArcFace embedder per fold.
 
     Args:
@@ -243,12 +281,15 @@ class ExtractConfig(FoldConfig):
     Args:
         batch_size: images per forward pass.
         tta_flip: average the embeddings of the image and its horizontal flip.
+        inference_only: embed the test images only; the train gallery's embeddings are read from an earlier
+            full run of this experiment (found by experiment name, e.g. in an attached Kaggle dataset).
     """
 
     stage: ClassVar[str] = "03"
 
     batch_size: int = 64
     tta_flip: bool = True
+    inference_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +309,8 @@ class RetrievalConfig(FoldConfig):
         threshold_step: sweep step.
         new_label: the id that stands for an unseen individual.
         n_examples: query rows shown in the retrieval-examples figure.
+        inference_only: tune nothing: use the threshold stored by an earlier full run of this experiment
+            (unless ``new_threshold`` >= 0), search the test images only, write the submission.
     """
 
     stage: ClassVar[str] = "04"
@@ -282,10 +325,11 @@ class RetrievalConfig(FoldConfig):
     threshold_step: float = 0.02
     new_label: str = "new_individual"
     n_examples: int = 6
+    inference_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig(FoldConfig):
+class ClassifierConfig(TrainConfig):
     """Stage 05: fine-tune a timm classifier per fold with the winning solutions' training tricks.
 
     Parameter names shared with stage 02 (``backbone``, ``epochs``, ``lr``, ...) mean the same thing; give a
@@ -336,6 +380,8 @@ class ClassifierConfig(FoldConfig):
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU.
         use_crops: train on stage 01's crops when they exist, else on full images.
         max_images: cap on training images (0 = all), for debug runs.
+        inference_only: train nothing: the fold models of an earlier full run of this experiment (found by
+            experiment name, e.g. in an attached Kaggle dataset) predict the test images only.
     """
 
     stage: ClassVar[str] = "05"
@@ -383,6 +429,7 @@ class ClassifierConfig(FoldConfig):
     amp: bool = True
     use_crops: bool = True
     max_images: int = 0
+    inference_only: bool = False
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("adamw", "radam"),

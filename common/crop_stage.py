@@ -11,7 +11,10 @@ Writes under ``working/<exp>/01_crop/``:
   train images (and on test images when the competition has test boxes).
 
 With ``crop=False`` only the marker is written and later stages read full images. With ``crops_from=<exp>``
-the other experiment's ``crops/`` folder is linked instead of training a detector again.
+the other experiment's ``crops/`` folder is linked instead of training a detector again. With
+``inference_only`` nothing is trained: the detector of an earlier full run of the experiment (found by name,
+e.g. in an attached Kaggle dataset: ``<exp>/01_crop/detector/weights/best.pt``) predicts the test images'
+boxes and only ``crops/test`` is written (train rows of an existing ``boxes.csv`` are kept).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     """Run stage 01 (see the module docstring); skips work already done (detector run, crops on disk)."""
     out = paths.stage_dir(cfg.exp, "01")
     dirs = {"train": comp.root / "train_images", "test": comp.root / "test_images"}
+    if cfg.inference_only:  # before `force`: locally the detector to use may live in `out` itself
+        return _infer(cfg, out, dirs, comp)
     if cfg.crops_from and cfg.crops_from == cfg.exp:  # linking crops/ onto itself would delete the crops
         raise ValueError(f"crops_from={cfg.crops_from!r} is this experiment itself: leave crops_from empty")
     if cfg.force and out.exists():
@@ -110,6 +115,32 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     store.write_json(out / "metrics.json", metrics)
     store.mark_done(out, cfg.fingerprint())
     return CropResult(boxes, metrics, dirs, comp.boxes)
+
+
+def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition) -> CropResult:
+    """``inference_only``: boxes and crops of the test images from an earlier run's detector; no training."""
+    need = "detector/weights/best.pt"
+    weights = paths.find_stage_dir(cfg.exp, "01", need, hint="inference_only needs the detector of a full "
+                                   "stage-01 run of this experiment (crop=True)") / need
+    detect.setup_ultralytics()
+    names = comp.test["image"].tolist()
+    pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
+                                conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+    best = detect.best_boxes(pred, names, cfg.box_conf)
+    crops = detect.crop_images(best, dirs["test"], out / "crops" / "test", cfg.crop_margin)
+    metrics: dict = {"detector": str(weights), "inference_only": True}
+    evaluated = [] if comp.boxes is None else [n for n in names if n in set(comp.boxes["image"])]
+    if evaluated:
+        metrics["test"] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs["test"])
+    tables = {}
+    for name, new in (("predictions.csv", pred.assign(split="test")), ("boxes.csv", crops.assign(split="test"))):
+        old = pd.read_csv(out / name, dtype={"image": str}) if (out / name).exists() else None
+        kept = [] if old is None or "split" not in old else [old[old["split"] != "test"]]
+        tables[name] = _split_first(pd.concat([*kept, new], ignore_index=True))
+        store.write_csv(out / name, tables[name])
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return CropResult(tables["boxes.csv"], metrics, dirs, comp.boxes)
 
 
 def _split_first(df: pd.DataFrame) -> pd.DataFrame:

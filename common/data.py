@@ -286,7 +286,14 @@ class ImageDataset(torch.utils.data.Dataset):
         labels: one integer per image, or ``None`` for unlabelled images.
         species: one integer per image for the auxiliary head, or ``None``.
         transform: an albumentations pipeline that ends with ``Normalize``.
+
+    Attributes:
+        sample_seed: when set (training sets it once per epoch), the transform is reseeded before each image
+            from ``(sample_seed, index)``, so an image's augmentation depends on the epoch and the image only:
+            not on the loader workers, the process that loads it, or the images loaded before it.
     """
+
+    sample_seed: int | None = None
 
     def __init__(
         self,
@@ -305,6 +312,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = read_rgb(self.paths[i])
+        if self.sample_seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.sample_seed, i]).generate_state(1)[0]))
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()}

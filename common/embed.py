@@ -3,6 +3,10 @@
 Writes ``working/<exp>/03_embeddings/fold{k}/train.npz`` and ``test.npz``: an ``embeddings`` array
 (float32, L2-normalised, one row per image) and the ``image`` ids in the row order of ``train.csv`` and of the
 test table. :func:`load_fold_embeddings` checks that order when reading back.
+
+With ``inference_only`` only ``test.npz`` is computed: the train gallery (``train.npz``) and the fold models
+come from an earlier full run of the experiment, read wherever :func:`common.paths.find_stage_dir` finds
+them (this run's ``working/``, else a Kaggle dataset attached to the notebook).
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ import torch
 from common import paths, store
 from common.config import ExtractConfig
 from common.data import Competition, ImageDataset, build_transforms
-from common.runtime import amp_context, progress, resolve_device
-from common.train import fold_dir as train_fold_dir
+from common.runtime import amp_context, configure_device, loader_workers, progress, resolve_device
 from common.train import image_paths, load_embedder
 
 
@@ -64,9 +67,10 @@ def forward_images(
         float32 ``(len(image_files), D)``.
     """
     device = torch.device(device)
+    configure_device(device)
     dataset = ImageDataset(image_files, transform=build_transforms(image_size, False, mean, std))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+                                         num_workers=loader_workers(num_workers), pin_memory=device.type == "cuda")
     chunks = []
     for batch in progress(loader, desc=desc, leave=False):
         x = batch["image"].to(device, non_blocking=True)
@@ -119,16 +123,20 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
         One row per fold and split: file, rows, dimension, whether it was computed now or reused.
     """
     device = resolve_device(cfg.device)
+    splits = [("test", comp.test)] if cfg.inference_only else [("train", comp.train), ("test", comp.test)]
+    if cfg.inference_only:  # every fold's gallery must be there before any image is embedded
+        for fold in cfg.fold_list():
+            load_fold_embeddings(cfg.exp, fold, "train", comp.train["image"])
     rows = []
     for fold in cfg.fold_list():
         model, meta = load_embedder(cfg.exp, fold, device)
         tcfg = meta["config"]
-        weights = train_fold_dir(cfg.exp, fold) / "model.pt"
+        weights = paths.find_stage_dir(cfg.exp, "02", f"fold{fold}/model.pt") / f"fold{fold}" / "model.pt"
         # Reuse only embeddings made by this very model file with the same TTA setting.
         params = {"tta_flip": cfg.tta_flip, "model_mtime_ns": weights.stat().st_mtime_ns,
-                  "model_bytes": weights.stat().st_size}
+                  "model_bytes": weights.stat().st_size, **({"splits": "test"} if cfg.inference_only else {})}
         fresh = cfg.force or not store.stage_done(embeddings_dir(cfg.exp, fold), params)
-        for split, table in (("train", comp.train), ("test", comp.test)):
+        for split, table in splits:
             target = embeddings_dir(cfg.exp, fold) / f"{split}.npz"
             reused = target.exists() and not fresh
             if not reused:
@@ -139,12 +147,29 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
             arr = store.load_arrays(target, table["image"])["embeddings"]
             rows.append({"fold": fold, "split": split, "file": str(target.relative_to(paths.working_dir())),
                          "rows": arr.shape[0], "dim": arr.shape[1], "reused": reused})
+        if cfg.inference_only:
+            gallery = _embeddings_file(cfg.exp, fold)
+            rows.append({"fold": fold, "split": "train", "file": str(gallery), "rows": len(comp.train),
+                         "dim": int(tcfg["embedding_dim"]), "reused": True})
         store.mark_done(embeddings_dir(cfg.exp, fold), params)
     store.mark_done(paths.stage_dir(cfg.exp, "03"), cfg.fingerprint())
     return pd.DataFrame(rows)
 
 
+def _embeddings_file(exp: str, fold: int, split: str = "train") -> Path:
+    need = f"fold{fold}/{split}.npz"
+    try:
+        return paths.find_stage_dir(exp, "03", need, hint="run stage 03 first") / need
+    except paths.MissingStageError:
+        if paths.on_kaggle():  # the error says which dataset to attach
+            raise
+        return embeddings_dir(exp, fold) / f"{split}.npz"  # store.load_arrays names the missing file
+
+
 def load_fold_embeddings(exp: str, fold: int, split: str, images: list[str] | pd.Series) -> np.ndarray:
-    """Read one fold's embeddings, checking their rows are ``images`` in this order."""
-    path = embeddings_dir(exp, fold) / f"{split}.npz"
-    return store.load_arrays(path, list(images))["embeddings"]
+    """Read one fold's embeddings, checking their rows are ``images`` in this order.
+
+    The file is read from ``working/<exp>/03_embeddings`` or, failing that, from an attached Kaggle source
+    that holds ``<exp>/03_embeddings`` (:func:`common.paths.find_stage_dir`).
+    """
+    return store.load_arrays(_embeddings_file(exp, fold, split), list(images))["embeddings"]

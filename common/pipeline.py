@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import paths, store
+from common import distributed, paths, store
 from common.config import STAGE_CONFIGS, known_params, load_params, parse_cli_value
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if exp is None and args.params and not any(p.split("=", 1)[0].strip() == "exp" for p in args.param):
         exp = Path(args.params).stem  # the file's name names the experiment, unless -p exp=... says otherwise
     try:
+        if distributed.launch_info().enabled:  # also raises on a half-set torchrun environment
+            raise distributed.LaunchError(
+                "the runner itself is not started with torchrun: run `python -m common.pipeline ... -p nproc=N` "
+                "(the training notebooks launch torchrun), or `torchrun --nproc_per_node=N -m common.distributed "
+                "--stage 02 ...` for one training stage by hand")
         params = merge_params(args.params, args.param, args.data, exp)
         params.setdefault("exp", STAGE_CONFIGS["01"]().exp)  # named below (summary, baseline): never missing
         stages = parse_stages(args.stages)
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {**params, "exp": f"{params['exp']}-untrained", "epochs": 0, "crops_from": params["exp"]}
             print(f"baseline: {base['exp']} (epochs=0, crops from {params['exp']})", flush=True)
             base_metrics = run(stages, base, force=args.force, log_output=False)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, distributed.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # papermill's execution error: point at the executed notebook

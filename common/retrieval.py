@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from common import ann
 from common.metrics import NEW_LABEL, map_at_k
 
 TABLE_COLUMNS = ["image", "individual_id", "score"]
@@ -85,8 +86,10 @@ def search(
     k: int,
     use_gpu: bool | None = None,
     exclude_self: bool = False,
+    index: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner-product search (cosine similarity for normalised rows) with faiss ``IndexFlatIP``.
+    """Top-``k`` inner-product search (cosine similarity for normalised rows): exact with faiss ``IndexFlatIP``,
+    or approximate with an IVF index for galleries of :data:`common.ann.FLAT_BELOW` rows and more.
 
     Args:
         gallery: ``(n_gallery, d)`` float32, rows already L2-normalised by the caller.
@@ -97,6 +100,9 @@ def search(
         exclude_self: ``queries`` *are* the gallery (leave-one-out): each row's own index is dropped from its
             neighbours. When exact duplicates crowd a row's own index out of its top ``k + 1``, the last
             neighbour is dropped instead, so every row keeps exactly ``k`` neighbours, none of them itself.
+        index: ``auto`` (exact below :data:`common.ann.FLAT_BELOW` gallery rows or
+            :data:`common.ann.IVF_MIN_QUERIES` queries, else IVF-Flat from :mod:`common.ann`, recall@5 1.000
+            at its default ``nprobe`` on 1M rows in ``bench/ann_speed.py``), ``flat`` (always exact) or ``ivf``.
 
     Returns:
         ``(scores, indices)``, both ``(n_queries, k_eff)`` with ``k_eff`` the clipped ``k``, best first.
@@ -122,14 +128,21 @@ def search(
         return np.empty((n_q, 0), np.float32), np.empty((n_q, 0), np.int64)
     k_search = k_eff + 1 if exclude_self else k_eff
 
-    index = faiss.IndexFlatIP(d)
-    resources = None
-    if _want_gpu(use_gpu) and k_search <= _GPU_MAX_K:
-        resources = faiss.StandardGpuResources()  # must outlive the GPU index
-        index = faiss.index_cpu_to_gpu(resources, 0, index)
-    index.add(np.ascontiguousarray(gallery))
-    scores, indices = index.search(np.ascontiguousarray(queries), k_search)
-    del index, resources
+    if index not in ("auto", "flat", "ivf"):
+        raise ValueError(f"search: index must be 'auto', 'flat' or 'ivf', got {index!r}")
+    if index == "ivf" or (index == "auto" and ann.choose_index(len(gallery), d, n_q) == "ivf"):
+        ivf = ann.build_index(gallery, kind="ivf", use_gpu=use_gpu)
+        scores, indices = ann.ann_search(ivf, queries, k_search)
+        del ivf
+    else:
+        flat = faiss.IndexFlatIP(d)
+        resources = None
+        if _want_gpu(use_gpu) and k_search <= _GPU_MAX_K:
+            resources = faiss.StandardGpuResources()  # must outlive the GPU index
+            flat = faiss.index_cpu_to_gpu(resources, 0, flat)
+        flat.add(np.ascontiguousarray(gallery))
+        scores, indices = flat.search(np.ascontiguousarray(queries), k_search)
+        del flat, resources
     indices = indices.astype(np.int64, copy=False)
     scores = np.where(indices < 0, np.float32(-np.inf), scores).astype(np.float32, copy=False)
 

@@ -76,7 +76,8 @@ def progress(iterable: Iterable | None = None, **kwargs: Any):
     if os.environ.get("REID_PROGRESS", "") == "off":
         from tqdm import tqdm
 
-        return tqdm(iterable, disable=True, **kwargs)
+        kwargs["disable"] = True
+        return tqdm(iterable, **kwargs)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
@@ -97,3 +98,46 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
     return fn
+
+
+def loader_workers(num_workers: int, world_size: int = 1) -> int:
+    """Data-loader workers per process: ``num_workers`` as given, or, when negative, sized to the machine
+    (the CPU cores this process may use, shared by the ``world_size`` processes, one left to the main loop,
+    at most 8).
+
+    Args:
+        num_workers: the configured value (``-1`` = auto).
+        world_size: training processes on this machine.
+    """
+    if num_workers >= 0:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, world_size) - 1))
+
+
+def configure_device(device: torch.device) -> None:
+    """Speed settings for CUDA: cuDNN autotuning (fixed input sizes) and TF32 matmuls; nothing on CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def to_memory_format(x: torch.Tensor | torch.nn.Module, device: torch.device, channels_last: bool):
+    """``x`` in channels-last layout on CUDA when asked (4-d tensors and modules), else unchanged."""
+    if not channels_last or device.type != "cuda":
+        return x
+    if isinstance(x, torch.Tensor) and x.dim() != 4:
+        return x
+    return x.to(memory_format=torch.channels_last)
+
+
+def set_train_mode(model: torch.nn.Module, norm_eval: bool = False) -> torch.nn.Module:
+    """``model.train()``; with ``norm_eval`` every BatchNorm layer is put back in eval mode (running statistics
+    frozen, as mmpretrain's ``norm_eval``), while its affine parameters still train."""
+    model.train()
+    if norm_eval:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model

@@ -9,13 +9,19 @@ scores the test images on its own and the per-individual scores are averaged; wi
 embeddings are concatenated (and re-normalised) and searched once.
 
 Files: ``04_retrieval/oof_scores.csv`` and ``test_scores.csv`` (``image, individual_id, score``),
-``threshold_sweep.csv``, ``predictions.csv``; ``submissions/<exp>.csv``; ``working/<exp>/metrics.json``.
+``threshold_sweep.csv``, ``predictions.csv``; ``submissions/<exp>.csv``; ``working/<exp>/metrics.json``. On
+Kaggle the submission is also written to ``/kaggle/working/submission.csv``, the file a competition scores.
+
+With ``inference_only`` nothing is tuned: the threshold (and its sweep) stored by an earlier full run of the
+experiment is used, read wherever :func:`common.paths.find_stage_dir` finds ``<exp>/04_retrieval`` (this run's
+``working/``, else an attached Kaggle dataset), and only the test images are searched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,7 +29,7 @@ import pandas as pd
 from common import metrics, paths, retrieval, store
 from common.config import EnsembleConfig, RetrievalConfig
 from common.data import Competition
-from common.embed import embeddings_dir, load_fold_embeddings
+from common.embed import load_fold_embeddings
 from common.train import read_folds
 
 
@@ -42,9 +48,16 @@ class RetrievalResult:
 
 def available_folds(cfg: RetrievalConfig) -> list[int]:
     """Requested folds whose embeddings exist; raises if none do."""
-    folds = [k for k in cfg.fold_list() if (embeddings_dir(cfg.exp, k) / "test.npz").exists()]
+    folds = []
+    for k in cfg.fold_list():
+        try:
+            paths.find_stage_dir(cfg.exp, "03", f"fold{k}/test.npz")
+            folds.append(k)
+        except paths.MissingStageError:
+            continue
     if not folds:
-        raise FileNotFoundError(f"no embeddings under {paths.stage_dir(cfg.exp, '03')}: run stage 03 first")
+        raise FileNotFoundError(f"no embeddings under {paths.stage_dir(cfg.exp, '03')}: run stage 03 first"
+                                + paths.missing_hint(cfg.exp, "03", f"fold{cfg.fold_list()[0]}/test.npz"))
     return folds
 
 
@@ -128,6 +141,28 @@ def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[
     return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
 
 
+def stored_threshold(cfg: RetrievalConfig) -> tuple[float, pd.DataFrame]:
+    """The threshold and sweep of an earlier full run of ``cfg.exp`` (``new_threshold`` wins when >= 0).
+
+    Raises:
+        FileNotFoundError: no ``<exp>/04_retrieval/threshold_sweep.csv`` in ``working/`` or any attached
+            Kaggle source; the message says what to attach.
+    """
+    folder = paths.find_stage_dir(cfg.exp, "04", "threshold_sweep.csv",
+                                  hint="inference_only needs a full stage-04 run of this experiment first")
+    sweep = pd.read_csv(folder / "threshold_sweep.csv")
+    tuned = store.read_json(folder / "metrics.json")["threshold"]
+    return (float(tuned) if cfg.new_threshold < 0 else cfg.new_threshold), sweep
+
+
+def write_submission(exp: str, submission: pd.DataFrame) -> list[Path]:
+    """Write ``submissions/<exp>.csv`` and, on Kaggle, also ``/kaggle/working/submission.csv``."""
+    written = [store.write_csv(paths.submission_path(exp), submission)]
+    if paths.on_kaggle():
+        written.append(store.write_csv(paths.working_dir() / "submission.csv", submission))
+    return written
+
+
 def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> pd.DataFrame:
     """Per-individual scores of every test image against the whole training gallery."""
     labels = comp.train["individual_id"].to_numpy()
@@ -174,16 +209,21 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
     folds = available_folds(cfg)
     out = paths.stage_dir(cfg.exp, "04")
-    oof, truth = oof_scores(cfg, comp, folds)
-    threshold, sweep = tune(cfg, oof, truth)
+    if cfg.inference_only:
+        threshold, sweep = stored_threshold(cfg)
+        oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
+    else:
+        oof, truth = oof_scores(cfg, comp, folds)
+        threshold, sweep = tune(cfg, oof, truth)
     test = test_scores(cfg, comp, folds)
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
     result_metrics = score(cfg, comp, submission, threshold, sweep, folds)
-    store.write_csv(out / "oof_scores.csv", oof)
-    store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
+    if not cfg.inference_only:
+        store.write_csv(out / "oof_scores.csv", oof)
+        store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
     store.write_csv(out / "threshold_sweep.csv", sweep)
     store.write_csv(out / "test_scores.csv", test)
-    store.write_csv(paths.submission_path(cfg.exp), submission)
+    write_submission(cfg.exp, submission)
     store.write_json(out / "metrics.json", result_metrics)
     # Keep other stages' keys (stage 05 writes "classifier"); stage 04's own keys are replaced.
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
@@ -193,9 +233,13 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
 
 def plot_examples(cfg: RetrievalConfig, comp: Competition, result: RetrievalResult):
     """Queries beside their top-5 answers, right and wrong: test images when ``test.csv`` gives the truth,
-    else out-of-fold training images. Crops are shown when stage 01 made them."""
+    else out-of-fold training images. Crops are shown when stage 01 made them. ``None`` (nothing to show)
+    with ``inference_only`` and no test truth: no out-of-fold predictions were made."""
     from common import plots
     from common.train import crops_available, image_paths
+
+    if comp.truth is None and result.oof_truth.empty:
+        return None
 
     crops = crops_available(cfg.exp)
     train_paths = dict(zip(comp.train["image"], image_paths(comp.train, cfg.exp, "train", crops), strict=True))

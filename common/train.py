@@ -15,6 +15,7 @@ train ``head_lr_mult`` times faster than the pretrained backbone.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import checkpoint, paths, store
+from common import checkpoint, distributed, paths, store
 from common.config import ClassifierConfig, EmbedderConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
 from common.heads import dynamic_margins
 from common.models import EmbeddingModel
 from common.runtime import (
     amp_context,
+    configure_device,
+    loader_workers,
     needs_grad_scaler,
     progress,
     resolve_device,
     seed_everything,
+    set_train_mode,
+    to_memory_format,
     warmup_cosine,
     worker_init,
 )
@@ -44,7 +49,7 @@ _MODEL_FIELDS = (
     "backbone", "pretrained", "image_size", "embedding_dim", "epochs", "batch_size", "lr", "head_lr_mult",
     "weight_decay", "warmup_epochs", "gem_p", "dropout", "arc_s", "arc_m", "arc_easy_margin", "arc_k",
     "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "rrc_scale_min",
-    "hflip", "use_crops", "max_images", "seed", "n_folds",
+    "hflip", "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
 )
 
 
@@ -56,9 +61,18 @@ def fold_dir(exp: str, fold: int) -> Path:
     return paths.stage_dir(exp, "02") / f"fold{fold}"
 
 
-def crops_dir(exp: str) -> Path:
-    """Where stage 01 writes crops: ``working/<exp>/01_crop/crops/{train,test}/<image>``."""
-    return paths.stage_dir(exp, "01") / "crops"
+def crops_dir(exp: str, split: str = "") -> Path:
+    """Where stage 01 writes crops: ``working/<exp>/01_crop/crops/{train,test}/<image>``.
+
+    With ``split``, the ``crops/<split>`` folder to read: this run's own, else an attached Kaggle source's
+    (:func:`common.paths.find_stage_dir`), else the local path (whose absence the caller reports).
+    """
+    if split:
+        try:
+            return paths.find_stage_dir(exp, "01", f"crops/{split}") / "crops" / split
+        except paths.MissingStageError:
+            pass
+    return paths.stage_dir(exp, "01") / "crops" / split if split else paths.stage_dir(exp, "01") / "crops"
 
 
 def crops_available(exp: str) -> bool:
@@ -77,7 +91,7 @@ def image_paths(table: pd.DataFrame, exp: str, split: str, use_crops: bool) -> l
     """
     if not use_crops:
         return list(table["path"])
-    crops = [crops_dir(exp) / split / name for name in table["image"]]
+    crops = [crops_dir(exp, split) / name for name in table["image"]]
     missing = [c for c in crops if not c.exists()]
     if missing:
         raise DataError(f"{missing[0]}: crop missing ({len(missing)} in all); rerun stage 01 with force=True")
@@ -121,9 +135,7 @@ def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
 
 def read_folds(exp: str) -> pd.DataFrame:
     """Read ``02_embedder/folds.csv`` written by :func:`prepare_folds`."""
-    path = paths.stage_dir(exp, "02") / "folds.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run stage 02 (train embedder) first")
+    path = paths.find_stage_dir(exp, "02", "folds.csv", hint="run stage 02 (train embedder) first") / "folds.csv"
     return pd.read_csv(path, dtype={"image": str, "individual_id": str, "species": str})
 
 
@@ -151,9 +163,9 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Embeddin
 
 def load_embedder(exp: str, fold: int, device: torch.device | str = "cpu") -> tuple[EmbeddingModel, dict]:
     """Load fold ``fold``'s finished model and its ``config.json`` metadata, in eval mode."""
-    folder = fold_dir(exp, fold)
-    if not store.stage_done(folder):
-        raise FileNotFoundError(f"{folder}: fold {fold} has not finished training (run stage 02 first)")
+    # Read where it is: this run's working/, else an attached Kaggle dataset (found by experiment name).
+    folder = paths.find_stage_dir(exp, "02", f"fold{fold}/_done.json",
+                                  hint=f"fold {fold} has not finished training (run stage 02 first)") / f"fold{fold}"
     meta = store.read_json(folder / "config.json")
     model = build_model(meta, pretrained="none")
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
@@ -165,7 +177,7 @@ def _loader(dataset: ImageDataset, cfg: EmbedderConfig, shuffle: bool, seed: int
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > cfg.batch_size,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+        num_workers=loader_workers(cfg.num_workers), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
         generator=generator, persistent_workers=False,
     )
 
@@ -186,6 +198,9 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
         return done
 
     device = resolve_device(cfg.device)
+    info = distributed.setup(device, cfg.batch_size, cfg.sync_bn)  # one process unless launched by torchrun
+    device = distributed.process_device(device, info)
+    configure_device(device)
     seed_everything(cfg.seed + fold)
     fit, valid, used_crops = fold_split(cfg, comp, folds, fold)
     classes = sorted(fit["individual_id"].unique())
@@ -201,9 +216,10 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
         "n_fit": len(fit), "n_valid": len(valid),
     }
     checkpoint.check_resumable(out, params)
-    store.write_json(out / "config.json", meta)
+    if info.is_main:
+        store.write_json(out / "config.json", meta)
 
-    model = build_model(meta).to(device)
+    model = distributed.prepare_model(build_model(meta), info, device, cfg.sync_bn, cfg.channels_last)
     opt = torch.optim.AdamW(
         [{"params": model.backbone_parameters(), "lr": cfg.lr},
          {"params": model.head_parameters(), "lr": cfg.lr * cfg.head_lr_mult}],
@@ -217,29 +233,32 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     valid_ds = ImageDataset(known["path"], [class_index[c] for c in known["individual_id"]],
                             [species_index[s] for s in known["species"]],
                             build_transforms(cfg.image_size, False, mean, std))
-    steps_per_epoch = len(_loader(fit_ds, cfg, True, 0, device))
+    steps_per_epoch = distributed.ShardSampler(range(len(fit_ds)), cfg.batch_size).n_batches
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
 
     training_state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     start_epoch, rows = checkpoint.resume(out, training_state)
+    train_model = distributed.wrap(model, info, device, cfg.compile)  # DDP across processes, else `model`
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        # Reseed global RNGs (dropout, drop-path) each epoch: a resumed run draws what an unbroken one does.
+        # Reseed global RNGs (dropout, drop-path) each epoch: a resumed run draws what an unbroken one does;
+        # the epoch's image order and each image's augmentation depend on (seed, epoch) only, so they are the
+        # same for any number of processes and loader workers.
         seed_everything((cfg.seed + fold) * 1000 + epoch)
-        if hasattr(fit_ds.transform, "set_random_seed"):
-            fit_ds.transform.set_random_seed(cfg.seed * 1000 + epoch)
-        loader = _loader(fit_ds, cfg, True, cfg.seed * 1000 + epoch, device)
-        model.train()
+        fit_ds.sample_seed = cfg.seed * 1000 + epoch
+        order = distributed.epoch_order(len(fit_ds), cfg.seed * 1000 + epoch)
+        loader = distributed.epoch_loader(fit_ds, order, cfg.batch_size, info, cfg.num_workers, device)
+        set_train_mode(model, cfg.norm_eval)
         total_loss = total_correct = seen = 0.0
-        bar = progress(loader, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False)
+        bar = progress(loader, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False, disable=not info.is_main)
         for batch in bar:
-            x = batch["image"].to(device, non_blocking=True)
+            x = to_memory_format(batch["image"].to(device, non_blocking=True), device, cfg.channels_last)
             y = batch["label"].to(device, non_blocking=True)
             with amp_context(device, cfg.amp):
-                out_ = model(x, labels=y)
+                out_ = train_model(x, labels=y)
             # Losses in float32: the ArcFace logits already are; the species logits may be bf16/fp16.
             loss = F.cross_entropy(out_["logits"].float(), y, label_smoothing=cfg.label_smoothing)
             if cfg.species_weight > 0:
@@ -255,24 +274,29 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
             total_correct += (out_["logits"].argmax(1) == y).sum().item()
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        valid_loss, valid_acc = evaluate(model, valid_ds, cfg, device)
+        total_loss, total_correct, seen = distributed.all_sum([total_loss, total_correct, seen], info, device)
+        # Validation on rank 0 with the plain model (a DDP forward on one rank alone would wait for the others).
+        valid_loss, valid_acc = evaluate(model, valid_ds, cfg, device) if info.is_main else (float("nan"),) * 2
         elapsed = time.perf_counter() - t0
         rows.append({
             "epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_acc": total_correct / max(seen, 1),
             "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": opt.param_groups[0]["lr"],
             "seconds": round(elapsed, 2), "images_per_s": round(seen / elapsed, 1),
         })
-        checkpoint.save_state(out, epoch, training_state)
-        if cfg.keep_epoch_checkpoints:
-            with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
-                torch.save(model.state_dict(), tmp)
-        store.write_csv(out / "log.csv", pd.DataFrame(rows))
+        if info.is_main:  # only rank 0 writes
+            checkpoint.save_state(out, epoch, training_state)
+            if cfg.keep_epoch_checkpoints:
+                with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
+                    torch.save(model.state_dict(), tmp)
+            store.write_csv(out / "log.csv", pd.DataFrame(rows))
 
     log = pd.DataFrame(rows, columns=LOG_COLUMNS)
-    store.write_csv(out / "log.csv", log)  # also when epochs=0 (the untrained baseline)
-    with store.atomic_path(out / "model.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
-    store.mark_done(out, params)
+    if info.is_main:
+        store.write_csv(out / "log.csv", log)  # also when epochs=0 (the untrained baseline)
+        with store.atomic_path(out / "model.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+        store.mark_done(out, params)
+    distributed.barrier(info)  # the next fold starts when rank 0 has written this one
     return log
 
 
@@ -293,9 +317,17 @@ def evaluate(model: EmbeddingModel, dataset: ImageDataset, cfg: EmbedderConfig, 
 
 
 def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) -> pd.DataFrame:
-    """Train every requested fold; returns all logs stacked with a ``fold`` column."""
+    """Train every requested fold; returns all logs stacked with a ``fold`` column.
+
+    With ``cfg.nproc > 1`` (and not already inside torchrun) the folds are trained by ``nproc`` processes
+    started with torchrun (:func:`common.distributed.launch`); this process then reads their finished logs.
+    """
+    if cfg.nproc > 1 and not distributed.in_launch():
+        distributed.launch("02", cfg.to_dict(), cfg.nproc, paths.stage_dir(cfg.exp, "02"))
+        cfg = dataclasses.replace(cfg, force=False)  # the folds are finished now: read, do not retrain
     logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
-    store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
+    if distributed.launch_info().is_main:
+        store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
     return pd.concat(logs, ignore_index=True)
 
 

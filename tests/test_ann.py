@@ -84,6 +84,8 @@ def test_choose_index_and_defaults():
     assert ann.choose_index(ann.FLAT_BELOW - 1, 512) == "flat"
     assert ann.choose_index(ann.FLAT_BELOW, 512) == "ivf"
     assert ann.choose_index(1_000_000, 512) == "ivf"
+    assert ann.choose_index(1_000_000, 512, n_queries=ann.IVF_MIN_QUERIES - 1) == "flat"  # build not paid back
+    assert ann.choose_index(1_000_000, 512, n_queries=ann.IVF_MIN_QUERIES) == "ivf"
     assert ann.default_nlist(1_000_000) == 4000  # 4 * sqrt(1e6)
     assert ann.default_nlist(100) == 2  # capped at 100 // 39 rows per centroid
     assert ann.default_nlist(10) == 1

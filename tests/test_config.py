@@ -222,3 +222,15 @@ def test_ensemble_members_self_means_this_experiment():
     assert cfg.member_list("soup_members") == ["run3", "run1"]  # empty: falls back to members
     with pytest.raises(ValueError, match="named twice"):
         EnsembleConfig(exp="run3", members="self,run3").member_list()
+
+
+def test_training_speed_knobs_do_not_change_the_fingerprint():
+    from common.config import ClassifierConfig, EmbedderConfig
+
+    for cls in (EmbedderConfig, ClassifierConfig):
+        base = cls().fingerprint()
+        assert cls(nproc=2, channels_last=False, compile=True).fingerprint() == base  # speed only
+        assert cls(norm_eval=True).fingerprint() != base  # changes what is learned
+        assert cls(sync_bn=True).fingerprint() != base
+    with pytest.raises(ValueError, match="nproc=0"):
+        EmbedderConfig(nproc=0)

@@ -1,7 +1,7 @@
 """Stage 06 end to end (common.ensemble_stage, common.soup_stage, common.ensemble_retrieval) on the tiny demo.
 
 Two stage-05 runs ``a`` and ``b`` (randomly initialised ``mobilenetv3_small_050``, 32 px, 1 epoch, both folds,
-same seed so same folds and same initial weights, different learning rates) and one stage-02/03/04 run ``e``
+same seed so same folds and same initial weights, different learning rates and epochs) and one stage-02/03/04 run ``e``
 (the embedder, fold_merge=concat) are built once for the module: about five seconds on a CPU.
 """
 
@@ -33,8 +33,9 @@ def comp(tmp_path_factory, one_torch_thread):
         mp.setenv(var, str(base / sub))
     mp.setenv("REID_PROGRESS", "off")
     comp = load_competition(make_demo(base / "demo_tiny", **TINY_DEMO), check_pixels=False)
-    for exp, lr in (("a", 1e-3), ("b", 3e-3)):
-        classify.run_classification(ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, **CLS), comp)
+    for exp, lr, epochs in (("a", 1e-3, 1), ("b", 3e-3, 3)):
+        classify.run_classification(ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, **{**CLS, "epochs": epochs}),
+                                    comp)
     emb = dict(data=str(comp.root), exp="e", n_folds=2, folds="all", device="cpu")
     ecfg = EmbedderConfig(**emb, backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1,
                           batch_size=4, amp=False, use_crops=False, embedding_dim=32)

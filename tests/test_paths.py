@@ -168,3 +168,91 @@ def test_stage_and_submission_paths(tmp_path, monkeypatch):
     assert paths.submission_path("e1") == (tmp_path / "s").resolve() / "e1.csv"
     with pytest.raises(ValueError):
         paths.stage_dir("../up", "01")
+
+
+# -- Kaggle: attached sources, both mount layouts, slugs -----------------------------------------------------
+def test_kaggle_slug_rules():
+    assert paths.kaggle_slug("My Exp_01") == "my-exp-01"  # lowercase, runs of other characters -> one dash
+    assert paths.kaggle_slug("--ab..cd--") == "ab-cd"  # no leading, trailing or doubled dash
+    assert paths.kaggle_slug("ab") == "ab-kaggle"  # padded to Kaggle's minimum length (5)
+    long = paths.kaggle_slug("x" * 49 + "-yz")  # cut at 50, and the dash left at the end goes too
+    assert long == "x" * 49 and len(long) <= 50
+    assert paths.weights_slug("demo_tiny") == "demo-tiny-weights"
+    with pytest.raises(ValueError, match="no letter or digit"):
+        paths.kaggle_slug("!!!")
+    with pytest.raises(ValueError, match="not valid"):
+        paths.weights_slug("../etc")
+
+
+def fake_kaggle(tmp_path: Path, monkeypatch) -> Path:
+    """A Kaggle tree: input/ (read side), working/ (this kernel's outputs), Kaggle's run-type marker."""
+    root = tmp_path / "kaggle"
+    (root / "input").mkdir(parents=True)
+    (root / "working").mkdir()
+    monkeypatch.setenv("KAGGLE_ROOT", str(root))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    return root
+
+
+def put(folder: Path, name: str = "model.pt") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("x")
+    return folder
+
+
+@pytest.mark.parametrize("mount", ["input/e1-weights", "input/datasets/alice/e1-weights",
+                                   "input/notebooks/alice/e1-02-train-embedder"])
+def test_find_stage_dir_in_attached_source(tmp_path, monkeypatch, mount):
+    root = fake_kaggle(tmp_path, monkeypatch)
+    put(root / "input" / "comp" / "train_images", "a.jpg")  # a competition folder is a source too, harmlessly
+    stage = put(root / mount / "e1" / "02_embedder" / "fold0")
+    assert paths.find_stage_dir("e1", "02", "fold0/model.pt") == stage.parent
+    assert root / mount in paths.attached_dirs()
+
+
+def test_find_stage_dir_prefers_working_then_first_source(tmp_path, monkeypatch):
+    root = fake_kaggle(tmp_path, monkeypatch)
+    put(root / "input" / "b-weights" / "e1" / "03_embeddings" / "fold0", "train.npz")
+    put(root / "input" / "a-out" / "e1" / "03_embeddings" / "fold0", "test.npz")
+    # each file is found where it is: the gallery in one dataset, the test embeddings in a kernel's output
+    assert paths.find_stage_dir("e1", "03", "fold0/train.npz") == root / "input" / "b-weights" / "e1" / "03_embeddings"
+    assert paths.find_stage_dir("e1", "03", "fold0/test.npz") == root / "input" / "a-out" / "e1" / "03_embeddings"
+    own = put(root / "working" / "e1" / "03_embeddings" / "fold0", "test.npz")
+    assert paths.find_stage_dir("e1", "03", "fold0/test.npz") == own.parent  # this kernel's output wins
+
+
+def test_find_stage_dir_archive_nesting(tmp_path, monkeypatch):
+    root = fake_kaggle(tmp_path, monkeypatch)  # a zipped `e1` folder unpacked into a folder named e1
+    stage = put(root / "input" / "e1-weights" / "e1" / "e1" / "04_retrieval", "metrics.json")
+    assert paths.find_stage_dir("e1", "04", "metrics.json") == stage
+
+
+def test_find_stage_dir_missing_names_the_slug(tmp_path, monkeypatch):
+    root = fake_kaggle(tmp_path, monkeypatch)
+    put(root / "input" / "reid-common", "reid-install-requirements.txt")
+    with pytest.raises(paths.MissingStageError) as err:
+        paths.find_stage_dir("e1", "02", "fold0/model.pt", hint="run stage 02 first")
+    text = str(err.value)
+    assert str(root / "working" / "e1" / "02_embedder" / "fold0" / "model.pt") + " not found: run stage 02" in text
+    assert "'<owner>/e1-weights'" in text and "reid-common" in text and "1 source(s)" in text
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_find_stage_dir_off_kaggle_reads_working_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("REID_WORKING_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("REID_INPUT_DIR", str(tmp_path / "i"))
+    put(tmp_path / "i" / "e1-weights" / "e1" / "02_embedder")  # looks attached, but we are not on Kaggle
+    assert paths.attached_dirs() == []
+    with pytest.raises(paths.MissingStageError) as err:
+        paths.find_stage_dir("e1", "02", "model.pt")
+    assert "Kaggle" not in str(err.value)  # no Kaggle advice off Kaggle
+    put(tmp_path / "w" / "e1" / "02_embedder")
+    assert paths.find_stage_dir("e1", "02", "model.pt") == tmp_path / "w" / "e1" / "02_embedder"
+
+
+@pytest.mark.parametrize("mount", ["input/happy-whale", "input/competitions/happy-whale"])
+def test_data_dir_finds_competition_in_both_layouts(tmp_path, monkeypatch, mount):
+    root = fake_kaggle(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (root / mount).mkdir(parents=True)
+    assert paths.data_dir("happy-whale") == (root / mount).resolve()

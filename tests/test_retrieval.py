@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from common import plots, retrieval
+from common import ann, plots, retrieval
 from common.metrics import map_at_k
 from common.retrieval import (
     average_scores,
@@ -339,3 +339,26 @@ def test_select_examples_is_deterministic_and_mixed():
     assert sum(truth[i] == "A" for i in a) == 2 and len(a) == 4
     b = plots.select_examples(pred, truth, n=8)  # only 3 wrong: right ones fill in
     assert sum(truth[i] == "B" for i in b) == 3 and len(b) == 8
+
+
+def test_search_index_choice_flat_ivf_auto(monkeypatch):
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(2000, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[:50]
+    flat_s, flat_i = retrieval.search(gallery, queries, 5, use_gpu=False, index="flat")
+    auto_s, auto_i = retrieval.search(gallery, queries, 5, use_gpu=False)  # 2,000 rows: below FLAT_BELOW
+    np.testing.assert_array_equal(auto_i, flat_i)
+    ivf_s, ivf_i = retrieval.search(gallery, queries, 5, use_gpu=False, index="ivf")
+    # A row's own IVF cell is always probed (it is the cell nearest to it), so each query finds itself first.
+    np.testing.assert_array_equal(ivf_i[:, 0], np.arange(50))
+    np.testing.assert_allclose(ivf_s[:, 0], 1.0, atol=1e-5)
+    assert ann.recall_at_k(flat_i, ivf_i, 5) < 1.0  # 2 of 51 cells probed: approximate, hence not equal
+    monkeypatch.setattr(ann, "FLAT_BELOW", 1000)  # "auto" switches to IVF at the size threshold ...
+    monkeypatch.setattr(ann, "IVF_MIN_QUERIES", 51)  # ... but not for fewer queries than pay for the build
+    np.testing.assert_array_equal(retrieval.search(gallery, queries, 5, use_gpu=False)[1], flat_i)
+    monkeypatch.setattr(ann, "IVF_MIN_QUERIES", 50)
+    auto2_s, auto2_i = retrieval.search(gallery, queries, 5, use_gpu=False)
+    np.testing.assert_array_equal(auto2_i, ivf_i)
+    with pytest.raises(ValueError, match="index must be"):
+        retrieval.search(gallery, queries, 5, index="hnsw")
