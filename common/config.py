@@ -527,6 +527,9 @@ class EnsembleConfig(StageConfig):
         threshold_step: sweep step.
         new_label: the id that stands for an unseen individual.
         gallery_size: flagged training images shown in the label-cleaning gallery.
+        inference_only: train and tune nothing: the members' stored arrays (found by experiment name, e.g. in
+            attached Kaggle datasets and kernel outputs) and the blend ratio and thresholds of an earlier full
+            stage-06 run of this experiment make the submission; pseudo-labels, cleaning and soups are skipped.
     """
 
     stage: ClassVar[str] = "06"
@@ -554,6 +557,7 @@ class EnsembleConfig(StageConfig):
     threshold_step: float = 0.02
     new_label: str = "new_individual"
     gallery_size: int = 12
+    inference_only: bool = False
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "soup": ("none", "uniform", "greedy"),

@@ -37,15 +37,22 @@ from common.train import read_folds
 
 
 def embed_folds(names: list[str]) -> list[int]:
-    """Folds whose train and test embeddings exist for every member; raises naming a member with none."""
+    """Folds whose train and test embeddings exist for every member; raises naming a member with none.
+
+    Each file is looked for where :func:`common.paths.find_stage_dir` looks (``working/``, then the sources
+    attached on Kaggle), so ``train.npz`` may come from a member's weights dataset and ``test.npz`` from the
+    output of its stage-03 inference kernel.
+    """
     found = {}
     for n in names:
-        base = paths.stage_dir(n, "03")
-        found[n] = {int(p.name[4:]) for p in base.glob("fold*") if p.name[4:].isdigit()
-                    and (p / "train.npz").exists() and (p / "test.npz").exists()}
+        places = [p for p in paths.stage_candidates(n, "03") if p.is_dir()]
+        folds = {int(p.name[4:]) for place in places for p in place.glob("fold*") if p.name[4:].isdigit()}
+        found[n] = {k for k in folds if all(any((place / f"fold{k}" / f"{split}.npz").exists() for place in places)
+                                            for split in ("train", "test"))}
         if not found[n]:
-            raise FileNotFoundError(f"embed member {n!r}: no fold{{k}}/train.npz and test.npz under {base}; run "
-                                    f"stages 02-03 with exp={n} first")
+            raise FileNotFoundError(f"embed member {n!r}: no fold{{k}}/train.npz and test.npz under "
+                                    f"{paths.stage_dir(n, '03')}; run stages 02-03 with exp={n} first"
+                                    + paths.missing_hint(n, "03", "fold0/test.npz"))
     common = sorted(set.intersection(*found.values()))
     if not common:
         raise FileNotFoundError(f"embed members share no fold with embeddings: {found}")
@@ -110,8 +117,8 @@ def blend_oof(cfg: EnsembleConfig, oof: pd.DataFrame, truth: pd.Series, gallery:
     return blended[keep].reset_index(drop=True), truth[common]
 
 
-def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path
-                           ) -> tuple[dict[str, Any], pd.DataFrame]:
+def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
+                           stored: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Scores, blend, threshold and submission of the retrieval side; returns ``(metrics, submission)``.
 
     Args:
@@ -119,18 +126,17 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
         comp: the competition.
         ens: the classifier ensemble (:func:`common.ensemble_stage.classifier_ensemble`), needed to blend.
         out: the stage folder.
+        stored: ``inference_only``: the ``"retrieval"`` metrics of the full run, whose thresholds are used
+            (nothing is scored out of fold); ``None``: tune them.
     """
     names = cfg.member_list("embed_members")
     folds = embed_folds(names)
+    if stored is not None:
+        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, folds)
     oof, truth, gallery = oof_scores(cfg, comp, names, folds)
-    test = test_scores(cfg, comp, names, folds)
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
     if cfg.blend_ratio > 0:
-        if ens["label_column"] != "individual_id":
-            raise ValueError(f"blend_ratio > 0: the classifier members classify {ens['label_column']!r}, not "
-                             "individual_id; their classes cannot be blended with individuals")
         oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
-        test = ensemble.blend_scores(test, ens["test_blend"], list(comp.test["image"]), ens["classes"],
-                                     cfg.blend_ratio, kind=_kind(cfg))
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
     best, sweep = retrieval.tune_threshold(oof, truth, grid, new_label=cfg.new_label)
     images = list(comp.test["image"].astype(str))
@@ -156,18 +162,63 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
         oof_pred = retrieval.predict(oof, thr, new_label=cfg.new_label, images=list(truth.index))
         res["threshold"] = float(thr)
     res["oof_map5"] = metrics.map_at_k(truth.tolist(), oof_pred["predictions"].str.split().tolist())
-    res["new_share"] = float((sub["predictions"].str.split().str[0] == cfg.new_label).mean())
+    res.update(test_report(cfg, comp, sub))
+    store.write_csv(out / "retrieval_oof_scores.csv", oof)
+    store.write_csv(out / "retrieval_oof_truth.csv",
+                    truth.rename_axis("image").rename("individual_id").reset_index())
+    store.write_csv(out / "retrieval_test_scores.csv", test)
+    store.write_csv(out / "threshold_sweep.csv", sweep)
+    return res, sub
+
+
+def blend_test(cfg: EnsembleConfig, comp: Competition, test: pd.DataFrame, ens: dict | None) -> pd.DataFrame:
+    """The test scores blended with the classifier ensemble (``blend_ratio > 0``), else as they are."""
+    if cfg.blend_ratio <= 0:
+        return test
+    if ens["label_column"] != "individual_id":
+        raise ValueError(f"blend_ratio > 0: the classifier members classify {ens['label_column']!r}, not "
+                         "individual_id; their classes cannot be blended with individuals")
+    return ensemble.blend_scores(test, ens["test_blend"], list(comp.test["image"]), ens["classes"],
+                                 cfg.blend_ratio, kind=_kind(cfg))
+
+
+def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame) -> dict[str, Any]:
+    """Share of test images answered ``new_label`` first, and MAP@5 when ``test.csv`` gives the truth."""
+    res: dict[str, Any] = {"new_share": float((sub["predictions"].str.split().str[0] == cfg.new_label).mean())}
     if comp.truth is not None:
         t = comp.truth.set_index("image")["individual_id"].reindex(sub["image"])
         scored = t.notna().to_numpy()
         rep = metrics.map5_report(t[scored].tolist(), sub["predictions"][scored].str.split().tolist(),
                                   comp.known_individuals, cfg.new_label)
         res.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()})
-    store.write_csv(out / "retrieval_oof_scores.csv", oof)
-    store.write_csv(out / "retrieval_oof_truth.csv",
-                    truth.rename_axis("image").rename("individual_id").reset_index())
+    return res
+
+
+def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
+                             stored: dict[str, Any], folds: list[int]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``inference_only``: the test search and blend of :func:`run_retrieval_ensemble` with the full run's
+    thresholds (``share`` mode recomputes its threshold from the test scores, as the full run did)."""
+    names = cfg.member_list("embed_members")
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
+    images = list(comp.test["image"].astype(str))
+    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
+                           "threshold_mode": cfg.threshold_mode, "inference_only": True,
+                           "oof_map5": stored.get("oof_map5")}  # the full run's, for reference
+    if cfg.threshold_mode == "species":
+        per, best = {str(k): float(v) for k, v in stored["species_thresholds"].items()}, float(stored["threshold"])
+        individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]
+        sub = postprocess.predict_by_species(test, postprocess.candidate_species(test, individual_species), per,
+                                             best, new_label=cfg.new_label, images=images)[["image", "predictions"]]
+        res.update(threshold=best, species_thresholds=per)
+    else:
+        thr = float(stored["threshold"])
+        if cfg.threshold_mode == "share":
+            thr, _ = postprocess.threshold_for_share(test, cfg.new_share, images)
+            res["target_share"] = cfg.new_share
+        sub = retrieval.predict(test, thr, new_label=cfg.new_label, images=images)
+        res["threshold"] = float(thr)
+    res.update(test_report(cfg, comp, sub))
     store.write_csv(out / "retrieval_test_scores.csv", test)
-    store.write_csv(out / "threshold_sweep.csv", sweep)
     return res, sub
 
 

@@ -18,6 +18,12 @@ Retrieval side (``embed_members``): :mod:`common.ensemble_retrieval`. With it th
 one (with ``new_individual``), else the classifier ensemble's five best classes; either way it is
 ``submissions/<exp>-<settings>.csv`` (:func:`submission_name`). ``06_ensemble/metrics.json`` holds everything,
 ``working/<exp>/metrics.json`` a headline under ``"ensemble"``.
+
+``inference_only`` (a Kaggle kernel): the members' files are found by experiment name
+(:func:`common.paths.find_stage_dir`: ``working/``, then attached datasets and kernel outputs), the weights are
+computed again from their stored out-of-fold arrays, the blend ratio and thresholds come from the full run's
+``06_ensemble/metrics.json`` (:func:`stored_run`); pseudo-labels, cleaning, soups and the out-of-fold retrieval are
+skipped (``metrics.json``'s ``skipped``), and the submission equals the full run's.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common import classify, ensemble, metrics, paths, postprocess, store
+from common import classify, ensemble, metrics, paths, postprocess, store, submit
 from common.config import EnsembleConfig
 from common.data import Competition, open_competition
 
 STAGE = "06"
+# What inference_only leaves out (it writes no training folders and runs no model), said in metrics.json.
+INFERENCE_SKIPS = ["pseudo-labels", "label cleaning", "model soups", "out-of-fold retrieval and threshold tuning"]
 
 
 def stage_dir(exp: str) -> Path:
@@ -71,17 +79,24 @@ class Member:
         return float(metrics.classification_report(self.oof_label, self.oof_probs, len(self.classes))[by])
 
 
+def member_file(exp: str, name: str, stage: str = "05") -> Path:
+    """``<exp>/05_classifier/<name>`` (or another ``stage``'s file), read where :func:`common.paths.find_stage_dir`
+    finds it: ``working/`` first, then the datasets and kernel outputs attached on Kaggle. The error names the
+    member and, on Kaggle, the dataset slug to attach."""
+    try:
+        return paths.find_stage_dir(exp, stage, name, hint=f"run stage {stage} with exp={exp} first (or drop it "
+                                                          "from the members)") / name
+    except paths.MissingStageError as err:
+        raise paths.MissingStageError(f"ensemble member {exp!r}: {err}") from None
+
+
 def load_member(exp: str) -> Member:
     """Read experiment ``exp``'s stage-05 arrays; the error names the experiment and the missing file."""
-    folder = paths.stage_dir(exp, "05")
-    for name in ("classes.json", "oof.npz", "test.npz"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"ensemble member {exp!r}: {folder / name} not found; run stage 05 with "
-                                    f"exp={exp} first (or drop it from members)")
-    info = store.read_json(folder / "classes.json")
-    oof, test = store.load_arrays(folder / "oof.npz"), store.load_arrays(folder / "test.npz")
+    files = {name: member_file(exp, name) for name in ("classes.json", "oof.npz", "test.npz")}
+    info = store.read_json(files["classes.json"])
+    oof, test = store.load_arrays(files["oof.npz"]), store.load_arrays(files["test.npz"])
     oof_cos = test_cos = None
-    fold_config = sorted(folder.glob("fold*/config.json"))
+    fold_config = sorted(files["classes.json"].parent.glob("fold*/config.json"))  # stored beside classes.json
     cfg = store.read_json(fold_config[0])["config"] if fold_config else {}
     if cfg.get("head") in ("arcface", "subcenter"):  # ArcFace logits are s * cos: divided by s, a cosine
         oof_cos = (oof["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
@@ -274,20 +289,30 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
         raise ValueError("stage 06 has nothing to do: set members (stage-05 runs) and/or embed_members "
                          "(stage-03 runs)")
     members = load_members(names) if names else []  # every input read or located before any work
-    if cfg.soup != "none":
+    stored = stored_run(cfg) if cfg.inference_only else None
+    if cfg.soup != "none" and not cfg.inference_only:
         soup_stage.soup_folds(cfg.member_list("soup_members"))
     if cfg.member_list("embed_members"):
-        ensemble_retrieval.shared_split(cfg.member_list("embed_members"))
+        if not cfg.inference_only:  # the split matters out of fold only
+            ensemble_retrieval.shared_split(cfg.member_list("embed_members"))
         ensemble_retrieval.embed_folds(cfg.member_list("embed_members"))
     result: dict[str, Any] = {"exp": cfg.exp, "members": names, "submission": None}
+    if cfg.inference_only:
+        result.update(inference_only=True, skipped=INFERENCE_SKIPS)
     ens = None
-    if members:
-        ens = classifier_ensemble(cfg, comp, members, out)
+    if members:  # inference: weights from the stored out-of-fold arrays as in a full run; no new training folders
+        ens = classifier_ensemble(dataclasses.replace(cfg, pseudo_threshold=0.0, clean_threshold=0.0)
+                                  if cfg.inference_only else cfg, comp, members, out)
         result.update(ens["metrics"])
-    if cfg.soup != "none":
+        if stored is not None and stored.get("weights") not in (None, result["weights"]):
+            raise ValueError(f"inference_only: the member weights {result['weights']} differ from "
+                             f"{stored['weights']} of the full run ({stored['where']}): the members' "
+                             "05_classifier/oof.npz are not the ones that run ensembled")
+    if cfg.soup != "none" and not cfg.inference_only:
         result["soup"] = soup_stage.run_soup(cfg, comp, out)
     if cfg.member_list("embed_members"):
-        result["retrieval"], submission = ensemble_retrieval.run_retrieval_ensemble(cfg, comp, ens, out)
+        result["retrieval"], submission = ensemble_retrieval.run_retrieval_ensemble(
+            cfg, comp, ens, out, stored=None if stored is None else stored["retrieval"])
     else:
         first = ens["redistributed"] if ens is not None and cfg.redistribute_k else None
         submission = pd.DataFrame({"image": comp.test["image"],
@@ -299,12 +324,35 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
                                                       submission["predictions"][scored].str.split().tolist(),
                                                       comp.known_individuals, cfg.new_label)
     name = submission_name(cfg)
-    store.write_csv(paths.submission_path(name), submission)
+    submit.write_submission(name, submission)  # on Kaggle also /kaggle/working/submission.csv
     result["submission"] = name
     store.write_json(out / "metrics.json", result)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"ensemble": headline(result)})
     store.mark_done(out, cfg.fingerprint())
     return result
+
+
+def stored_run(cfg: EnsembleConfig) -> dict[str, Any]:
+    """``inference_only``: the ``06_ensemble/metrics.json`` of an earlier full run of ``cfg.exp`` (found by name,
+    e.g. in its attached weights dataset), checked to come from the same members and settings; ``where`` added.
+
+    Raises:
+        MissingStageError: no such file; the message says what to attach.
+        ValueError: that run ensembled other members or used other settings.
+    """
+    folder = paths.find_stage_dir(cfg.exp, STAGE, "metrics.json",
+                                  hint="inference_only takes the blend ratio and thresholds of a full stage-06 run "
+                                       "of this experiment")
+    run = store.read_json(folder / "metrics.json")
+    ret = run.get("retrieval") or {}
+    now = {"submission": submission_name(cfg), "members": cfg.member_list("members"),
+           "embed_members": cfg.member_list("embed_members")}
+    then = {"submission": run.get("submission"), "members": run.get("members"),
+            "embed_members": ret.get("embed_members", [])}
+    if now != then:
+        raise ValueError(f"inference_only: {folder / 'metrics.json'} was written by a full run with {then}, not "
+                         f"{now}: run inference with the parameters of that run")
+    return {**run, "where": str(folder / "metrics.json"), "retrieval": ret}
 
 
 def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Member], out: Path) -> dict:
@@ -426,6 +474,8 @@ def summary_table(result: dict[str, Any]) -> pd.DataFrame:
     """One row per headline figure of the run (what was written and how it scores)."""
     rows: dict[str, Any] = {"submission": f"{result['submission']}.csv", "members": ", ".join(result["members"])}
     rows.update({k.replace("_", " "): v for k, v in headline(result).items() if k not in ("submission", "members")})
+    if result.get("inference_only"):
+        rows["inference only"] = "skipped: " + ", ".join(result["skipped"])
     for key, fields in (("pseudo", ("round", "kept", "folder")), ("clean", ("flagged", "kept", "folder")),
                         ("redistribute", ("moved", "classes_below_k_before", "classes_below_k_after"))):
         rows.update({f"{key} {f.replace('_', ' ')}": result[key][f] for f in fields if key in result})

@@ -11,7 +11,8 @@ writes ``working/kaggle/<exp>/`` (``--out``):
   lacks; versions from ``requirements.txt``), :data:`INSTALL_LIST` (what the notebooks' first cell installs) and
   ``dataset-metadata.json``;
 * ``weights/``: the run's inference files laid out as in ``working/`` (``<exp>/02_embedder/fold{k}/model.pt``
-  ..., never ``last.pt`` or optimiser state) and ``dataset-metadata.json``, slug ``<exp>-weights``;
+  ..., never ``last.pt`` or optimiser state; for 06 ``<exp>/06_ensemble/metrics.json``, the blend ratio and
+  thresholds) and ``dataset-metadata.json``, slug ``<exp>-weights``;
 * ``kernels/<slug>/``: one folder per notebook, parameters injected (``data``, ``exp``, ``inference_only=True``
   and the run's own values) and a ``kernel-metadata.json`` (internet off, datasets, competition, and the earlier
   kernels whose outputs a stage reads);
@@ -45,7 +46,7 @@ from common.config import STAGE_CONFIGS
 # The notebooks' first cell looks for this file under /kaggle/input/*/ and /kaggle/input/datasets/*/*/.
 INSTALL_LIST = "reid-install-requirements.txt"
 DISTRIBUTION = "reid-notebooks-common"
-INFERENCE_STAGES = ("01", "03", "04", "05")  # stages whose notebooks have an inference_only mode
+INFERENCE_STAGES = ("01", "03", "04", "05", "06")  # stages whose notebooks have an inference_only mode
 # Stages whose outputs a stage reads: when both are built, the earlier kernel becomes a kernel source.
 READS_FROM = {"03": ("01",), "04": ("03",), "05": ("01",)}
 GPU_STAGES = ("01", "03", "05")  # a model runs: a GPU helps; retrieval (04) is a FAISS search on CPU
@@ -218,6 +219,11 @@ def weights_files(exp: str, stages: list[str]) -> dict[str, Path]:
         FileNotFoundError: naming the first file the run lacks.
     """
     files: dict[str, Path] = {}
+    if "06" in stages:  # the full run's blend ratio and thresholds; the members' files are in their own bundles
+        files[f"{exp}/06_ensemble/metrics.json"] = paths.stage_dir(exp, "06") / "metrics.json"
+        stages = [s for s in stages if s != "06"]
+        if not stages:
+            return _check(exp, files, with_detector=False)
     if "05" in stages:
         folder = paths.stage_dir(exp, "05")
         for name in ("classes.json", "folds.csv", "metrics.json", "oof.npz"):
@@ -239,8 +245,8 @@ def weights_files(exp: str, stages: list[str]) -> dict[str, Path]:
 
 
 def classification_only(stages: list[str]) -> bool:
-    """True for a bundle of stage 05 (and 01): no embedder, no retrieval."""
-    return "05" in stages and set(stages) <= {"01", "05"}
+    """True for a bundle of stage 05 (and 01, 06): no embedder, no retrieval of this experiment."""
+    return "05" in stages and set(stages) <= {"01", "05", "06"}
 
 
 def _check(exp: str, files: dict[str, Path], with_detector: bool) -> dict[str, Path]:
@@ -334,7 +340,10 @@ def build(exp: str, notebooks: list[str], owner: str, competition: str = "", out
 
     Args:
         exp: a finished experiment (stages 01-04 under ``working/<exp>``).
-        notebooks: stages to make kernels of (``01``, ``03``, ``04``, ``05``), run in this order on Kaggle.
+        notebooks: stages to make kernels of (``01``, ``03``, ``04``, ``05``, ``06``), run in this order on
+            Kaggle. The ``06`` kernel also attaches every member's weights dataset and the output of the member's
+            own ``05`` (``members``) or ``03`` (``embed_members``) kernel (:func:`ensemble_members`): build and
+            push each member's bundle first.
         owner: Kaggle user name owning the datasets and kernels.
         competition: competition slug (default: the run's ``data`` name, slugified).
         out: output folder (default ``working/kaggle/<exp>``).
@@ -349,7 +358,7 @@ def build(exp: str, notebooks: list[str], owner: str, competition: str = "", out
     bad = [s for s in notebooks if s not in INFERENCE_STAGES]
     if bad or not notebooks:
         raise ValueError(f"--notebooks {','.join(notebooks)}: choose among {list(INFERENCE_STAGES)}")
-    first = "05" if classification_only(notebooks) else "03"
+    first = "05" if classification_only(notebooks) else "06" if notebooks == ["06"] else "03"
     competition = competition or paths.kaggle_slug(Path(str(run_params(exp, first)["data"])).name, 3)
     out = Path(out) if out else paths.working_dir() / "kaggle" / exp
     code_slug = paths.kaggle_slug(code_slug, min_len=3)
@@ -362,6 +371,7 @@ def build(exp: str, notebooks: list[str], owner: str, competition: str = "", out
     for stage in notebooks:  # every kernel's parameters must exist before anything is written
         kernel_params(exp, stage, competition)
     requirements = extra_requirements(extra)
+    members = ensemble_members(exp, competition) if "06" in notebooks else {}
     build_weights_dataset(out / "weights", owner, exp, notebooks)
     build_code_dataset(out / "code", owner, code_slug, requirements, find_links)
     datasets = [f"{owner}/{code_slug}", f"{owner}/{paths.weights_slug(exp)}"]
@@ -373,13 +383,34 @@ def build(exp: str, notebooks: list[str], owner: str, competition: str = "", out
     for stages in groups:
         sources = [f"{owner}/{kernel_slug(exp, s)}" for stage in stages for s in READS_FROM.get(stage, ())
                    if s in notebooks and s not in stages]
+        kernel_datasets = list(datasets)
+        if "06" in stages:  # each member's weights dataset and the output of its own inference kernel
+            kernel_datasets += [f"{owner}/{paths.weights_slug(m)}" for m in members]
+            sources += [f"{owner}/{kernel_slug(m, s)}" for m, member_stages in members.items() for s in member_stages
+                        if not (m == exp and s in stages)]
+        kernel_datasets, sources = list(dict.fromkeys(kernel_datasets)), list(dict.fromkeys(sources))
         slug = kernel_slug(exp, stages[0]) if len(stages) == 1 else paths.kaggle_slug(f"{exp} inference")
         use_gpu = any(s in GPU_STAGES for s in stages) if gpu is None else gpu
-        build_kernel(out / "kernels" / slug, owner, exp, stages, competition, datasets, sources, use_gpu)
+        build_kernel(out / "kernels" / slug, owner, exp, stages, competition, kernel_datasets, sources, use_gpu)
         push.append(f"kaggle kernels push -p kernels/{slug}" + ("  # wait until it finishes before the next push"
                                                                if len(groups) > 1 else ""))
     (out / "push.sh").write_text("\n".join(push) + "\n")
     (out / "push.sh").chmod(0o755)
+    return out
+
+
+def ensemble_members(exp: str, competition: str = "") -> dict[str, list[str]]:
+    """``{member experiment: [stages whose test outputs stage 06 of exp reads]}``: ``05`` for ``members``
+    (its ``test.npz``), ``03`` for ``embed_members`` (its test embeddings), from the run's own parameters.
+
+    On Kaggle the 06 kernel attaches each member's weights dataset (``<owner>/<member>-weights``, from
+    ``build --exp <member> --notebooks 05`` or ``03,04``) and the output of the member's kernel of that stage.
+    """
+    cfg = STAGE_CONFIGS["06"](**kernel_params(exp, "06", competition or "x"))
+    out: dict[str, list[str]] = {}
+    for stage, field in (("05", "members"), ("03", "embed_members")):
+        for m in cfg.member_list(field):
+            out.setdefault(m, []).append(stage)
     return out
 
 
@@ -396,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="write the code/weights datasets and kernel folders of an experiment")
     b.add_argument("--exp", required=True, help="finished experiment under working/")
     b.add_argument("--notebooks", default=None,
-                   help="stages to make kernels of: 01,03,04,05 (default 01,03,04, or 03,04 without crops)")
+                   help="stages to make kernels of: 01,03,04,05,06 (default 01,03,04, or 03,04 without crops)")
     b.add_argument("--dataset-owner", required=True, help="your Kaggle user name")
     b.add_argument("--competition", default="", help="competition slug (default: the run's data name)")
     b.add_argument("--out", default=None, help="output folder (default working/kaggle/<exp>)")

@@ -280,3 +280,85 @@ def test_blend_on_cosine_uses_arcface_logits_over_s(comp):
     with pytest.raises(ValueError, match=r"blend_on=cosine: member\(s\) \['a'\] have a linear head"):
         ensemble_stage.run_ensemble(ens_cfg(comp, exp="rl", members="a", embed_members="e", knn_k=10,
                                             blend_ratio=0.5, blend_on="cosine"), comp)
+
+
+# -- inference_only: the full run's submission from attached Kaggle sources ---------------------------------------
+def attached_sources(full: list[EnsembleConfig]) -> dict[tuple[str, str], dict[str, object]]:
+    """``{(kind, slug): {path inside: source file}}``: each run's weights dataset (what ``common.kaggle build``
+    puts in it) and the outputs of the members' inference kernels (their test predictions only)."""
+    from common import kaggle
+
+    out = {("datasets", paths.weights_slug(m)): kaggle.weights_files(m, ["05"]) for m in ("a", "b")}
+    out[("datasets", paths.weights_slug("e"))] = kaggle.weights_files("e", ["03", "04"])
+    for cfg in full:
+        out[("datasets", paths.weights_slug(cfg.exp))] = kaggle.weights_files(cfg.exp, ["06"])
+    for m in ("a", "b"):
+        out[("notebooks", kaggle.kernel_slug(m, "05"))] = {f"{m}/05_classifier/test.npz":
+                                                           paths.stage_dir(m, "05") / "test.npz"}
+    out[("notebooks", kaggle.kernel_slug("e", "03"))] = {f"e/03_embeddings/fold{k}/test.npz":
+                                                         paths.stage_dir("e", "03") / f"fold{k}" / "test.npz"
+                                                         for k in (0, 1)}
+    return out
+
+
+def fake_kaggle(root, sources: dict, layout: str, monkeypatch, leave_out: tuple[str, ...] = ()) -> None:
+    """A fake /kaggle tree with ``sources`` unpacked under ``input/`` (``slug``: ``input/<slug>``; ``owner``:
+    ``input/<datasets|notebooks>/tester/<slug>``), an empty ``working/``, and the environment of a kernel."""
+    for (kind, slug), files in sources.items():
+        if slug in leave_out:
+            continue
+        base = root / "input" / slug if layout == "slug" else root / "input" / kind / "tester" / slug
+        for rel, src in files.items():
+            (base / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, base / rel)
+    (root / "working").mkdir(parents=True)
+    for var in ("REID_INPUT_DIR", "REID_WORKING_DIR", "REID_SUBMISSIONS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_ROOT", str(root))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+
+
+def test_inference_only_reproduces_the_full_run_from_attached_sources(comp, tmp_path, monkeypatch):
+    import dataclasses
+
+    full = [ens_cfg(comp, exp="inf-sp", embed_members="e", knn_k=10, blend_ratio=0.5, threshold_mode="species",
+                    species_min_queries=1),  # stored per-species thresholds
+            ens_cfg(comp, exp="inf-gl", members="", embed_members="e", knn_k=10),  # the stored global threshold
+            ens_cfg(comp, exp="inf-cl", redistribute_k=2, pseudo_threshold=0.01)]  # classifier only, pseudo skipped
+    results = {cfg.exp: ensemble_stage.run_ensemble(cfg, comp) for cfg in full}
+    subs = {cfg.exp: pd.read_csv(paths.submission_path(results[cfg.exp]["submission"])) for cfg in full}
+    assert "pseudo" in results["inf-cl"] and results["inf-sp"]["retrieval"]["species_thresholds"]
+    sources = attached_sources(full)
+    for layout in ("slug", "owner"):
+        root = tmp_path / layout
+        fake_kaggle(root, sources, layout, monkeypatch)
+        for cfg in full:
+            res = ensemble_stage.run_ensemble(dataclasses.replace(cfg, inference_only=True), comp)
+            assert res["inference_only"] and "pseudo" not in res and "model soups" in res["skipped"]
+            written = pd.read_csv(root / "working" / "submission.csv")  # what Kaggle scores
+            pd.testing.assert_frame_equal(written, subs[cfg.exp])  # == the full run's submission
+            pd.testing.assert_frame_equal(pd.read_csv(root / "working" / f"{res['submission']}.csv"), subs[cfg.exp])
+            assert res.get("weights") == results[cfg.exp].get("weights")  # from the stored out-of-fold arrays
+            if cfg.embed_members:
+                ret, ret_full = res["retrieval"], results[cfg.exp]["retrieval"]
+                assert ret["threshold"] == ret_full["threshold"]  # stored, not tuned (no out-of-fold search)
+                assert ret.get("species_thresholds") == ret_full.get("species_thresholds")
+        assert not (root / "working" / "inf-cl" / "06_ensemble" / "pseudo_round1").exists()  # no training folder
+        assert not (root / "working" / "a").exists()  # the members were read from the attached sources only
+        table = ensemble_stage.summary_table(res)
+        assert table.loc["inference only", "value"].startswith("skipped: pseudo-labels, label cleaning")
+
+    # a member's weights dataset, a member's kernel output or the full run's metrics not attached: named
+    sp = dataclasses.replace(full[0], inference_only=True)
+    for missing, match in (("b-weights", r"ensemble member 'b': .*b/05_classifier/classes.json not found.*"
+                                         r"attach the dataset '<owner>/b-weights'"),
+                           ("a-05-train-classifier", r"ensemble member 'a': .*a/05_classifier/test.npz not found"
+                                                     r".*the kernel that ran stage 05_classifier of 'a'"),
+                           ("inf-sp-weights", r"inf-sp/06_ensemble/metrics.json not found: inference_only takes "
+                                              r"the blend ratio.*'<owner>/inf-sp-weights'")):
+        fake_kaggle(tmp_path / missing, sources, "owner", monkeypatch, leave_out=(missing,))
+        with pytest.raises(paths.MissingStageError, match=match):
+            ensemble_stage.run_ensemble(sp, comp)
+    fake_kaggle(tmp_path / "other-settings", sources, "slug", monkeypatch)
+    with pytest.raises(ValueError, match=r"was written by a full run with .*blend0.5.*: run inference with"):
+        ensemble_stage.run_ensemble(dataclasses.replace(sp, blend_ratio=0.3), comp)

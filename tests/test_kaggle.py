@@ -438,3 +438,37 @@ def test_measure_throughput_runs(one_torch_thread):
 
     out = measure_throughput("mobilenetv3_small_100", 32, batch_size=2, batches=1, jpeg_size=(64, 48))
     assert out["gflops_per_image"] > 0 and out["cpu_images_per_s"] > 0 and out["decode_images_per_s"] > 0
+
+
+def test_build_06_attaches_the_members_weights_and_kernels(isolated, monkeypatch):
+    """Stage 06's kernel: its weights dataset holds the full run's 06_ensemble/metrics.json only; every member's
+    weights dataset and the output of the member's own inference kernel (05 for members, 03 for embed_members)
+    are attached; it runs on the CPU."""
+    from common import store
+
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setattr(kaggle, "build_code_dataset", lambda out, *a, **k: out.mkdir(parents=True))  # no wheel
+    stage = isolated / "working" / "ens" / "06_ensemble"
+    params = {"exp": "ens", "data": "demo_tiny", "members": "self,clf-b", "embed_members": "emb-c,self",
+              "blend_ratio": 0.5, "knn_k": 10, "inputs": {"05:clf-b": None}}  # `inputs`: a fingerprint's extra key
+    store.mark_done(stage, params)
+    store.write_json(stage / "metrics.json", {"submission": "ens-emb2-ens2-w25-blend0.5-thrglobal"})
+    (stage / "members.csv").write_text("member\n")  # not read by inference: stays out of the dataset
+    out = kaggle.build("ens", ["06"], OWNER, out=isolated / "out")
+    weights = out / "weights"
+    assert sorted(str(p.relative_to(weights)) for p in weights.rglob("*") if p.is_file()) == [
+        "dataset-metadata.json", "ens/06_ensemble/metrics.json"]
+    slug = kaggle.kernel_slug("ens", "06")
+    assert slug == "ens-06-ensemble-postprocess"
+    meta = json.loads((out / "kernels" / slug / "kernel-metadata.json").read_text())
+    assert meta["dataset_sources"] == [f"{OWNER}/reid-common", f"{OWNER}/ens-weights", f"{OWNER}/clf-b-weights",
+                                       f"{OWNER}/emb-c-weights"]  # "self" is ens: its dataset listed once
+    assert meta["kernel_sources"] == [f"{OWNER}/ens-05-train-classifier", f"{OWNER}/ens-03-extract-embeddings",
+                                      f"{OWNER}/clf-b-05-train-classifier", f"{OWNER}/emb-c-03-extract-embeddings"]
+    assert meta["enable_gpu"] is False and meta["enable_internet"] is False
+    assert meta["competition_sources"] == ["demo-tiny"]
+    nb = json.loads((out / "kernels" / slug / meta["code_file"]).read_text())
+    text = "".join(next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))["source"])
+    assert "inference_only = True" in text and 'members = "self,clf-b"' in text and "blend_ratio = 0.5" in text
+    assert "inputs" not in text
+    assert kaggle.ensemble_members("ens") == {"ens": ["05", "03"], "clf-b": ["05"], "emb-c": ["03"]}
