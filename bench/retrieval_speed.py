@@ -97,7 +97,7 @@ def main() -> None:
     queries = l2_normalize(rng.standard_normal((args.n_queries, args.dim), dtype=np.float32))
     load = os.getloadavg()[0]
 
-    t_faiss, (_, ref) = timed(lambda: search(gallery, queries, args.k, use_gpu=False), args.repeats)
+    t_faiss, (_, ref) = timed(lambda: search(gallery, queries, args.k, use_gpu=False, index="flat"), args.repeats)
     t_torch, idx_torch = timed(lambda: run_torch(gallery, queries, args.k, args.chunk), args.repeats)
     t_sk, idx_sk = timed(lambda: run_sklearn(gallery, queries, args.k), args.repeats)
 

@@ -101,8 +101,9 @@ def search(
             neighbours. When exact duplicates crowd a row's own index out of its top ``k + 1``, the last
             neighbour is dropped instead, so every row keeps exactly ``k`` neighbours, none of them itself.
         index: ``auto`` (exact below :data:`common.ann.FLAT_BELOW` gallery rows or
-            :data:`common.ann.IVF_MIN_QUERIES` queries, else IVF-Flat from :mod:`common.ann`, recall@5 1.000
-            at its default ``nprobe`` on 1M rows in ``bench/ann_speed.py``), ``flat`` (always exact) or ``ivf``.
+            :data:`common.ann.IVF_MIN_QUERIES` queries, else IVF-Flat from :mod:`common.ann` with ``nprobe``
+            raised until recall@k >= 0.99 on a sample of the queries, :func:`common.ann.calibrate_nprobe`),
+            ``flat`` (always exact) or ``ivf``.
 
     Returns:
         ``(scores, indices)``, both ``(n_queries, k_eff)`` with ``k_eff`` the clipped ``k``, best first.
@@ -132,6 +133,7 @@ def search(
         raise ValueError(f"search: index must be 'auto', 'flat' or 'ivf', got {index!r}")
     if index == "ivf" or (index == "auto" and ann.choose_index(len(gallery), d, n_q) == "ivf"):
         ivf = ann.build_index(gallery, kind="ivf", use_gpu=use_gpu)
+        ann.calibrate_nprobe(ivf, gallery, queries, k_search)  # recall@k >= 0.99 on a sample of these queries
         scores, indices = ann.ann_search(ivf, queries, k_search)
         del ivf
     else:

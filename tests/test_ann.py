@@ -138,3 +138,20 @@ def test_errors(data):
     if faiss.get_num_gpus() == 0:
         with pytest.raises(RuntimeError, match="faiss sees no GPU"):
             ann.build_index(gallery, use_gpu=True)
+
+
+def test_calibrate_nprobe_raises_nprobe_until_the_sampled_recall_is_reached():
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(3000, 8)).astype(np.float32)  # no cluster structure: IVF at nprobe 1 misses a lot
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[rng.choice(3000, 300, replace=False)] + 0.05 * rng.normal(size=(300, 8)).astype(np.float32)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    index = ann.build_index(gallery, kind="ivf", nlist=64, nprobe=1, use_gpu=False)
+    exact = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :5]
+    before = ann.recall_at_k(exact, ann.ann_search(index, queries, 5)[1], 5)
+    nprobe, recall = ann.calibrate_nprobe(index, gallery, queries, 5, target=0.99, sample=100)
+    assert before < 0.9 and nprobe in (2, 4, 8, 16, 32, 64) and recall >= 0.99  # doubled from 1
+    assert index.nprobe == nprobe  # kept on the index
+    assert ann.recall_at_k(exact, ann.ann_search(index, queries, 5)[1], 5) >= 0.97  # holds beyond the sample
+    flat = ann.build_index(gallery, kind="flat", use_gpu=False)
+    assert ann.calibrate_nprobe(flat, gallery, queries, 5) == (0, 1.0)

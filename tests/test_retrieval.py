@@ -353,7 +353,9 @@ def test_search_index_choice_flat_ivf_auto(monkeypatch):
     # A row's own IVF cell is always probed (it is the cell nearest to it), so each query finds itself first.
     np.testing.assert_array_equal(ivf_i[:, 0], np.arange(50))
     np.testing.assert_allclose(ivf_s[:, 0], 1.0, atol=1e-5)
-    assert ann.recall_at_k(flat_i, ivf_i, 5) < 1.0  # 2 of 51 cells probed: approximate, hence not equal
+    # Structureless vectors: the default 2 of 51 cells find little, so nprobe is raised until the sampled recall
+    # reaches 0.99 (ann.calibrate_nprobe); the search as a whole then agrees with the exact one almost everywhere.
+    assert ann.recall_at_k(flat_i, ivf_i, 5) >= 0.97
     monkeypatch.setattr(ann, "FLAT_BELOW", 1000)  # "auto" switches to IVF at the size threshold ...
     monkeypatch.setattr(ann, "IVF_MIN_QUERIES", 51)  # ... but not for fewer queries than pay for the build
     np.testing.assert_array_equal(retrieval.search(gallery, queries, 5, use_gpu=False)[1], flat_i)
