@@ -21,7 +21,6 @@ The submission ``submissions/<exp>-classifier.csv`` lists each test image's five
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -91,10 +90,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     class_index = {c: i for i, c in enumerate(classes)}
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    train_cfg = cfg
-    if cfg.nproc > 1 and not distributed.in_launch():  # torchrun trains the folds; this process reads them
-        distributed.launch("05", cfg.to_dict(), cfg.nproc, out)
-        train_cfg = dataclasses.replace(cfg, force=False)
+    train_cfg = distributed.train_elsewhere("05", cfg, out)  # nproc > 1: torchrun trains, this process reads
     logs = [train_fold(train_cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
     train_seconds = float(sum(log["seconds"].sum() for log in logs))
 

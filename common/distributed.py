@@ -266,6 +266,22 @@ def launch(stage: str, config: dict[str, Any], nproc: int, log_dir: Path) -> Non
                            f"{proc.returncode}; last lines:\n{''.join(tail)}")
 
 
+def train_elsewhere(stage: str, cfg, out: Path):
+    """When ``cfg.nproc > 1`` and this is not a torchrun process, train the stage's folds with :func:`launch` and
+    return ``cfg`` with ``force`` off, so that the caller reads the finished folds instead of retraining them;
+    otherwise return ``cfg`` unchanged (the caller trains in this process). Shared by stages 02 and 05.
+
+    Args:
+        stage: ``02`` or ``05``.
+        cfg: the stage config (a :class:`~common.config.TrainConfig`).
+        out: the stage folder (where the launch config is written).
+    """
+    if cfg.nproc <= 1 or in_launch():
+        return cfg
+    launch(stage, cfg.to_dict(), cfg.nproc, out)
+    return dataclasses.replace(cfg, force=False)
+
+
 def _config_class(stage: str):
     from common.config import ClassifierConfig, EmbedderConfig
 

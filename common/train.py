@@ -15,7 +15,6 @@ train ``head_lr_mult`` times faster than the pretrained backbone.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -173,12 +172,11 @@ def load_embedder(exp: str, fold: int, device: torch.device | str = "cpu") -> tu
     return model.to(device).eval(), meta
 
 
-def _loader(dataset: ImageDataset, cfg: EmbedderConfig, shuffle: bool, seed: int, device: torch.device):
-    generator = torch.Generator().manual_seed(seed)
+def _loader(dataset: ImageDataset, cfg: EmbedderConfig, device: torch.device):
+    """An evaluation loader (in order; training batches come from :func:`common.distributed.epoch_loader`)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > cfg.batch_size,
+        dataset, batch_size=cfg.batch_size, shuffle=False,
         num_workers=loader_workers(cfg.num_workers), pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-        generator=generator, persistent_workers=False,
     )
 
 
@@ -307,7 +305,7 @@ def evaluate(model: EmbeddingModel, dataset: ImageDataset, cfg: EmbedderConfig, 
         return float("nan"), float("nan")
     model.eval()
     total_loss = correct = 0.0
-    for batch in _loader(dataset, cfg, False, 0, device):
+    for batch in _loader(dataset, cfg, device):
         x, y = batch["image"].to(device), batch["label"].to(device)
         with amp_context(device, cfg.amp):
             logits = model(x)["logits"].float()
@@ -322,9 +320,7 @@ def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) ->
     With ``cfg.nproc > 1`` (and not already inside torchrun) the folds are trained by ``nproc`` processes
     started with torchrun (:func:`common.distributed.launch`); this process then reads their finished logs.
     """
-    if cfg.nproc > 1 and not distributed.in_launch():
-        distributed.launch("02", cfg.to_dict(), cfg.nproc, paths.stage_dir(cfg.exp, "02"))
-        cfg = dataclasses.replace(cfg, force=False)  # the folds are finished now: read, do not retrain
+    cfg = distributed.train_elsewhere("02", cfg, paths.stage_dir(cfg.exp, "02"))
     logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
     if distributed.launch_info().is_main:
         store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
