@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m common.pipeline --params params/demo.yaml --baseline
+	$(OFFLINE) $(BIN)/python -m common.cli.pipeline --params params/demo.yaml --baseline
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

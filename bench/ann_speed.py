@@ -1,4 +1,4 @@
-"""Benchmark: exact flat search vs the IVF-Flat index of common.ann on a synthetic 1M-row gallery.
+"""Benchmark: exact flat search vs the IVF-Flat index of common.lib.ann on a synthetic 1M-row gallery.
 
 Data (seeded, default 1,000,000 gallery x 2,000 queries x 512-d float32, k=5): a mixture of Gaussians.
 ``n_centres`` centres are standard normal vectors scaled to unit length; each row picks a centre uniformly,
@@ -8,7 +8,7 @@ same centre about 0.5, like embeddings of one individual. Queries are fresh draw
 gallery rows).
 
 Both indexes are built from the same gallery; build time, query time (all queries in one call), queries per
-second, index memory (vectors + ids + centroids, :func:`common.ann.index_bytes`) and the process' resident
+second, index memory (vectors + ids + centroids, :func:`common.lib.ann.index_bytes`) and the process' resident
 memory growth during the build are reported side by side, with recall@k against the exact result for a
 sweep of ``nprobe`` (doubling until recall@k reaches ``--target`` and one step further).
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common import ann  # noqa: E402
+from common.lib import ann  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--group-sigma", type=float, default=0.5, help="noise norm of centres around groups")
     ap.add_argument("--sigma", type=float, default=1.2, help="noise norm of rows around their centre")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--nlist", type=int, default=None, help="default: common.ann.default_nlist")
+    ap.add_argument("--nlist", type=int, default=None, help="default: common.lib.ann.default_nlist")
     ap.add_argument("--target", type=float, default=0.99, help="recall@k the nprobe sweep must reach")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -131,7 +131,7 @@ def main() -> None:
     t_flat_q = rows[0][2]
     lines = [
         "",
-        f"## Approximate search (common.ann): {args.n_gallery:,} gallery x {args.n_queries:,} queries x "
+        f"## Approximate search (common.lib.ann): {args.n_gallery:,} gallery x {args.n_queries:,} queries x "
         f"{args.dim}-d, k={args.k}",
         "",
         f"- command: `{command}` (from the repository root)",

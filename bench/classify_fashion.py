@@ -25,7 +25,7 @@ position in its IDX file, five digits), ``train.csv`` (``image, species, individ
 name, id, training and test counts).
 
 The benchmark (:data:`VARIANTS`): each row is one :class:`~common.config.ClassifierConfig` run through
-:func:`common.classify.run_classification`: the plain-CE base (:data:`BASE`: tf_efficientnet_lite0 with
+:func:`common.stages.train_classifier.run_classification`: the plain-CE base (:data:`BASE`: tf_efficientnet_lite0 with
 offline ImageNet weights, 32 px, 8 epochs) plus *one* trick, not cumulative, so each row measures that trick
 alone. Every run trains fold 0 of 5 (four fifths of the long-tailed set) and its fold-0 model is scored on
 the test set: accuracy, balanced accuracy (the mean per-class recall), the tail accuracy (mean recall of the
@@ -70,8 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import paths, store  # noqa: E402
-from common.data import DataError  # noqa: E402
+from common.core import paths, store  # noqa: E402
+from common.data.competition import DataError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
@@ -326,8 +326,8 @@ def score(y: np.ndarray, scores: np.ndarray, classes: list[str], counts: list[in
         classes: class names in logit order.
         counts: training images per class (the prior of the post-hoc adjustment).
     """
-    from common.losses import class_prior, logit_adjust
-    from common.metrics import classification_report
+    from common.lib.losses import class_prior, logit_adjust
+    from common.lib.metrics import classification_report
 
     rep = classification_report(y, scores, len(classes))
     adjusted = logit_adjust(scores, class_prior(counts).numpy(), POSTHOC_TAU)
@@ -346,7 +346,7 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
 
 def fold0_scores(exp: str, comp, truth: pd.Series) -> dict[str, object]:
     """The saved fold-0 scores of a finished run: test and fold-0 validation log-probabilities, labels."""
-    from common.classify import stage_dir
+    from common.stages.train_classifier import stage_dir
 
     folder = stage_dir(exp)
     info = store.read_json(folder / "classes.json")
@@ -362,7 +362,7 @@ def fold0_scores(exp: str, comp, truth: pd.Series) -> dict[str, object]:
 
 def flip_tta_scores(exp: str, comp, val_images: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
     """Test and fold-0 validation logits of ``exp``'s fold-0 model with flip TTA (no retraining)."""
-    from common.classify import load_classifier, predict_logits
+    from common.stages.train_classifier import load_classifier, predict_logits
 
     model, meta = load_classifier(exp, 0, device)
     args = dict(image_size=meta["config"]["image_size"], mean=meta["mean"], std=meta["std"], batch_size=128,
@@ -389,7 +389,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def train_row(cfg, comp, truth: pd.Series) -> dict:
     """Train (or reuse) ``cfg`` and score its fold-0 model from the saved arrays."""
-    from common.classify import run_classification, stage_dir, training_logs
+    from common.stages.train_classifier import run_classification, stage_dir, training_logs
 
     folder = stage_dir(cfg.exp)
     trained = not cfg.force and all(store.stage_done(folder / f"fold{k}") for k in cfg.fold_list())
@@ -411,8 +411,8 @@ def train_row(cfg, comp, truth: pd.Series) -> dict:
 def run_variants(args, base: dict, root: Path, comp, truth: pd.Series) -> list[dict]:
     """Train (or reuse) each selected variant and score its fold-0 model; one result dict per row, plain CE's
     extra seeds last. Plain CE and its seeds run first: the rows without training are measured on each."""
-    from common.losses import class_prior, logit_adjust
-    from common.runtime import resolve_device
+    from common.core.runtime import resolve_device
+    from common.lib.losses import class_prior, logit_adjust
 
     keys = [v.key for v in VARIANTS] if not args.only else args.only.split(",")
     unknown = sorted(set(keys) - {v.key for v in VARIANTS})
@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench._report import append_section, torch_machine_line, utc_stamp
-    from common.data import load_competition
-    from common.runtime import resolve_device
+    from common.core.runtime import resolve_device
+    from common.data.competition import load_competition
 
     threads = args.threads or (1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads())
     torch.set_num_threads(threads)
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"order, n_c = round({args.n_max} * 100^(-c/9)) = {counts} ({sum(counts)} images; tail = "
         f"{', '.join(TAIL)}: {counts[7]}, {counts[8]}, {counts[9]}); test = all 10,000 test images, "
         "1,000 per class (so test accuracy = balanced accuracy)",
-        f"- protocol: each row trains fold 0 of {base['n_folds']} (`common.classify.run_classification`, folds "
+        f"- protocol: each row trains fold 0 of {base['n_folds']} (`common.stages.train_classifier.run_classification`, folds "
         f"stratified by class, seed {base['seed']}: ~{n_fit} training images; plain CE trains every fold when "
         "the self-distillation row runs, as its teacher) and scores the fold-0 model on the test set; "
         "'val' = fold 0's held-out fifth of the long-tailed set (few tail images: noisy; not clean for the "

@@ -2,10 +2,10 @@
 
 Data: ``../shared/datasets/raccoon`` (200 images, 217 boxes, MIT; public repository datitran/raccoon_dataset).
 A seeded permutation of the sorted image names gives 160 development images (of which
-:func:`common.detect.make_yolo_dataset` keeps 10 % for ultralytics' validation and best-epoch choice) and 40
+:func:`common.engine.detector.make_yolo_dataset` keeps 10 % for ultralytics' validation and best-epoch choice) and 40
 held-out test images that no training step sees. Each detector is trained with
-:func:`common.detect.train_detector` and scored on the test images with our own
-:func:`common.detect.evaluate_boxes`: VOC all-point AP at IoU 0.5 (``map50``) over every box predicted at
+:func:`common.engine.detector.train_detector` and scored on the test images with our own
+:func:`common.engine.detector.evaluate_boxes`: VOC all-point AP at IoU 0.5 (``map50``) over every box predicted at
 ``conf >= 0.001``, and the crop IoU of the one box per image the crop stage would keep (``conf >= 0.25``,
 else the full image).
 
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common import paths, store  # noqa: E402
-from common.detect import (  # noqa: E402
+from common.core import paths, store  # noqa: E402
+from common.engine.detector import (  # noqa: E402
     evaluate_boxes,
     make_yolo_dataset,
     predict_boxes,
@@ -160,7 +160,7 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), ultralytics {ultralytics.__version__}\n"
         f"- data: ../shared/datasets/raccoon; seeded split (seed {args.seed}): {len(dev)} development "
         f"images ({len(dev) - n_val} train / {n_val} ultralytics val, best epoch chosen on val), "
-        f"{len(test)} held-out test images; batch {args.batch}; metrics from `common.detect.evaluate_boxes` "
+        f"{len(test)} held-out test images; batch {args.batch}; metrics from `common.engine.detector.evaluate_boxes` "
         f"on the held-out images (mAP50: VOC all-point AP over boxes with conf >= 0.001; crop IoU: the kept "
         f"box at conf >= 0.25, else the full image)\n\n"
         f"{table}\n\n{verdict}\n"

@@ -8,19 +8,19 @@ Two real data sets from ``../shared/datasets`` (see its README; never copied int
   characters, but its Greek and Latin alphabets, 50 characters, are byte-identical copies of small1's);
   an individual = alphabet + character.
 
-The score is leave-one-out MAP@5 among the unseen individuals (:func:`common.retrieval.leave_one_out_map5`):
+The score is leave-one-out MAP@5 among the unseen individuals (:func:`common.lib.retrieval.leave_one_out_map5`):
 each unseen image queries all the other unseen images. Everything goes through the library:
 
 1. the data set is converted once into the competition layout (:func:`convert`) under
    ``working/bench/embedder_reid/<dataset>/``: ``train.csv`` lists every image, ``splits.csv`` says which
    images are for fitting (``fit``) and which belong to the unseen individuals (``eval``); ``test_images/`` is
    empty;
-2. :func:`common.data.load_competition` validates it;
+2. :func:`common.data.competition.load_competition` validates it;
 3. the fold table (``prepare_folds``' schema) puts the unseen individuals in fold 0 and every training image
-   in fold 1, so :func:`common.train.train_fold` on fold 0 fits on *all* training individuals and never sees
+   in fold 1, so :func:`common.engine.embedder.train_fold` on fold 0 fits on *all* training individuals and never sees
    an unseen one (its "known individuals" validation is empty, so ``valid_loss`` is NaN);
-4. :func:`common.train.load_embedder` + :func:`common.embed.extract` embed the unseen images;
-5. :func:`common.retrieval.leave_one_out_map5` scores them.
+4. :func:`common.engine.embedder.load_embedder` + :func:`common.stages.extract_embeddings.extract` embed the unseen images;
+5. :func:`common.lib.retrieval.leave_one_out_map5` scores them.
 
 Baselines through the same path: ``epochs=0`` (ImageNet backbone + GeM + a random, untrained neck) and the raw
 ImageNet features (the backbone's feature maps average-pooled, no neck), which is what the datasets README's
@@ -65,9 +65,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
-from common import paths, store  # noqa: E402
 from common.config import EmbedderConfig, parse_cli_value  # noqa: E402
-from common.data import DataError, load_competition  # noqa: E402
+from common.core import paths, store  # noqa: E402
+from common.data.competition import DataError, load_competition  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
@@ -211,7 +211,7 @@ def fold_table(comp, splits: pd.DataFrame) -> pd.DataFrame:
     """``prepare_folds``' table (``image, individual_id, species, fold``): fold 0 = unseen, fold 1 = training.
 
     Args:
-        comp: the loaded :class:`~common.data.Competition`.
+        comp: the loaded :class:`~common.data.competition.Competition`.
         splits: ``image, split`` from ``splits.csv``.
     """
     table = comp.train[["image", "individual_id", "species"]].merge(
@@ -245,10 +245,10 @@ class PooledBackbone:
 
 def score(model, files: list[str], labels: list[str], image_size: int, mean, std, tta_flip: bool,
           device: str = "auto") -> tuple[float, np.ndarray]:
-    """Embed ``files`` with :func:`common.embed.extract`; return the leave-one-out MAP@5, the embeddings."""
-    from common.embed import extract
-    from common.retrieval import leave_one_out_map5
-    from common.runtime import resolve_device
+    """Embed ``files`` with :func:`common.stages.extract_embeddings.extract`; return the leave-one-out MAP@5, the embeddings."""
+    from common.core.runtime import resolve_device
+    from common.lib.retrieval import leave_one_out_map5
+    from common.stages.extract_embeddings import extract
 
     emb = extract(model, files, image_size, list(mean), list(std), batch_size=64, tta_flip=tta_flip,
                   device=resolve_device(device), desc="embed unseen")
@@ -257,14 +257,14 @@ def score(model, files: list[str], labels: list[str], image_size: int, mean, std
 
 def train_and_score(cfg: EmbedderConfig, comp, folds: pd.DataFrame, evalset: pd.DataFrame,
                     tta_flip: bool, eval_size: int = 0) -> dict[str, object]:
-    """Train (or reuse) fold 0 of ``cfg`` with :func:`common.train.train_fold`, then score the unseen images.
+    """Train (or reuse) fold 0 of ``cfg`` with :func:`common.engine.embedder.train_fold`, then score the unseen images.
 
     Returns:
         ``map5``, ``train_s`` (sum of the epochs' seconds in ``log.csv``), ``reused`` (trained by an earlier
         call), ``embed_s``, ``train_acc`` (last epoch's training accuracy, margin applied).
     """
-    from common.runtime import resolve_device
-    from common.train import fold_dir, load_embedder, train_fold
+    from common.core.runtime import resolve_device
+    from common.engine.embedder import fold_dir, load_embedder, train_fold
 
     reused = not cfg.force and (fold_dir(cfg.exp, 0) / "_done.json").exists()
     t0 = time.perf_counter()
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
 
-    from common.runtime import resolve_device
+    from common.core.runtime import resolve_device
 
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     settings = {**PRESETS[args.dataset], **parse_overrides(args.param)}
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dataclasses.replace(cfg, exp=exp_name(args.dataset, cfg))
     rows = []
     if not args.no_baseline:
-        from common.models import backbone_normalization, create_backbone
+        from common.lib.models import backbone_normalization, create_backbone
 
         mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
         raw = PooledBackbone(create_backbone(cfg.backbone, cfg.pretrained))
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['train_acc']:.3f}): MAP@5 {r['map5']:.4f}", flush=True)
     trained = np.array([row["map5"] for row in rows[n_untrained:]])
     if len(seeds) > 1:
-        from common.retrieval import concat_embeddings, leave_one_out_map5
+        from common.lib.retrieval import concat_embeddings, leave_one_out_map5
 
         nan = float("nan")
         rows.append({"model": f"trained, mean +- sd over the {len(seeds)} seeds",
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- date: {utc_stamp()}",
         f"- machine: {torch_machine_line(resolve_device(cfg.device).type, load)}",
         f"- data: {desc}; metric: leave-one-out MAP@5 among the unseen images "
-        f"(`common.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}, unseen images "
+        f"(`common.lib.retrieval.leave_one_out_map5`), flip TTA {'on' if tta_flip else 'off'}, unseen images "
         f"embedded at {eval_size} px",
         f"- config: {knobs}; seed(s) {', '.join(map(str, seeds))}",
         "- path: `load_competition` -> `train_fold` (fold 0 = the unseen individuals, so every training "

@@ -13,12 +13,12 @@ out-of-fold rows (the split depends on the seed, so the seed runs hold out diffe
 
 Parts (``--parts``):
 
-* ``ensemble``: the accuracy-weighted ensemble of stage 06 (``common.ensemble_stage.member_weights`` and
+* ``ensemble``: the accuracy-weighted ensemble of stage 06 (``common.stages.ensemble_postprocess.member_weights`` and
   ``combine``: weights ``(val acc / min val acc) ** 25``) and the plain mean, of the three plain-CE seeds and
   of every trained variant, against their best single member (chosen on the test set: an oracle).
-* ``soup``: ``common.soup_stage.run_soup`` (uniform and greedy, Wortsman et al. 2022) of the fold-0 models of
+* ``soup``: ``common.stages.soup.run_soup`` (uniform and greedy, Wortsman et al. 2022) of the fold-0 models of
   the runs that share backbone, linear head, classes, split and seed 42 (hence the same initial weights).
-* ``redistribute``: ``common.postprocess.redistribute_labels`` on the test set for several K, against none.
+* ``redistribute``: ``common.lib.postprocess.redistribute_labels`` on the test set for several K, against none.
 * ``pseudo``: one round of ``ensemble_stage.write_pseudo_labels`` on the three-seed ensemble's test
   probabilities, then plain CE (fold 0) retrained on that folder. It is scored on the same test images it
   pseudo-labelled (transductive, as in a competition).
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import paths, store  # noqa: E402
+from common.core import paths, store  # noqa: E402
 
 
 def _classify_fashion():
@@ -149,9 +149,9 @@ def variant_exp(key: str, root: Path, n_max: int) -> str:
 
 
 def fold0_member(exp: str, test_images: list[str]):
-    """An :class:`~common.ensemble_stage.Member` of ``exp``'s fold-0 model: fold-0 out-of-fold rows and
+    """An :class:`~common.stages.ensemble_postprocess.Member` of ``exp``'s fold-0 model: fold-0 out-of-fold rows and
     ``test.npz`` ``probs_fold0``."""
-    from common.ensemble_stage import Member
+    from common.stages.ensemble_postprocess import Member
 
     folder = paths.stage_dir(exp, "05")
     if not store.stage_done(folder):
@@ -182,9 +182,9 @@ def run_name(n_max: int, key: str, cfg, data: Path) -> str:
 
 def train(key: str, data: Path, n_max: int, overrides: dict | None = None) -> dict:
     """Train plain CE (``classify_fashion.BASE`` + ``overrides``) on ``data``, or reuse the cached run."""
-    from common.classify import run_classification, training_logs
     from common.config import ClassifierConfig
-    from common.data import load_competition
+    from common.data.competition import load_competition
+    from common.stages.train_classifier import run_classification, training_logs
 
     cfg = ClassifierConfig(**{**cf.BASE, **(overrides or {})}, data=str(data), exp="tmp")
     cfg = dataclasses.replace(cfg, exp=run_name(n_max, key, cfg, data))
@@ -204,8 +204,8 @@ def train(key: str, data: Path, n_max: int, overrides: dict | None = None) -> di
 # ----------------------------------------------------------------------------------------- parts
 def ensemble_part(members: dict, sets: dict[str, list[str]], y: np.ndarray) -> tuple[list[dict], dict]:
     """Single members, plain mean and accuracy-weighted ensembles of each set; rows and test probabilities."""
-    from common import ensemble
-    from common.ensemble_stage import combine, member_weights
+    from common.lib import ensemble
+    from common.stages.ensemble_postprocess import combine, member_weights
 
     rows, probs = [], {}
     for name, keys in sets.items():
@@ -254,7 +254,7 @@ def ensemble_part(members: dict, sets: dict[str, list[str]], y: np.ndarray) -> t
 def soup_part(exps: list[str], comp, y: np.ndarray, work: Path, device: str) -> list[dict]:
     """Uniform and greedy soups of the fold-0 models (cached under ``work/soup_<mode>``)."""
     from common.config import EnsembleConfig
-    from common.soup_stage import run_soup
+    from common.stages.soup import run_soup
 
     rows = []
     for mode in ("uniform", "greedy"):
@@ -292,7 +292,7 @@ def redistribute_part(
     sources: dict[str, np.ndarray], images: list[str], classes: list[str], y: np.ndarray, ks: tuple[int, ...]
 ) -> list[dict]:
     """Re-distribution of each source's test probabilities for every K (0 = none)."""
-    from common.postprocess import redistribute_labels
+    from common.lib.postprocess import redistribute_labels
 
     truth = np.asarray(classes)[y]
     rows = []
@@ -332,7 +332,7 @@ def pseudo_part(
     """One pseudo-label round from ``test_probs`` (the ensemble of the ``sources`` runs) with stage 06's
     writer, then plain CE fold 0 retrained on it."""
     from common.config import EnsembleConfig
-    from common.ensemble_stage import write_pseudo_labels
+    from common.stages.ensemble_postprocess import write_pseudo_labels
 
     cfg = EnsembleConfig(
         data=str(comp.root), exp="bench-fmnist-pseudo", members=",".join(sources), pseudo_threshold=threshold
@@ -358,10 +358,10 @@ def clean_part(
     """Flip ``share`` of the labels, train plain CE on every fold, flag, retrain on the cleaned folder.
 
     ``clean_exp`` (plain CE on the true labels, every fold) gives the false-flag count on clean labels."""
-    from common import postprocess
     from common.config import EnsembleConfig
-    from common.data import load_competition
-    from common.ensemble_stage import clean_labels, load_member, write_competition
+    from common.data.competition import load_competition
+    from common.lib import postprocess
+    from common.stages.ensemble_postprocess import clean_labels, load_member, write_competition
 
     train_table = comp.train.drop(columns=["path"])
     classes = sorted(set(train_table["individual_id"]))
@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench._report import append_section, torch_machine_line, utc_stamp
-    from common.data import load_competition
-    from common.runtime import resolve_device
+    from common.core.runtime import resolve_device
+    from common.data.competition import load_competition
 
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     torch.set_num_threads(args.threads or (1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()))

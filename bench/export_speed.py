@@ -1,7 +1,7 @@
 """Benchmark: CPU throughput of eager PyTorch vs the conv-BN-fused model, ONNX Runtime and OpenVINO
-(:mod:`common.export`), plus the Fashion-MNIST test accuracy of a trained stage-05 model through each engine.
+(:mod:`common.cli.export`), plus the Fashion-MNIST test accuracy of a trained stage-05 model through each engine.
 
-Speed: stage 05's :class:`~common.models.ClassifierModel` on ``mobilenetv3_small_100`` (random weights:
+Speed: stage 05's :class:`~common.lib.models.ClassifierModel` on ``mobilenetv3_small_100`` (random weights:
 speed does not depend on them; 10 classes) at 224 px, batch 1 and batch 32, every engine with the same thread
 count (``--threads``, default 1: on the shared 2-core machine a second thread mostly fights the other
 jobs). The engines are timed in interleaved rounds (``--rounds``, each engine ``--seconds`` per batch size
@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import export, paths  # noqa: E402
+from common.cli import export  # noqa: E402
+from common.core import paths  # noqa: E402
 
 ENGINES = ("eager", "fused", "onnxruntime", "openvino")
 
@@ -72,7 +73,7 @@ def images_per_s(fn, x: np.ndarray, seconds: float) -> float:
 
 
 def speed(args) -> dict[tuple[str, int], float]:
-    from common.models import ClassifierModel
+    from common.lib.models import ClassifierModel
 
     torch.manual_seed(0)
     model = ClassifierModel(args.backbone, 10, pretrained="none").eval()
@@ -94,8 +95,8 @@ def accuracy(exp: str, threads: int) -> dict[str, float]:
     """Test accuracy of ``exp``'s fold-0 model through every engine, on the same preprocessed tensors."""
     import pandas as pd
 
-    from common.classify import load_classifier
-    from common.data import ImageDataset, build_transforms, load_competition
+    from common.data.competition import ImageDataset, build_transforms, load_competition
+    from common.stages.train_classifier import load_classifier
 
     model, meta = load_classifier(exp, 0)
     cfg, size = meta["config"], int(meta["config"]["image_size"])

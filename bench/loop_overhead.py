@@ -5,15 +5,15 @@ bounds them.
 Data: the generated demo competition (``--data demo``, made under ``inputs/`` on first use), fold 0 of 5,
 full images (no crops). The project's stage outputs go to a temporary ``REID_WORKING_DIR``, deleted after.
 
-* Training: :func:`common.train.train_fold` with an :class:`~common.config.EmbedderConfig` against a bare loop
-  written here: the same :class:`~common.models.EmbeddingModel`, AdamW with the same two parameter groups, a
-  ``DataLoader`` over :class:`~common.data.ImageDataset` with the same training transforms, and per batch only
+* Training: :func:`common.engine.embedder.train_fold` with an :class:`~common.config.EmbedderConfig` against a bare loop
+  written here: the same :class:`~common.lib.models.EmbeddingModel`, AdamW with the same two parameter groups, a
+  ``DataLoader`` over :class:`~common.data.competition.ImageDataset` with the same training transforms, and per batch only
   forward, ArcFace cross-entropy, backward and step (AMP and loss scaling chosen as the project chooses them).
   The project's ``log.csv`` times each epoch's steps *and* its validation pass; the bench wraps
-  ``seed_everything`` (the first call of each epoch), :func:`common.train.evaluate` and
-  :func:`common.checkpoint.save_state` with timers, so it reports the steps alone (like for like), the epoch
+  ``seed_everything`` (the first call of each epoch), :func:`common.engine.embedder.evaluate` and
+  :func:`common.core.checkpoint.save_state` with timers, so it reports the steps alone (like for like), the epoch
   as logged, the epoch with its checkpoint, and the fixed cost of a ``train_fold`` call outside its epochs.
-* Extraction: :func:`common.embed.extract` (flip TTA) against ``model.embed`` on the same loader, with the
+* Extraction: :func:`common.stages.extract_embeddings.extract` (flip TTA) against ``model.embed`` on the same loader, with the
   flip.
 * Bottleneck: the training and extraction loaders alone (batches, no model) and the model alone (the same
   steps on one cached batch, repeated). With ``num_workers=0`` both run in turn in one process, so the loop's
@@ -48,6 +48,9 @@ os.environ.setdefault("REID_PROGRESS", "text")  # as the papermill runner sets i
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from common.data import artefacts  # noqa: E402
+from common.stages import train_embedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -162,10 +165,10 @@ class Setup:
     """Everything both sides share: config, competition, fold split, labels, normalisation, device."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from common import data, train
         from common.config import EmbedderConfig
-        from common.runtime import resolve_device
-        from common.weights import backbone_normalization
+        from common.core.runtime import resolve_device
+        from common.core.weights import backbone_normalization
+        from common.data import competition as data
 
         self.args = args
         # GPU speed knobs of the project's config, where its version has them (the bare loop mirrors them)
@@ -179,7 +182,7 @@ class Setup:
         )
         self.device = resolve_device(args.device)  # a clear error for cuda on a machine without it
         try:  # -1 = sized to the machine, in versions of the project that have it
-            from common.runtime import loader_workers
+            from common.core.runtime import loader_workers
             self.workers = loader_workers(self.cfg.num_workers)
         except ImportError:
             self.workers = self.cfg.num_workers
@@ -189,8 +192,8 @@ class Setup:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.comp = data.open_competition(args.data, check_pixels=False)
-        self.folds = train.prepare_folds(self.cfg, self.comp)
-        self.fit, self.valid, _ = train.fold_split(self.cfg, self.comp, self.folds, 0)
+        self.folds = train_embedder.prepare_folds(self.cfg, self.comp)
+        self.fit, self.valid, _ = artefacts.fold_split(self.cfg, self.comp, self.folds, 0)
         self.classes = sorted(self.fit["individual_id"].unique())
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = [index[c] for c in self.fit["individual_id"]]
@@ -200,9 +203,9 @@ class Setup:
         self.images_per_epoch = len(self.fit) // bs * bs if len(self.fit) > bs else len(self.fit)
 
     def model(self) -> torch.nn.Module:
-        """A fresh :class:`~common.models.EmbeddingModel` as stage 02 builds it (no dynamic margins, no
+        """A fresh :class:`~common.lib.models.EmbeddingModel` as stage 02 builds it (no dynamic margins, no
         species head), on the device."""
-        from common.models import EmbeddingModel
+        from common.lib.models import EmbeddingModel
 
         c = self.cfg
         return EmbeddingModel(c.backbone, c.pretrained, c.embedding_dim, n_classes=len(self.classes),
@@ -210,7 +213,7 @@ class Setup:
 
     def train_loader(self, seed: int, workers: int | None = None) -> torch.utils.data.DataLoader:
         """The bare loop's loader: the fold's training images and transforms, shuffled, full batches only."""
-        from common.data import ImageDataset, build_transforms
+        from common.data.competition import ImageDataset, build_transforms
 
         c = self.cfg
         ds = ImageDataset(self.fit["path"], self.labels, transform=build_transforms(
@@ -222,7 +225,7 @@ class Setup:
 
     def extract_loader(self) -> torch.utils.data.DataLoader:
         """Every train and test image, resized and normalised as in stage 03, in order."""
-        from common.data import ImageDataset, build_transforms
+        from common.data.competition import ImageDataset, build_transforms
 
         ds = ImageDataset(self.all_files, transform=build_transforms(self.cfg.image_size, False, self.mean,
                                                                      self.std))
@@ -269,7 +272,7 @@ def bare_train(setup: Setup, epochs: int, max_steps: int = 0) -> list[Sample]:
 
 
 def project_train(setup: Setup, run: int, epochs: int = 0) -> dict:
-    """One :func:`common.train.train_fold` call (``epochs`` overrides the config's when > 0), timed per epoch.
+    """One :func:`common.engine.embedder.train_fold` call (``epochs`` overrides the config's when > 0), timed per epoch.
 
     The epoch's steps run from its ``seed_everything`` call (the first statement of each epoch) to the start
     of its ``evaluate``; validation is ``evaluate``, the checkpoint ``checkpoint.save_state``. Both clocks are
@@ -277,10 +280,11 @@ def project_train(setup: Setup, run: int, epochs: int = 0) -> dict:
     """
     import dataclasses
 
-    from common import checkpoint, train
+    from common.core import checkpoint
+    from common.engine import embedder as train
 
     cfg = dataclasses.replace(setup.cfg, exp=f"loopbench-r{run}", epochs=epochs or setup.cfg.epochs)
-    folds = train.prepare_folds(cfg, setup.comp)
+    folds = train_embedder.prepare_folds(cfg, setup.comp)
     seeds, evals, saves = [], [], []
     with (timed_calls(train, "seed_everything", seeds), timed_calls(train, "evaluate", evals),
           timed_calls(checkpoint, "save_state", saves)):
@@ -292,7 +296,7 @@ def project_train(setup: Setup, run: int, epochs: int = 0) -> dict:
         raise RuntimeError(
             f"expected 1 + {cfg.epochs} seed_everything calls and one evaluate and save_state per epoch, "
             f"timed {len(seeds)}, {len(evals)}, {len(saves)} ({len(logged)} epochs logged): "
-            "common.train changed, update bench/loop_overhead.py")
+            "common.engine.embedder changed, update bench/loop_overhead.py")
     steps = [(n, e[0] - s[0], e[1] - s[1]) for s, e in zip(seeds[1:], evals, strict=True)]
     val = [(e[2] - e[0], e[3] - e[1]) for e in evals]
     ckpt = [(k[2] - k[0], k[3] - k[1]) for k in saves]
@@ -320,8 +324,8 @@ def bare_extract(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
 
 
 def project_extract(setup: Setup, model: torch.nn.Module):
-    """Stage 03's :func:`common.embed.extract` over the same files, batch, workers and AMP."""
-    from common.embed import extract
+    """Stage 03's :func:`common.stages.extract_embeddings.extract` over the same files, batch, workers and AMP."""
+    from common.stages.extract_embeddings import extract
 
     return extract(model, setup.all_files, setup.cfg.image_size, list(setup.mean), list(setup.std),
                    setup.args.extract_batch_size, True, setup.device, setup.cfg.num_workers, setup.cfg.amp)
@@ -447,7 +451,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def profile_project(setup: Setup, top: int) -> str:
-    """cProfile of one one-epoch :func:`common.train.train_fold` call: the ``top`` functions by cumulative and
+    """cProfile of one one-epoch :func:`common.engine.embedder.train_fold` call: the ``top`` functions by cumulative and
     by own time, as text (CPU-side only: on CUDA, kernels run asynchronously; use torch.profiler there)."""
     import cProfile
     import io
@@ -510,7 +514,7 @@ def report(args: argparse.Namespace, res: dict, command: str, load: tuple[float,
             "bare_train"),
         row("training, `train_fold`: epoch + checkpoint (last.pt)", "project_with_ckpt", "bare_train"),
         row("extraction, bare loop (model.embed + flip)", "bare_extract", None),
-        row("extraction, `common.embed.extract` (flip TTA)", "project_extract", "bare_extract"),
+        row("extraction, `common.stages.extract_embeddings.extract` (flip TTA)", "project_extract", "bare_extract"),
         "",
         f"per epoch (median): validation {res['eval_s']:.2f} s ({res['n_valid']} images), checkpoint "
         f"{res['ckpt_s']:.2f} s; per `train_fold` call, outside its epochs (model build with pretrained "

@@ -1,4 +1,4 @@
-"""Benchmark: exact top-k cosine search with common.retrieval.search (faiss) vs scikit-learn and torch.
+"""Benchmark: exact top-k cosine search with common.lib.retrieval.search (faiss) vs scikit-learn and torch.
 
 Random seeded unit vectors (default 20k queries x 50k gallery x 512-d, k=5). Each method is timed once per
 repeat (best kept), its top-k compared with faiss' by set per query, and a section is appended to
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common.retrieval import l2_normalize, search  # noqa: E402
+from common.lib.retrieval import l2_normalize, search  # noqa: E402
 
 
 def run_sklearn(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -102,7 +102,7 @@ def main() -> None:
     t_sk, idx_sk = timed(lambda: run_sklearn(gallery, queries, args.k), args.repeats)
 
     rows = [
-        ("common.retrieval.search (faiss IndexFlatIP, CPU)", t_faiss, None),
+        ("common.lib.retrieval.search (faiss IndexFlatIP, CPU)", t_faiss, None),
         (
             f"torch matmul + topk, chunks of {args.chunk}",
             t_torch,

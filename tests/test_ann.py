@@ -1,4 +1,4 @@
-"""Approximate search (common.ann): recall on hand-made neighbours, IVF vs exact search, rules and errors."""
+"""Approximate search (common.lib.ann): recall on hand-made neighbours, IVF vs exact search, rules and errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from common import ann
-from common.retrieval import l2_normalize, search
+from common.lib import ann
+from common.lib.retrieval import l2_normalize, search
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for common.averaging: state-dict means by hand, checkpoint files, epoch selection, ModelEma."""
+"""Tests for common.lib.averaging: state-dict means by hand, checkpoint files, epoch selection, ModelEma."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.averaging import ModelEma, average_checkpoints, average_state_dicts, select_checkpoints
+from common.lib.averaging import ModelEma, average_checkpoints, average_state_dicts, select_checkpoints
 
 
 def state(w: list[float], b: float, steps: int) -> dict[str, torch.Tensor]:

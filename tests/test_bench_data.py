@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import DataError, load_competition
+from common.data.competition import DataError, load_competition
 
 pytestmark = pytest.mark.shared
 
@@ -93,7 +93,7 @@ def test_omniglot_competition(bench, tmp_path):
     splits = pd.read_csv(root / "splits.csv", dtype=str)
     assert splits["split"].value_counts().to_dict() == {"fit": 2720, "eval": 2120}
     # the PNG bytes are copied unchanged: the first image decodes to 105x105 black and white
-    from common.data import read_rgb
+    from common.data.competition import read_rgb
 
     pixels = read_rgb(comp.train["path"].iloc[0])
     assert pixels.shape == (105, 105, 3)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import DataError, load_competition, read_rgb
+from common.data.competition import DataError, load_competition, read_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"

@@ -1,4 +1,4 @@
-"""common.checkpoint: the skip / refuse / save / resume rules shared by stages 02 and 05, on a tiny model."""
+"""common.core.checkpoint: the skip / refuse / save / resume rules shared by stages 02 and 05, on a tiny model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import checkpoint, store
+from common.core import checkpoint, store
 
 
 def test_finished_log_skips_refuses_and_forces(tmp_path):

@@ -1,4 +1,4 @@
-"""Stage 05 (common.classify, common.classify_train): config checks, label tables, the model, kill-and-resume with every stateful trick
+"""Stage 05 (common.stages.train_classifier, common.engine.classifier): config checks, label tables, the model, kill-and-resume with every stateful trick
 on, checkpoint averaging end to end, post-hoc adjustment, flip TTA, distillation checks and the written arrays.
 
 Training runs use a randomly initialised ``mobilenetv3_small_050`` at 32 px on the tiny generated demo
@@ -16,12 +16,14 @@ import torch
 from conftest import isolate_dirs
 from torch import nn
 
-from common import classify, classify_train, store
 from common.config import ClassifierConfig
-from common.data import DataError, load_competition
-from common.demo import TINY_DEMO, make_demo
-from common.losses import class_prior
-from common.models import ClassifierModel
+from common.core import store
+from common.data.competition import DataError, load_competition
+from common.data.demo import TINY_DEMO, make_demo
+from common.engine import classifier as classify_train
+from common.lib.losses import class_prior
+from common.lib.models import ClassifierModel
+from common.stages import train_classifier as classify
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -272,7 +274,7 @@ def test_mobile_backbones_build_with_each_head(name, features):
 
 
 def test_plot_class_recall_orders_by_training_images():
-    from common import plots
+    from common.lib import plots
 
     classes = pd.DataFrame({"images": [5, 50, 1]}, index=pd.Index(["b", "a", "c"], name="class"))
     metrics = {"oof": {"per_class_recall": [0.9, 0.5, None], "balanced_accuracy": 0.7}}  # logit order a, b, c

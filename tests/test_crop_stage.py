@@ -1,4 +1,4 @@
-"""Stage 01 (common.crop_stage) without a detector: ``crop=False``, ``crops_from`` and the boxes.csv check.
+"""Stage 01 (common.stages.crop_images) without a detector: ``crop=False``, ``crops_from`` and the boxes.csv check.
 
 The detector path itself (train, predict, crop) runs in tests/test_notebooks.py.
 """
@@ -14,10 +14,13 @@ import pytest
 from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
-from common import crop_stage, detect, paths, store, train
 from common.config import CropConfig
-from common.data import DataError, load_competition
-from common.demo import TINY_DEMO, make_demo
+from common.core import paths, store
+from common.data import artefacts
+from common.data.competition import DataError, load_competition
+from common.data.demo import TINY_DEMO, make_demo
+from common.engine import detector as detect
+from common.stages import crop_images as crop_stage
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +76,8 @@ def test_crop_false_writes_only_the_marker(comp):
     assert result.metrics_table()["note"].tolist() == ["crop=False: full images are used"]
     assert isinstance(result.plot_samples(), Figure)
     # stage 02 then reads the full images
-    assert not train.crops_available("nocrop")
-    assert train.image_paths(comp.train, "nocrop", "train", False) == comp.train["path"].tolist()
+    assert not artefacts.crops_available("nocrop")
+    assert artefacts.image_paths(comp.train, "nocrop", "train", False) == comp.train["path"].tolist()
 
 
 def test_force_starts_the_stage_over(comp):
@@ -102,8 +105,8 @@ def test_crops_from_links_the_other_experiments_crops(comp):
     assert result.boxes["image"].tolist() == comp.train["image"].tolist()
     assert result.metrics == {"held-out train": {"map50": 0.75}, "crops_from": "src"}
     assert store.stage_done(out, cfg.fingerprint())
-    assert train.crops_available("dst")
-    crops = train.image_paths(comp.train, "dst", "train", True)
+    assert artefacts.crops_available("dst")
+    crops = artefacts.image_paths(comp.train, "dst", "train", True)
     assert all(os.path.exists(p) for p in crops) and crops[0].startswith(str(link))
 
     again = crop_stage.run_crop(cfg, comp)  # rerun: the link is replaced, not nested

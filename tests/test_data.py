@@ -1,4 +1,4 @@
-"""common.data: table validation, competition loading, folds, transforms, dataset, cached pixel check."""
+"""common.data.competition: table validation, competition loading, folds, transforms, dataset, cached pixel check."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import data
-from common.data import DataError
+from common.data import competition as data
+from common.data.competition import DataError
 
 MEAN = STD = (0.5, 0.5, 0.5)
 

@@ -1,4 +1,4 @@
-"""Tests for common.demo: layout, determinism, exact boxes, unseen share, markers and atomic writes."""
+"""Tests for common.data.demo: layout, determinism, exact boxes, unseen share, markers and atomic writes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import demo
-from common.demo import (
+from common.core.store import read_json
+from common.data import demo
+from common.data.demo import (
     MARKER,
     TINY_DEMO,
     animal_template,
@@ -21,7 +22,6 @@ from common.demo import (
     plan_demo,
     render_image,
 )
-from common.store import read_json
 
 
 def _hashes(root: Path) -> dict[str, str]:

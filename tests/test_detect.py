@@ -1,5 +1,5 @@
-"""Tests of the crop stage: box maths (common.boxes), box tables and crops (common.detect_data) and the
-ultralytics wrapper (common.detect). Expected values are worked out by hand in the comments."""
+"""Tests of the crop stage: box maths (common.lib.boxes), box tables and crops (common.data.detection) and the
+ultralytics wrapper (common.engine.detector). Expected values are worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from common import detect
-from common.boxes import expand_box, xyxy_to_yolo
-from common.detect import (
+from common.engine import detector as detect
+from common.engine.detector import (
     average_precision,
     best_boxes,
     box_iou,
@@ -26,6 +25,7 @@ from common.detect import (
     resolve_detector_model,
     setup_ultralytics,
 )
+from common.lib.boxes import expand_box, xyxy_to_yolo
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -1,4 +1,4 @@
-"""Multi-process training (common.distributed): launch checks, data sharding, and a real 2-process gloo run on
+"""Multi-process training (common.core.distributed): launch checks, data sharding, and a real 2-process gloo run on
 CPU that must reproduce the one-process run of stages 02 and 05."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from common import distributed, runtime
-from common.distributed import DistInfo, LaunchError, ShardSampler
+from common.core import distributed, runtime
+from common.core.distributed import DistInfo, LaunchError, ShardSampler
+from common.stages import train_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -52,7 +53,7 @@ def test_setup_checks_batch_split_and_sync_bn_before_joining(monkeypatch):
 
 
 def test_runner_refuses_to_run_under_torchrun(monkeypatch, capsys):
-    from common import pipeline
+    from common.cli import pipeline
 
     for k, v in FULL.items():
         monkeypatch.setenv(k, v)
@@ -87,7 +88,7 @@ def test_epoch_order_is_a_seeded_permutation():
 def test_image_augmentation_depends_on_epoch_and_index_only(tmp_path):
     from PIL import Image
 
-    from common.data import ImageDataset, build_transforms
+    from common.data.competition import ImageDataset, build_transforms
 
     rng = np.random.default_rng(0)
     files = []
@@ -127,9 +128,9 @@ def test_norm_eval_freezes_batchnorm_statistics():
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Stage 02 and stage 05 trained once in this process and once by 2 torchrun processes (gloo, CPU)."""
-    from common import classify, train
-    from common import data as data_mod
     from common.config import ClassifierConfig, EmbedderConfig
+    from common.data import competition as data_mod
+    from common.stages import train_classifier as classify
 
     work = tmp_path_factory.mktemp("ddp")
     mp = pytest.MonkeyPatch()
@@ -142,7 +143,7 @@ def ddp_runs(tmp_path_factory):
     try:
         for n in (1, 2):
             cfg = EmbedderConfig(exp=f"emb{n}", nproc=n, **common_args)
-            log = train.run_training(cfg, comp, train.prepare_folds(cfg, comp))
+            log = train_embedder.run_training(cfg, comp, train_embedder.prepare_folds(cfg, comp))
             model = torch.load(work / f"emb{n}" / "02_embedder" / "fold0" / "model.pt", weights_only=True)
             ccfg = ClassifierConfig(exp=f"clf{n}", nproc=n, backbone="mobilenetv3_small_050", pretrained="none",
                                     sampler="balanced", **common_args)
@@ -163,8 +164,8 @@ def _distance(a: dict, b: dict) -> float:
 
 def _initial_weights(work: Path, exp: str, stage: str, build) -> dict:
     """The fold's starting weights: the training code seeds with seed + fold right before building the model."""
-    from common import store
-    from common.runtime import seed_everything
+    from common.core import store
+    from common.core.runtime import seed_everything
 
     meta = store.read_json(work / exp / stage / "fold0" / "config.json")
     seed_everything(meta["config"]["seed"])
@@ -172,7 +173,7 @@ def _initial_weights(work: Path, exp: str, stage: str, build) -> dict:
 
 
 def test_two_processes_train_the_embedder_like_one(ddp_runs):
-    from common import train
+    from common.engine import embedder as train
 
     one, two = ddp_runs[1], ddp_runs[2]
     for col in ("train_loss", "train_acc", "valid_loss", "valid_acc"):  # epoch 2's loss follows epoch 1's update
@@ -189,7 +190,7 @@ def test_two_processes_train_the_classifier_like_one(ddp_runs):
     one, two = ddp_runs[1], ddp_runs[2]
     for col in ("train_loss", "valid_loss", "valid_acc"):
         np.testing.assert_allclose(two["clf_log"][col], one["clf_log"][col], rtol=1e-4, atol=1e-6, err_msg=col)
-    from common import classify_train
+    from common.engine import classifier as classify_train
 
     moved = _distance(one["clf"], _initial_weights(ddp_runs["work"], "clf1", "05_classifier",
                                                    classify_train.build_model))
@@ -206,7 +207,7 @@ def test_only_rank_zero_wrote_and_the_launch_config_is_kept(ddp_runs):
 
 def test_bad_launch_by_hand_fails_with_a_clear_error():
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "REID_PROGRESS": "off"}
-    res = subprocess.run([sys.executable, "-m", "common.distributed", "--stage", "02", "--data", "demo_tiny"],
+    res = subprocess.run([sys.executable, "-m", "common.cli.torchrun", "--stage", "02", "--data", "demo_tiny"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "MASTER_ADDR, MASTER_PORT missing" in res.stderr
@@ -215,7 +216,7 @@ def test_bad_launch_by_hand_fails_with_a_clear_error():
 def test_torchrun_by_hand_with_an_unsplittable_batch_fails_before_training(tmp_path):
     env = {**os.environ, "REID_WORKING_DIR": str(tmp_path), "REID_PROGRESS": "off"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "common.distributed", "--stage", "02", "--data", "demo_tiny", "--exp", "bad",
+                          "-m", "common.cli.torchrun", "--stage", "02", "--data", "demo_tiny", "--exp", "bad",
                           "-p", "batch_size=7", "-p", "device=cpu", "-p", "image_size=64", "-p", "n_folds=2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0

@@ -1,4 +1,4 @@
-"""Stage 03 (common.embed): ``extract`` against hand-computed embeddings of hand-drawn images (with and
+"""Stage 03 (common.stages.extract_embeddings): ``extract`` against hand-computed embeddings of hand-drawn images (with and
 without flip TTA), and ``run_extraction``'s files, row order, reuse and recomputation."""
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ import pytest
 import torch
 from conftest import isolate_dirs
 
-from common import embed, store, train
 from common.config import EmbedderConfig, ExtractConfig
-from common.data import build_transforms, load_competition, read_rgb
-from common.demo import TINY_DEMO, make_demo
+from common.core import store
+from common.data import artefacts
+from common.data.competition import build_transforms, load_competition, read_rgb
+from common.data.demo import TINY_DEMO, make_demo
+from common.engine import embedder as train
+from common.stages import extract_embeddings as embed
+from common.stages import train_embedder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,7 +114,7 @@ def trained(comp):
     """A finished stage-02 fold 0 (the untrained baseline: epochs=0) of experiment ``e``."""
     cfg = EmbedderConfig(data=str(comp.root), exp="e", backbone="mobilenetv3_small_050", pretrained="none",
                          image_size=32, embedding_dim=16, epochs=0, n_folds=2, folds="0", device="cpu")
-    train.train_fold(cfg, comp, train.prepare_folds(cfg, comp), 0)
+    train.train_fold(cfg, comp, train_embedder.prepare_folds(cfg, comp), 0)
     return cfg
 
 
@@ -135,7 +139,7 @@ def test_run_extraction_files_order_and_values(comp, trained):
     ]
     assert table["file"].tolist() == ["e/03_embeddings/fold0/train.npz", "e/03_embeddings/fold0/test.npz"]
     for split, images in (("train", comp.train["image"]), ("test", comp.test["image"])):
-        raw = store.load_arrays(embed.embeddings_dir("e", 0) / f"{split}.npz")
+        raw = store.load_arrays(artefacts.embeddings_dir("e", 0) / f"{split}.npz")
         assert raw["image"].tolist() == images.tolist()  # train.csv order / sample-submission order
         assert raw["embeddings"].dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(raw["embeddings"], axis=1), 1.0, atol=1e-5)
@@ -143,20 +147,20 @@ def test_run_extraction_files_order_and_values(comp, trained):
     # independent reference: read, resize, normalise, embed, L2-normalise, image by image
     model, meta = train.load_embedder("e", 0)
     transform = build_transforms(32, False, meta["mean"], meta["std"])
-    got = embed.load_fold_embeddings("e", 0, "test", comp.test["image"])
+    got = artefacts.load_fold_embeddings("e", 0, "test", comp.test["image"])
     with torch.no_grad():
         for row, path in enumerate(comp.test["path"]):
             x = torch.from_numpy(transform(image=read_rgb(path))["image"].transpose(2, 0, 1).copy())[None]
             ref = torch.nn.functional.normalize(model.embed(x.float()), dim=1)[0].numpy()
             np.testing.assert_allclose(got[row], ref, atol=1e-5, err_msg=f"test row {row}")
-    assert store.stage_done(embed.embeddings_dir("e", 0))
+    assert store.stage_done(artefacts.embeddings_dir("e", 0))
 
 
 def test_run_extraction_reuses_and_recomputes(comp, trained, monkeypatch):
     cfg = ExtractConfig(data=str(comp.root), exp="e", n_folds=2, folds="0", batch_size=16, tta_flip=True,
                         device="cpu")
     embed.run_extraction(cfg, comp)
-    first = embed.load_fold_embeddings("e", 0, "train", comp.train["image"])
+    first = artefacts.load_fold_embeddings("e", 0, "train", comp.train["image"])
     calls = counting_extract(monkeypatch)
 
     table = embed.run_extraction(cfg, comp)  # unchanged: reused
@@ -166,12 +170,12 @@ def test_run_extraction_reuses_and_recomputes(comp, trained, monkeypatch):
 
     embed.run_extraction(dataclasses.replace(cfg, tta_flip=False), comp)  # TTA changed
     assert calls["n"] == 2
-    no_tta = embed.load_fold_embeddings("e", 0, "train", comp.train["image"])
+    no_tta = artefacts.load_fold_embeddings("e", 0, "train", comp.train["image"])
     assert not np.allclose(no_tta, first, atol=1e-4)
 
     embed.run_extraction(cfg, comp)  # back to TTA: recomputed, equal to the first run
     assert calls["n"] == 4
-    np.testing.assert_allclose(embed.load_fold_embeddings("e", 0, "train", comp.train["image"]), first,
+    np.testing.assert_allclose(artefacts.load_fold_embeddings("e", 0, "train", comp.train["image"]), first,
                                atol=1e-6)
 
     # the model file changes (e.g. the fold was retrained): recomputed, with the new weights
@@ -183,7 +187,7 @@ def test_run_extraction_reuses_and_recomputes(comp, trained, monkeypatch):
     os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
     table = embed.run_extraction(cfg, comp)
     assert calls["n"] == 6 and not table["reused"].any()
-    assert not np.allclose(embed.load_fold_embeddings("e", 0, "train", comp.train["image"]), first, atol=1e-4)
+    assert not np.allclose(artefacts.load_fold_embeddings("e", 0, "train", comp.train["image"]), first, atol=1e-4)
 
     embed.run_extraction(dataclasses.replace(cfg, force=True), comp)  # force
     assert calls["n"] == 8
@@ -195,11 +199,11 @@ def test_load_fold_embeddings_checks_row_order(comp, trained):
     images = comp.train["image"].tolist()
     wrong = images[::-1]
     with pytest.raises(ValueError, match=rf"train\.npz: row 0 is image '{images[0]}' but '{wrong[0]}'"):
-        embed.load_fold_embeddings("e", 0, "train", wrong)
+        artefacts.load_fold_embeddings("e", 0, "train", wrong)
     with pytest.raises(ValueError, match="rows but"):
-        embed.load_fold_embeddings("e", 0, "train", images[:-1])
+        artefacts.load_fold_embeddings("e", 0, "train", images[:-1])
     with pytest.raises(FileNotFoundError, match="fold1.test.npz does not exist"):
-        embed.load_fold_embeddings("e", 1, "test", comp.test["image"])
+        artefacts.load_fold_embeddings("e", 1, "test", comp.test["image"])
 
 
 def test_run_extraction_needs_a_finished_fold(comp):

@@ -1,4 +1,4 @@
-"""Tests for common.ensemble: accuracy weights, aligned ensembles, retrieval/classifier blends, soups."""
+"""Tests for common.lib.ensemble: accuracy weights, aligned ensembles, retrieval/classifier blends, soups."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from common import ensemble
-from common.averaging import average_state_dicts
-from common.ensemble import accuracy_weights, align, blend_scores, ensemble_probs, greedy_soup, uniform_soup
+from common.lib import ensemble
+from common.lib.averaging import average_state_dicts
+from common.lib.ensemble import (
+    accuracy_weights,
+    align,
+    blend_scores,
+    ensemble_probs,
+    greedy_soup,
+    uniform_soup,
+)
 
 
 # ------------------------------------------------------------------------------------------ accuracy weights

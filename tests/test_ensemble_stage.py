@@ -1,4 +1,4 @@
-"""Stage 06 end to end (common.ensemble_stage, common.soup_stage, common.ensemble_retrieval) on the tiny demo.
+"""Stage 06 end to end (common.stages.ensemble_postprocess, common.stages.soup, common.stages.ensemble_retrieval) on the tiny demo.
 
 Two stage-05 runs ``a`` and ``b`` (randomly initialised ``mobilenetv3_small_050``, 32 px, 1 epoch, both folds,
 same seed so same folds and same initial weights, different learning rates and epochs) and one stage-02/03/04 run ``e``
@@ -15,10 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from common import classify, embed, ensemble_stage, paths, store, submit, train
 from common.config import ClassifierConfig, EmbedderConfig, EnsembleConfig, ExtractConfig, RetrievalConfig
-from common.data import load_competition
-from common.demo import TINY_DEMO, make_demo
+from common.core import paths, store
+from common.data.competition import load_competition
+from common.data.demo import TINY_DEMO, make_demo
+from common.stages import ensemble_postprocess as ensemble_stage
+from common.stages import extract_embeddings as embed
+from common.stages import retrieve_submit as submit
+from common.stages import train_classifier as classify
+from common.stages import train_embedder
 
 CLS = dict(backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1, batch_size=4, n_folds=2,
            folds="all", device="cpu", warmup_epochs=0.5, amp=False, use_crops=False)
@@ -39,7 +44,7 @@ def comp(tmp_path_factory, one_torch_thread):
     emb = dict(data=str(comp.root), exp="e", n_folds=2, folds="all", device="cpu")
     ecfg = EmbedderConfig(**emb, backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1,
                           batch_size=4, amp=False, use_crops=False, embedding_dim=32)
-    train.run_training(ecfg, comp, train.prepare_folds(ecfg, comp))
+    train_embedder.run_training(ecfg, comp, train_embedder.prepare_folds(ecfg, comp))
     embed.run_extraction(ExtractConfig(**emb, batch_size=16), comp)
     submit.run_retrieval(RetrievalConfig(**emb, fold_merge="concat", knn_k=10), comp)
     yield comp
@@ -234,7 +239,7 @@ def test_clear_errors(comp, tmp_path):
 
 
 def test_members_keep_the_out_of_fold_images_they_share_and_weight_by_balanced_accuracy():
-    from common.ensemble_stage import Member, _keep_oof, member_weights
+    from common.stages.ensemble_postprocess import Member, _keep_oof, member_weights
 
     def member(exp, images, labels, preds):
         probs = np.eye(2, dtype=np.float32)[preds]
@@ -284,9 +289,9 @@ def test_blend_on_cosine_uses_arcface_logits_over_s(comp):
 
 # -- inference_only: the full run's submission from attached Kaggle sources ---------------------------------------
 def attached_sources(full: list[EnsembleConfig]) -> dict[tuple[str, str], dict[str, object]]:
-    """``{(kind, slug): {path inside: source file}}``: each run's weights dataset (what ``common.kaggle build``
+    """``{(kind, slug): {path inside: source file}}``: each run's weights dataset (what ``common.cli.kaggle build``
     puts in it) and the outputs of the members' inference kernels (their test predictions only)."""
-    from common import kaggle
+    from common.cli import kaggle
 
     out = {("datasets", paths.weights_slug(m)): kaggle.weights_files(m, ["05"]) for m in ("a", "b")}
     out[("datasets", paths.weights_slug("e"))] = kaggle.weights_files("e", ["03", "04"])

@@ -1,4 +1,4 @@
-"""common.export: conv-BN folding, ONNX Runtime and OpenVINO give the eager model's logits; bad input fails.
+"""common.cli.export: conv-BN folding, ONNX Runtime and OpenVINO give the eager model's logits; bad input fails.
 
 Tolerance (:func:`close`): max |diff| <= 1e-5 + 2e-5 * max |eager logit|. Every engine computes in float32
 (machine epsilon 1.2e-7) and only the summation order differs (folded weights, fused kernels, other GEMM
@@ -24,8 +24,9 @@ pytest.importorskip("onnx")
 
 import timm  # noqa: E402
 
-from common import export, store  # noqa: E402
-from common.models import ClassifierModel  # noqa: E402
+from common.cli import export
+from common.core import store
+from common.lib.models import ClassifierModel  # noqa: E402
 
 SIZE = 32
 
@@ -165,7 +166,7 @@ def test_runners_reject_missing_files_and_wrong_shapes(exported, tmp_path):
 
 def fake_finished_fold(exp: str) -> tuple[ClassifierModel, dict]:
     """A stage-05 fold folder as training leaves it: config.json, model.pt, _done.json."""
-    from common.classify_train import fold_dir
+    from common.engine.classifier import fold_dir
 
     torch.manual_seed(0)
     model = randomize_bn(ClassifierModel("mobilenetv3_small_050", 3, pretrained="none"))

@@ -1,4 +1,4 @@
-"""Tests for common.heads: ArcFace maths against hand-computed 2-D cases and pytorch-metric-learning."""
+"""Tests for common.lib.heads: ArcFace maths against hand-computed 2-D cases and pytorch-metric-learning."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.heads import ArcMarginProduct, dynamic_margins
+from common.lib.heads import ArcMarginProduct, dynamic_margins
 
 S, M = 30.0, 0.5
 

@@ -1,4 +1,4 @@
-"""common.heads.ArcMarginProduct against pytorch-metric-learning (test-only) and hand-computed margins.
+"""common.lib.heads.ArcMarginProduct against pytorch-metric-learning (test-only) and hand-computed margins.
 
 pytorch-metric-learning (https://github.com/KevinMusgrave/pytorch-metric-learning) is the reference: its
 ``ArcFaceLoss`` / ``SubCenterArcFaceLoss`` take the margin in degrees and store ``W`` as
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.heads import ArcMarginProduct, dynamic_margins
+from common.lib.heads import ArcMarginProduct, dynamic_margins
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 

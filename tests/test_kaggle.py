@@ -1,4 +1,4 @@
-"""common.kaggle: the bundle of a finished tiny run, run the way Kaggle runs it.
+"""common.cli.kaggle: the bundle of a finished tiny run, run the way Kaggle runs it.
 
 The real check builds the code and weights datasets and the kernel folders of a params/debug.yaml run (stages
 01-05), then executes the kernels 01 -> 03 -> 04 and 05 with papermill inside a fake ``/kaggle`` tree (``KAGGLE_ROOT``),
@@ -22,8 +22,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common import kaggle, paths
+from common.cli import kaggle
 from common.config import load_params
+from common.core import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "params" / "debug.yaml"
@@ -69,9 +70,13 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, c
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_torch_thread):
     """params/debug.yaml stages 01-05 under a temporary working folder, then the Kaggle bundles of the run."""
-    from common import classify, crop_stage, embed, submit, train
     from common.config import ClassifierConfig, CropConfig, EmbedderConfig, ExtractConfig, RetrievalConfig
-    from common.data import open_competition
+    from common.data.competition import open_competition
+    from common.stages import crop_images as crop_stage
+    from common.stages import extract_embeddings as embed
+    from common.stages import retrieve_submit as submit
+    from common.stages import train_classifier as classify
+    from common.stages import train_embedder
 
     base = tmp_path_factory.mktemp("kaggle_run")
     mp = pytest.MonkeyPatch()
@@ -86,7 +91,7 @@ def tiny_run(tmp_path_factory, one_torch_thread):
     pick = lambda cls: cls(**{k: v for k, v in params.items() if k in cls.field_names()})  # noqa: E731
     crop_stage.run_crop(pick(CropConfig), comp)
     ecfg = pick(EmbedderConfig)
-    train.run_training(ecfg, comp, train.prepare_folds(ecfg, comp))
+    train_embedder.run_training(ecfg, comp, train_embedder.prepare_folds(ecfg, comp))
     embed.run_extraction(pick(ExtractConfig), comp)
     result = submit.run_retrieval(pick(RetrievalConfig), comp)
     ccfg = pick(ClassifierConfig)
@@ -322,7 +327,7 @@ def test_fetch_wheels_offline_from_a_folder(tiny_run, tmp_path):
 
 def fake_run(working: Path, exp: str, used_crops: bool) -> None:
     """The markers and files of a finished two-fold run of stages 02-04, without fold 1's model.pt."""
-    from common import store
+    from common.core import store
 
     params = {"exp": exp, "data": "demo_tiny", "n_folds": 2, "folds": "all"}
     store.mark_done(working / exp / "03_embeddings", params)
@@ -398,9 +403,10 @@ def test_install_cell_installs_from_the_bundle_offline(tmp_path, monkeypatch, mo
 
 # -- a missing dataset ----------------------------------------------------------------------------------------
 def test_missing_weights_dataset_names_the_slug(tiny_run, tmp_path, monkeypatch):
-    from common import embed, submit
     from common.config import ExtractConfig, RetrievalConfig
-    from common.data import open_competition
+    from common.data.competition import open_competition
+    from common.stages import extract_embeddings as embed
+    from common.stages import retrieve_submit as submit
 
     root = tmp_path / "kaggle"
     mount(tiny_run["comp_root"], root / "input" / COMPETITION)
@@ -422,7 +428,7 @@ def test_missing_weights_dataset_names_the_slug(tiny_run, tmp_path, monkeypatch)
 
 # -- the runtime estimate -------------------------------------------------------------------------------------
 def test_estimate_t4_minutes_by_hand():
-    from common.throughput import estimate_t4_minutes
+    from common.engine.throughput import estimate_t4_minutes
 
     est = estimate_t4_minutes({"gflops_per_image": 1.0, "decode_images_per_s": 100.0}, n_images=10_000, n_folds=2,
                               utilization=0.5, workers=4)
@@ -434,7 +440,7 @@ def test_estimate_t4_minutes_by_hand():
 
 
 def test_measure_throughput_runs(one_torch_thread):
-    from common.throughput import measure_throughput
+    from common.engine.throughput import measure_throughput
 
     out = measure_throughput("mobilenetv3_small_100", 32, batch_size=2, batches=1, jpeg_size=(64, 48))
     assert out["gflops_per_image"] > 0 and out["cpu_images_per_s"] > 0 and out["decode_images_per_s"] > 0
@@ -444,7 +450,7 @@ def test_build_06_attaches_the_members_weights_and_kernels(isolated, monkeypatch
     """Stage 06's kernel: its weights dataset holds the full run's 06_ensemble/metrics.json only; every member's
     weights dataset and the output of the member's own inference kernel (05 for members, 03 for embed_members)
     are attached; it runs on the CPU."""
-    from common import store
+    from common.core import store
 
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
     monkeypatch.setattr(kaggle, "build_code_dataset", lambda out, *a, **k: out.mkdir(parents=True))  # no wheel

@@ -1,4 +1,4 @@
-"""Tests for common.losses: hand-computed tiny cases, torch's own cross-entropy and KL as references."""
+"""Tests for common.lib.losses: hand-computed tiny cases, torch's own cross-entropy and KL as references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import (
+from common.lib.losses import (
     FocalLoss,
     LogitAdjustedLoss,
     SoftmaxEQL,

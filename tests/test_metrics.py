@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from common.metrics import map5_report, map_at_k, reciprocal_ranks
+from common.lib.metrics import map5_report, map_at_k, reciprocal_ranks
 
 
 # Reference: Kaggle's average precision at k, copied in spirit from
@@ -103,7 +103,7 @@ def test_map5_report_none_when_a_group_is_empty():
 
 
 def test_classification_report_by_hand_and_against_scikit_learn():
-    from common.metrics import classification_report
+    from common.lib.metrics import classification_report
 
     # 3 classes; rows: truth, argmax -> hit?  (0,0) y, (0,1) n, (1,1) y, (2,2) y, (2,0) n
     scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])

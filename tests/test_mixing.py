@@ -1,4 +1,4 @@
-"""Tests for common.mixing: one-hot targets, the CutMix box, CutMix/Mixup on hand-built batches, the mixer."""
+"""Tests for common.lib.mixing: one-hot targets, the CutMix box, CutMix/Mixup on hand-built batches, the mixer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.mixing import BatchMixer, cutmix, cutmix_box, mixup, one_hot
+from common.lib.mixing import BatchMixer, cutmix, cutmix_box, mixup, one_hot
 
 
 def const_batch(n: int, h: int = 4, w: int = 5) -> torch.Tensor:

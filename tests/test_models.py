@@ -1,4 +1,4 @@
-"""Tests for common.models: GeM, backbone creation, the embedder (weight sources: tests/test_weights.py)."""
+"""Tests for common.lib.models: GeM, backbone creation, the embedder (weight sources: tests/test_weights.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.models import EmbeddingModel, GeM, create_backbone
+from common.lib.models import EmbeddingModel, GeM, create_backbone
 
 LITE0 = "tf_efficientnet_lite0"
 

@@ -14,8 +14,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from common import paths, pipeline
+from common.cli import pipeline
 from common.config import STAGE_CONFIGS, load_params
+from common.core import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "params" / "debug.yaml"

@@ -1,4 +1,4 @@
-"""common.paths: resolution order of the folders, data_dir, experiment names."""
+"""common.core.paths: resolution order of the folders, data_dir, experiment names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common import paths
+from common.core import paths
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_VARS = (

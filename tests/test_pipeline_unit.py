@@ -1,4 +1,4 @@
-"""common.pipeline without papermill: stage ranges, parameter merging, freshness, notebook lookup, the CLI."""
+"""common.cli.pipeline without papermill: stage ranges, parameter merging, freshness, notebook lookup, the CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from common import paths, pipeline, store
+from common.cli import pipeline
+from common.core import paths, store
 
 
 # -- parse_stages --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for common.postprocess on hand-made tables: thresholds, pseudo-labels, cleaning, re-distribution."""
+"""Tests for common.lib.postprocess on hand-made tables: thresholds, pseudo-labels, cleaning, re-distribution."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import retrieval
-from common.postprocess import (
+from common.lib import retrieval
+from common.lib.postprocess import (
     candidate_species,
     flag_noisy_labels,
     predict_by_species,

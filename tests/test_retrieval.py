@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from common import ann, plots, retrieval
-from common.metrics import map_at_k
-from common.retrieval import (
+from common.lib import ann, plots, retrieval
+from common.lib.metrics import map_at_k
+from common.lib.retrieval import (
     average_scores,
     concat_embeddings,
     individual_scores,

@@ -1,4 +1,4 @@
-"""common.runtime: device choice, seeding, progress bars."""
+"""common.core.runtime: device choice, seeding, progress bars."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import runtime
+from common.core import runtime
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

@@ -1,4 +1,4 @@
-"""Tests for common.sampling: class-balanced weights by hand; the sampler's determinism and frequencies."""
+"""Tests for common.lib.sampling: class-balanced weights by hand; the sampler's determinism and frequencies."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.sampling import ClassBalancedSampler, class_balanced_weights
+from common.lib.sampling import ClassBalancedSampler, class_balanced_weights
 
 # ------------------------------------------------------------------------------------- class_balanced_weights
 LABELS = [0, 0, 0, 0, 1]  # class 0 has 4 images, class 1 has 1

@@ -1,4 +1,4 @@
-"""common.store: atomic writes, arrays with row-order checks, stage markers."""
+"""common.core.store: atomic writes, arrays with row-order checks, stage markers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import store
+from common.core import store
 
 
 # -- atomic writes -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Stage 04 (common.submit) on a hand-made experiment whose answers can be worked out on paper.
+"""Stage 04 (common.stages.retrieve_submit) on a hand-made experiment whose answers can be worked out on paper.
 
 Embeddings are 2-d unit vectors at chosen angles, so every similarity is the cosine of an angle difference.
 Fold 1's embeddings are fold 0's rotated by 90 degrees: every within-fold cosine is the same, so both folds
@@ -27,9 +27,10 @@ import pytest
 from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
-from common import paths, store, submit
 from common.config import RetrievalConfig
-from common.data import load_competition
+from common.core import paths, store
+from common.data.competition import load_competition
+from common.stages import retrieve_submit as submit
 
 NEW = "new_individual"
 EXP = "fake"

@@ -1,4 +1,4 @@
-"""Stage 02 (common.train): folds, the learning-rate schedule, kill-and-resume, skipping and forcing finished
+"""Stage 02 (common.engine.embedder): folds, the learning-rate schedule, kill-and-resume, skipping and forcing finished
 folds, the untrained baseline, dynamic margins and the load_embedder round trip.
 
 Every test trains a randomly initialised ``mobilenetv3_small_050`` at 32 px on the tiny generated demo
@@ -16,12 +16,15 @@ import pytest
 import torch
 from conftest import isolate_dirs
 
-from common import paths, store, train
 from common.config import EmbedderConfig
-from common.data import DataError, load_competition
-from common.demo import TINY_DEMO, make_demo
-from common.heads import dynamic_margins
-from common.runtime import seed_everything, warmup_cosine
+from common.core import paths, store
+from common.core.runtime import seed_everything, warmup_cosine
+from common.data import artefacts
+from common.data.competition import DataError, load_competition
+from common.data.demo import TINY_DEMO, make_demo
+from common.engine import embedder as train
+from common.lib.heads import dynamic_margins
+from common.stages import train_embedder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +52,7 @@ def tiny_cfg(comp, **overrides) -> EmbedderConfig:
 
 
 def count_calls(monkeypatch, name: str, fail_on: int | None = None) -> dict:
-    """Wrap ``common.train.<name>``: count its calls; raise KeyboardInterrupt on call number ``fail_on``."""
+    """Wrap ``common.engine.embedder.<name>``: count its calls; raise KeyboardInterrupt on call number ``fail_on``."""
     original = getattr(train, name)
     calls = {"n": 0, "models": []}
 
@@ -75,13 +78,13 @@ def forbid(monkeypatch, name: str) -> None:
 # ---------------------------------------------------------------------------------------------- folds
 def test_prepare_folds_writes_a_valid_table(comp):
     cfg = tiny_cfg(comp, n_folds=3)
-    table = train.prepare_folds(cfg, comp)
+    table = train_embedder.prepare_folds(cfg, comp)
     assert list(table.columns) == ["image", "individual_id", "species", "fold"]
     assert table["image"].tolist() == comp.train["image"].tolist()  # every image, in train.csv order
     assert sorted(table["fold"].unique()) == [0, 1, 2]
     sizes = table["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 1  # round-robin dealing: 21 images -> 7/7/7
-    written = train.read_folds(cfg.exp)
+    written = artefacts.read_folds(cfg.exp)
     pd.testing.assert_frame_equal(written, table, check_dtype=False)
     assert (paths.stage_dir(cfg.exp, "02") / "folds.csv").exists()
 
@@ -91,12 +94,12 @@ def test_prepare_folds_rejects_empty_folds_before_training(comp, monkeypatch):
     cfg = tiny_cfg(comp, n_folds=len(comp.train) + 1, folds="0")
     n = len(comp.train)
     with pytest.raises(DataError, match=f"{n} training images cannot fill {n + 1} folds"):
-        train.prepare_folds(cfg, comp)
+        train_embedder.prepare_folds(cfg, comp)
     assert not (paths.stage_dir(cfg.exp, "02") / "folds.csv").exists()
 
 
 def test_prepare_folds_max_images_caps(comp):
-    table = train.prepare_folds(tiny_cfg(comp, max_images=6, n_folds=3), comp)
+    table = train_embedder.prepare_folds(tiny_cfg(comp, max_images=6, n_folds=3), comp)
     assert len(table) == 6
     assert set(table["image"]) <= set(comp.train["image"])
     order = comp.train["image"].tolist()
@@ -104,12 +107,12 @@ def test_prepare_folds_max_images_caps(comp):
     assert sorted(table["fold"].value_counts().tolist()) == [2, 2, 2]
     # 2 images cannot fill 3 folds: the cap is applied before the check
     with pytest.raises(DataError, match="2 training images cannot fill 3 folds"):
-        train.prepare_folds(tiny_cfg(comp, max_images=2, n_folds=3), comp)
+        train_embedder.prepare_folds(tiny_cfg(comp, max_images=2, n_folds=3), comp)
 
 
 def test_read_folds_names_the_missing_file():
     with pytest.raises(FileNotFoundError, match=r"02_embedder.folds\.csv not found"):
-        train.read_folds("nothing")
+        artefacts.read_folds("nothing")
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -130,7 +133,7 @@ def test_lr_lambda_warmup_then_cosine():
 
 def test_logged_lr_follows_the_schedule(comp):
     cfg = tiny_cfg(comp)
-    folds = train.prepare_folds(cfg, comp)
+    folds = train_embedder.prepare_folds(cfg, comp)
     log = train.train_fold(cfg, comp, folds, 0)
     n_fit = int((folds["fold"] != 0).sum())
     steps = n_fit // cfg.batch_size  # drop_last=True
@@ -146,7 +149,7 @@ def test_logged_lr_follows_the_schedule(comp):
 def test_kill_and_resume_matches_an_unbroken_run(comp, monkeypatch):
     # dropout > 0 draws from the global torch RNG: the resumed run must draw what the unbroken run drew
     ref_cfg = tiny_cfg(comp, exp="unbroken", dropout=0.2)
-    folds = train.prepare_folds(ref_cfg, comp)
+    folds = train_embedder.prepare_folds(ref_cfg, comp)
     train.train_fold(ref_cfg, comp, folds, 0)
 
     cfg = dataclasses.replace(ref_cfg, exp="killed")
@@ -183,7 +186,7 @@ def test_kill_and_resume_matches_an_unbroken_run(comp, monkeypatch):
 
 def test_finished_fold_is_skipped_and_other_params_need_force(comp, monkeypatch):
     cfg = tiny_cfg(comp, epochs=1)
-    folds = train.prepare_folds(cfg, comp)
+    folds = train_embedder.prepare_folds(cfg, comp)
     first = train.train_fold(cfg, comp, folds, 0)
     model_file = train.fold_dir(cfg.exp, 0) / "model.pt"
     before = model_file.stat().st_mtime_ns
@@ -212,7 +215,7 @@ def test_finished_fold_is_skipped_and_other_params_need_force(comp, monkeypatch)
 # ---------------------------------------------------------------------------------------------- baseline
 def test_zero_epochs_writes_the_initial_model(comp):
     cfg = tiny_cfg(comp, epochs=0)
-    folds = train.prepare_folds(cfg, comp)
+    folds = train_embedder.prepare_folds(cfg, comp)
     log = train.train_fold(cfg, comp, folds, 0)
     out = train.fold_dir(cfg.exp, 0)
     assert list(log.columns) == train.LOG_COLUMNS and log.empty
@@ -230,11 +233,11 @@ def test_zero_epochs_writes_the_initial_model(comp):
 
 def test_run_training_all_folds_and_summary(comp):
     cfg = tiny_cfg(comp, epochs=0, folds="all")
-    folds = train.prepare_folds(cfg, comp)
-    logs = train.run_training(cfg, comp, folds)
+    folds = train_embedder.prepare_folds(cfg, comp)
+    logs = train_embedder.run_training(cfg, comp, folds)
     assert logs.empty and "fold" in logs.columns
     assert store.stage_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
-    summary = train.fold_summary(cfg.exp, [0, 1])
+    summary = train_embedder.fold_summary(cfg.exp, [0, 1])
     assert summary.index.tolist() == [0, 1]
     sizes = folds["fold"].value_counts()
     assert summary["train images"].tolist() == [int(sizes[1]), int(sizes[0])]
@@ -244,7 +247,7 @@ def test_run_training_all_folds_and_summary(comp):
 
 def test_dynamic_margin_buffer_comes_from_class_counts(comp):
     cfg = tiny_cfg(comp, epochs=0, dynamic_margin=True, margin_a=0.4, margin_p=-0.5, margin_b=0.1)
-    folds = train.prepare_folds(cfg, comp)
+    folds = train_embedder.prepare_folds(cfg, comp)
     train.train_fold(cfg, comp, folds, 0)
     model, meta = train.load_embedder(cfg.exp, 0)
     fit = folds[folds["fold"] != 0]
@@ -262,7 +265,7 @@ def test_dynamic_margin_buffer_comes_from_class_counts(comp):
 # ---------------------------------------------------------------------------------------------- loading
 def test_load_embedder_round_trip(comp, monkeypatch):
     cfg = tiny_cfg(comp, epochs=1)
-    folds = train.prepare_folds(cfg, comp)
+    folds = train_embedder.prepare_folds(cfg, comp)
     with pytest.raises(FileNotFoundError, match="has not finished training"):
         train.load_embedder(cfg.exp, 0)
     calls = count_calls(monkeypatch, "evaluate")  # evaluate receives the trained model after its last epoch
@@ -281,7 +284,7 @@ def test_load_embedder_round_trip(comp, monkeypatch):
 
 def test_image_paths_full_images_and_missing_crops(comp):
     table = comp.train.head(3)
-    assert train.image_paths(table, "t", "train", use_crops=False) == table["path"].tolist()
+    assert artefacts.image_paths(table, "t", "train", use_crops=False) == table["path"].tolist()
     with pytest.raises(DataError, match=r"crop missing \(3 in all\)"):
-        train.image_paths(table, "t", "train", use_crops=True)
-    assert not train.crops_available("t")
+        artefacts.image_paths(table, "t", "train", use_crops=True)
+    assert not artefacts.crops_available("t")

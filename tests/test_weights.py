@@ -1,4 +1,4 @@
-"""Tests for common.weights: where weights come from (offline package, local files, hub) and the errors."""
+"""Tests for common.core.weights: where weights come from (offline package, local files, hub) and the errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import timm
 import torch
 
-from common.models import EmbeddingModel, create_backbone
-from common.weights import (
+from common.core.weights import (
     OFFLINE_WEIGHTS,
     backbone_normalization,
     load_backbone_weights,
@@ -17,6 +16,7 @@ from common.weights import (
     load_state_dict_by_order,
     resolve_pretrained,
 )
+from common.lib.models import EmbeddingModel, create_backbone
 
 LITE0 = "tf_efficientnet_lite0"
 needs_lite0 = pytest.mark.skipif(

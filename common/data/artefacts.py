@@ -1,0 +1,103 @@
+"""What one stage leaves for the next, read by later stages: stage 01's crops, stage 02's fold table,
+stage 03's embeddings (paths and readers; the formats are :mod:`common.core.store`'s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.config import ClassifierConfig, EmbedderConfig
+from common.core import paths, store
+from common.data.competition import (
+    Competition,
+    DataError,
+    split_fold,
+)
+
+
+def crops_dir(exp: str, split: str = "") -> Path:
+    """Where stage 01 writes crops: ``working/<exp>/01_crop/crops/{train,test}/<image>``.
+
+    With ``split``, the ``crops/<split>`` folder to read: this run's own, else an attached Kaggle source's
+    (:func:`common.core.paths.find_stage_dir`), else the local path (whose absence the caller reports).
+    """
+    if split:
+        try:
+            return paths.find_stage_dir(exp, "01", f"crops/{split}") / "crops" / split
+        except paths.MissingStageError:
+            pass
+    return paths.stage_dir(exp, "01") / "crops" / split if split else paths.stage_dir(exp, "01") / "crops"
+
+
+def crops_available(exp: str) -> bool:
+    """True when stage 01 finished and wrote crops (it may have run with ``crop=False``)."""
+    return store.stage_done(paths.stage_dir(exp, "01")) and (crops_dir(exp) / "train").is_dir()
+
+
+def image_paths(table: pd.DataFrame, exp: str, split: str, use_crops: bool) -> list[str]:
+    """Paths to train or test images: stage 01's crops when ``use_crops``, else the full images.
+
+    Args:
+        table: rows with ``image`` and ``path`` (the full image).
+        exp: experiment name.
+        split: ``train`` or ``test``.
+        use_crops: read crops (the caller decides with :func:`crops_available`).
+    """
+    if not use_crops:
+        return list(table["path"])
+    crops = [crops_dir(exp, split) / name for name in table["image"]]
+    missing = [c for c in crops if not c.exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: crop missing ({len(missing)} in all); rerun stage 01 with force=True")
+    return [str(c) for c in crops]
+
+
+def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds: pd.DataFrame, fold: int
+               ) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """A fold's training and validation rows with a ``path`` column (stage 01's crops when ``cfg.use_crops``
+    and they exist, else the full images), and whether crops were used. Shared by stages 02 and 05.
+
+    Args:
+        cfg: a config with ``exp`` and ``use_crops`` (:class:`~common.config.EmbedderConfig` or
+            :class:`~common.config.ClassifierConfig`).
+        comp: the validated competition.
+        folds: a fold table with ``image`` and ``fold``.
+        fold: the validation fold.
+    """
+    table = folds.merge(comp.train[["image", "path"]], on="image", how="left", validate="one_to_one")
+    used_crops = cfg.use_crops and crops_available(cfg.exp)
+    table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
+    fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    return fit, valid, used_crops
+
+
+def read_folds(exp: str) -> pd.DataFrame:
+    """Read ``02_embedder/folds.csv`` written by :func:`prepare_folds`."""
+    path = paths.find_stage_dir(exp, "02", "folds.csv", hint="run stage 02 (train embedder) first") / "folds.csv"
+    return pd.read_csv(path, dtype={"image": str, "individual_id": str, "species": str})
+
+
+def embeddings_dir(exp: str, fold: int) -> Path:
+    """``working/<exp>/03_embeddings/fold{fold}``."""
+    return paths.stage_dir(exp, "03") / f"fold{fold}"
+
+
+def _embeddings_file(exp: str, fold: int, split: str = "train") -> Path:
+    need = f"fold{fold}/{split}.npz"
+    try:
+        return paths.find_stage_dir(exp, "03", need, hint="run stage 03 first") / need
+    except paths.MissingStageError:
+        if paths.on_kaggle():  # the error says which dataset to attach
+            raise
+        return embeddings_dir(exp, fold) / f"{split}.npz"  # store.load_arrays names the missing file
+
+
+def load_fold_embeddings(exp: str, fold: int, split: str, images: list[str] | pd.Series) -> np.ndarray:
+    """Read one fold's embeddings, checking their rows are ``images`` in this order.
+
+    The file is read from ``working/<exp>/03_embeddings`` or, failing that, from an attached Kaggle source
+    that holds ``<exp>/03_embeddings`` (:func:`common.core.paths.find_stage_dir`).
+    """
+    return store.load_arrays(_embeddings_file(exp, fold, split), list(images))["embeddings"]

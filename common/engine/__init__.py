@@ -1,0 +1,1 @@
+"""The training engine and prediction loops (embedder, classifier, detector), torchrun launching, throughput."""

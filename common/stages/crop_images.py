@@ -1,0 +1,174 @@
+"""Stage 01 from end to end: detector training, boxes for every image, crops, and box-quality metrics.
+
+Writes under ``working/<exp>/01_crop/``:
+
+* ``yolo/`` (the ultralytics dataset made from the train images' boxes; ``split.csv`` says which were held
+  out), ``detector/`` (the run: ``weights/best.pt``, ``results.csv``);
+* ``predictions.csv``: every predicted box (``split, image, xmin, ymin, xmax, ymax, conf``);
+* ``boxes.csv``: the chosen box per image (``split, image, xmin, ymin, xmax, ymax, conf, fallback`` and the
+  crop window ``crop_xmin..crop_ymax``), full image when no box reaches ``box_conf``;
+* ``crops/{train,test}/<image>``: what stages 02-03 read; ``metrics.json``: mAP50 and crop IoU on held-out
+  train images (and on test images when the competition has test boxes).
+
+With ``crop=False`` only the marker is written and later stages read full images. With ``crops_from=<exp>``
+the other experiment's ``crops/`` folder is linked instead of training a detector again. With
+``inference_only`` nothing is trained: the detector of an earlier full run of the experiment (found by name,
+e.g. in an attached Kaggle dataset: ``<exp>/01_crop/detector/weights/best.pt``) predicts the test images'
+boxes and only ``crops/test`` is written (train rows of an existing ``boxes.csv`` are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from common.config import CropConfig
+from common.core import paths, store
+from common.data.competition import Competition, DataError
+from common.engine import detector as detect
+
+
+@dataclasses.dataclass
+class CropResult:
+    """What stage 01 produced; the notebook shows it."""
+
+    boxes: pd.DataFrame
+    metrics: dict
+    image_dirs: dict[str, Path]
+    truth: pd.DataFrame | None
+
+    def metrics_table(self) -> pd.DataFrame:
+        """Metrics as a small table, one row per evaluated set."""
+        rows = {k: v for k, v in self.metrics.items() if isinstance(v, dict)}
+        if not rows:
+            return pd.DataFrame({"note": [self.metrics.get("note", "no detector metrics")]})
+        return pd.DataFrame(rows).T.rename_axis("images")
+
+    def plot_samples(self, n: int = 8, seed: int = 0):
+        """Sample images with their chosen box (and the true box where known); crops when there are none."""
+        if self.boxes.empty:
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 1))
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no crops: later stages use full images", ha="center", va="center")
+            return fig
+        test = self.boxes[self.boxes["split"] == "test"]
+        table, folder = (test, self.image_dirs["test"]) if len(test) else (self.boxes, self.image_dirs["train"])
+        return detect.plot_boxes(folder, table, truth=self.truth, n=n, seed=seed)
+
+
+def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
+    """Run stage 01 (see the module docstring); skips work already done (detector run, crops on disk)."""
+    out = paths.stage_dir(cfg.exp, "01")
+    dirs = {"train": comp.root / "train_images", "test": comp.root / "test_images"}
+    if cfg.inference_only:  # before `force`: locally the detector to use may live in `out` itself
+        return _infer(cfg, out, dirs, comp)
+    if cfg.crops_from and cfg.crops_from == cfg.exp:  # linking crops/ onto itself would delete the crops
+        raise ValueError(f"crops_from={cfg.crops_from!r} is this experiment itself: leave crops_from empty")
+    if cfg.force and out.exists():
+        shutil.rmtree(out)
+    if cfg.crops_from:
+        return _reuse(cfg, out, dirs, comp)
+    if not cfg.crop:
+        result = CropResult(pd.DataFrame(), {"note": "crop=False: full images are used"}, dirs, None)
+        store.write_json(out / "metrics.json", result.metrics)
+        store.mark_done(out, cfg.fingerprint())
+        return result
+    if comp.boxes is None:
+        raise DataError(f"{comp.root / 'boxes.csv'} not found: the detector needs boxes to train on "
+                        "(or run with crop=False, or crops_from=<an experiment that has crops>)")
+
+    detect.setup_ultralytics()
+    train_boxes = comp.boxes[comp.boxes["image"].isin(set(comp.train["image"]))]
+    if train_boxes.empty:
+        raise DataError(f"{comp.root / 'boxes.csv'}: no box belongs to a train image")
+    data_yaml = detect.make_yolo_dataset(train_boxes, dirs["train"], out / "yolo", cfg.detector_val_fraction,
+                                         cfg.seed)
+    weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
+                                    epochs=cfg.detector_epochs, imgsz=cfg.detector_imgsz,
+                                    batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
+                                    freeze=cfg.detector_freeze)
+    held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
+    held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
+
+    predictions, chosen, metrics = [], [], {"detector": str(weights.relative_to(paths.working_dir()))}
+    for split, table in (("train", comp.train), ("test", comp.test)):
+        names = table["image"].tolist()
+        # Low confidence floor: AP needs the low-scoring boxes too; box_conf decides what gets cropped.
+        pred = detect.predict_boxes(weights, [dirs[split] / n for n in names], imgsz=cfg.detector_imgsz,
+                                    conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+        best = detect.best_boxes(pred, names, cfg.box_conf)
+        crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
+        predictions.append(pred.assign(split=split))
+        chosen.append(crops.assign(split=split))
+        evaluated = held_out if split == "train" else [n for n in names if n in set(comp.boxes["image"])]
+        if evaluated:
+            key = "held-out train" if split == "train" else "test"
+            metrics[key] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs[split])
+    boxes = _split_first(pd.concat(chosen, ignore_index=True))
+    store.write_csv(out / "predictions.csv", _split_first(pd.concat(predictions, ignore_index=True)))
+    store.write_csv(out / "boxes.csv", boxes)
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return CropResult(boxes, metrics, dirs, comp.boxes)
+
+
+def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition) -> CropResult:
+    """``inference_only``: boxes and crops of the test images from an earlier run's detector; no training."""
+    need = "detector/weights/best.pt"
+    weights = paths.find_stage_dir(cfg.exp, "01", need, hint="inference_only needs the detector of a full "
+                                   "stage-01 run of this experiment (crop=True)") / need
+    detect.setup_ultralytics()
+    names = comp.test["image"].tolist()
+    pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
+                                conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+    best = detect.best_boxes(pred, names, cfg.box_conf)
+    crops = detect.crop_images(best, dirs["test"], out / "crops" / "test", cfg.crop_margin)
+    metrics: dict = {"detector": str(weights), "inference_only": True}
+    evaluated = [] if comp.boxes is None else [n for n in names if n in set(comp.boxes["image"])]
+    if evaluated:
+        metrics["test"] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs["test"])
+    tables = {}
+    for name, new in (("predictions.csv", pred.assign(split="test")), ("boxes.csv", crops.assign(split="test"))):
+        old = pd.read_csv(out / name, dtype={"image": str}) if (out / name).exists() else None
+        kept = [] if old is None or "split" not in old else [old[old["split"] != "test"]]
+        tables[name] = _split_first(pd.concat([*kept, new], ignore_index=True))
+        store.write_csv(out / name, tables[name])
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return CropResult(tables["boxes.csv"], metrics, dirs, comp.boxes)
+
+
+def _split_first(df: pd.DataFrame) -> pd.DataFrame:
+    return df[["split", *[c for c in df.columns if c != "split"]]]
+
+
+def _reuse(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition) -> CropResult:
+    """Link ``crops/`` (and copy ``boxes.csv``/``metrics.json``) from experiment ``cfg.crops_from``."""
+    source = paths.stage_dir(cfg.crops_from, "01")
+    if not store.stage_done(source) or not (source / "crops").is_dir():
+        raise FileNotFoundError(f"{source}: stage 01 of experiment {cfg.crops_from!r} has not written crops")
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "crops"
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        else:
+            shutil.rmtree(link)
+    try:
+        os.symlink(os.path.relpath(source / "crops", out), link, target_is_directory=True)
+    except OSError:  # file systems without symlinks: copy
+        shutil.copytree(source / "crops", link)
+    for name in ("boxes.csv", "metrics.json"):
+        if (source / name).exists():
+            shutil.copyfile(source / name, out / name)
+    boxes = pd.read_csv(out / "boxes.csv", dtype={"image": str}) if (out / "boxes.csv").exists() else pd.DataFrame()
+    metrics = {**(store.read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}),
+               "crops_from": cfg.crops_from}
+    store.mark_done(out, cfg.fingerprint())
+    return CropResult(boxes, metrics, dirs, comp.boxes)

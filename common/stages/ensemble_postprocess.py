@@ -1,0 +1,522 @@
+"""Stage 06: ensemble earlier experiments, post-process, and write pseudo-label folders and the submission.
+
+Classifier side, from the ``members``' stage-05 arrays (``05_classifier/oof.npz``, ``test.npz``,
+``classes.json``, read by experiment name):
+
+* each member's weight is its **out-of-fold accuracy** turned into ``(acc_i / min acc) ** weight_factor``
+  (:func:`common.lib.ensemble.accuracy_weights`; ``weight_factor=0``: plain mean); the ensemble is the weighted mean
+  of the members' probabilities (:func:`common.lib.ensemble.ensemble_probs`), out of fold and on the test set;
+* pseudo-labels (:func:`common.lib.postprocess.select_pseudo_labels`): a new competition folder
+  ``06_ensemble/pseudo_round<N>/`` whose ``train.csv`` is the original training rows plus the kept test rows and
+  whose ``train_images/`` links to both, so stages 01-05 train on it with ``data=<that folder>``; the kept count
+  of every round (earlier rounds read from ``data``'s own ``round`` column) is in ``pseudo_rounds.csv``;
+* label cleaning (:func:`common.lib.postprocess.flag_noisy_labels`): ``flagged.csv`` and a folder ``cleaned/``
+  without the flagged images; re-distribution (:func:`common.lib.postprocess.redistribute_labels`);
+* model soups of fold models: :mod:`common.stages.soup`.
+
+Retrieval side (``embed_members``): :mod:`common.stages.ensemble_retrieval`. With it the submission is the retrieval
+one (with ``new_individual``), else the classifier ensemble's five best classes; either way it is
+``submissions/<exp>-<settings>.csv`` (:func:`submission_name`). ``06_ensemble/metrics.json`` holds everything,
+``working/<exp>/metrics.json`` a headline under ``"ensemble"``.
+
+``inference_only`` (a Kaggle kernel): the members' files are found by experiment name
+(:func:`common.core.paths.find_stage_dir`: ``working/``, then attached datasets and kernel outputs), the weights are
+computed again from their stored out-of-fold arrays, the blend ratio and thresholds come from the full run's
+``06_ensemble/metrics.json`` (:func:`stored_run`); pseudo-labels, cleaning, soups and the out-of-fold retrieval are
+skipped (``metrics.json``'s ``skipped``), and the submission equals the full run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.config import EnsembleConfig
+from common.core import paths, store
+from common.data.competition import Competition, open_competition
+from common.lib import ensemble, metrics, postprocess
+from common.stages import retrieve_submit as submit
+from common.stages import train_classifier as classify
+
+STAGE = "06"
+# What inference_only leaves out (it writes no training folders and runs no model), said in metrics.json.
+INFERENCE_SKIPS = ["pseudo-labels", "label cleaning", "model soups", "out-of-fold retrieval and threshold tuning"]
+
+
+def stage_dir(exp: str) -> Path:
+    """``working/<exp>/06_ensemble``."""
+    return paths.stage_dir(exp, STAGE)
+
+
+# ----------------------------------------------------------------------------------------------- members
+@dataclasses.dataclass
+class Member:
+    """One stage-05 run's arrays, as written by :func:`common.stages.train_classifier.run_classification`."""
+
+    exp: str
+    classes: list[str]
+    label_column: str
+    oof_images: list[str]
+    oof_probs: np.ndarray
+    oof_label: np.ndarray
+    test_images: list[str]
+    test_probs: np.ndarray
+    oof_own: int = 0  # out-of-fold rows in the member's own oof.npz (before keeping the images all members share)
+    oof_cosine: np.ndarray | None = None  # logits / arc_s: the cosine to each class centre (ArcFace heads only)
+    test_cosine: np.ndarray | None = None
+
+    @property
+    def oof_accuracy(self) -> float:
+        return float((self.oof_probs.argmax(1) == self.oof_label).mean()) if len(self.oof_label) else 0.0
+
+    def oof_score(self, by: str = "accuracy") -> float:
+        """Out-of-fold ``accuracy`` or ``balanced_accuracy`` (mean per-class recall) of the member."""
+        if by == "accuracy" or not len(self.oof_label):
+            return self.oof_accuracy
+        return float(metrics.classification_report(self.oof_label, self.oof_probs, len(self.classes))[by])
+
+
+def member_file(exp: str, name: str, stage: str = "05") -> Path:
+    """``<exp>/05_classifier/<name>`` (or another ``stage``'s file), read where :func:`common.core.paths.find_stage_dir`
+    finds it: ``working/`` first, then the datasets and kernel outputs attached on Kaggle. The error names the
+    member and, on Kaggle, the dataset slug to attach."""
+    try:
+        return paths.find_stage_dir(exp, stage, name, hint=f"run stage {stage} with exp={exp} first (or drop it "
+                                                          "from the members)") / name
+    except paths.MissingStageError as err:
+        raise paths.MissingStageError(f"ensemble member {exp!r}: {err}") from None
+
+
+def load_member(exp: str) -> Member:
+    """Read experiment ``exp``'s stage-05 arrays; the error names the experiment and the missing file."""
+    files = {name: member_file(exp, name) for name in ("classes.json", "oof.npz", "test.npz")}
+    info = store.read_json(files["classes.json"])
+    oof, test = store.load_arrays(files["oof.npz"]), store.load_arrays(files["test.npz"])
+    oof_cos = test_cos = None
+    fold_config = sorted(files["classes.json"].parent.glob("fold*/config.json"))  # stored beside classes.json
+    cfg = store.read_json(fold_config[0])["config"] if fold_config else {}
+    if cfg.get("head") in ("arcface", "subcenter"):  # ArcFace logits are s * cos: divided by s, a cosine
+        oof_cos = (oof["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
+        test_cos = (test["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
+    return Member(exp, [str(c) for c in info["classes"]], str(info.get("label_column", "individual_id")),
+                  [str(i) for i in oof["image"]], oof["probs"], oof["label"].astype(int),
+                  [str(i) for i in test["image"]], test["probs"], oof_own=len(oof["image"]),
+                  oof_cosine=oof_cos, test_cosine=test_cos)
+
+
+def _keep_oof(member: Member, images: list[str]) -> Member:
+    """``member`` with its out-of-fold rows restricted to ``images``, in that order."""
+    row = {img: i for i, img in enumerate(member.oof_images)}
+    idx = np.array([row[i] for i in images], dtype=np.int64)
+    return dataclasses.replace(member, oof_images=list(images), oof_probs=member.oof_probs[idx],
+                               oof_label=member.oof_label[idx],
+                               oof_cosine=None if member.oof_cosine is None else member.oof_cosine[idx])
+
+
+def load_members(names: list[str]) -> list[Member]:
+    """Every member, checked to share the label column and the set of classes (named file and class)."""
+    if not names:
+        raise ValueError("members is empty: name the stage-05 experiments to ensemble")
+    out = [load_member(n) for n in names]
+    ref = out[0]
+    for m in out[1:]:
+        where = paths.stage_dir(m.exp, "05") / "classes.json"
+        if m.label_column != ref.label_column:
+            raise ValueError(f"ensemble member {m.exp!r}: {where} classifies {m.label_column!r} but member "
+                             f"{ref.exp!r} classifies {ref.label_column!r}")
+        only_m, only_ref = sorted(set(m.classes) - set(ref.classes)), sorted(set(ref.classes) - set(m.classes))
+        if only_m or only_ref:
+            example = f"{only_m[0]!r} only in {m.exp!r}" if only_m else f"{only_ref[0]!r} only in {ref.exp!r}"
+            raise ValueError(f"ensemble member {m.exp!r}: {where} lists other classes than member {ref.exp!r} "
+                             f"({len(only_m)} only in {m.exp!r}, {len(only_ref)} only in {ref.exp!r}; e.g. "
+                             f"{example}): train every member on the same data and label_column")
+    # Members may have predicted different training images out of fold (folds=0 against folds=all, another
+    # seed's split): weights and the OOF ensemble use the images every member predicted, in member 0's order.
+    shared = set(ref.oof_images).intersection(*(m.oof_images for m in out[1:]))
+    if not shared:
+        raise ValueError(f"ensemble members {names}: no training image was predicted out of fold by every member "
+                         "(05_classifier/oof.npz): train them with the same n_folds and seed, and overlapping folds")
+    images = [i for i in ref.oof_images if i in shared]
+    return [m if len(m.oof_images) == len(images) else _keep_oof(m, images) for m in out]
+
+
+def member_weights(members: list[Member], factor: float, by: str = "accuracy") -> np.ndarray:
+    """Raw (unnormalised) weights ``(score / min score) ** factor``, the score being each member's out-of-fold
+    ``accuracy`` or ``balanced_accuracy`` (``by``); all 1 for one member or factor 0."""
+    if len(members) == 1 or factor == 0:
+        return np.ones(len(members))
+    scores = [m.oof_score(by) for m in members]
+    zero = [m.exp for m, s in zip(members, scores, strict=True) if s <= 0]
+    if zero:
+        raise ValueError(f"ensemble member(s) {zero}: out-of-fold accuracy 0, so (acc / min acc) ** "
+                         f"{factor:g} is undefined; drop them or set weight_factor=0")
+    return ensemble.accuracy_weights(scores, factor, normalize=False)
+
+
+def combine(members: list[Member], weights: np.ndarray, split: str, values: str = "probs"
+            ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Weighted mean of the members' ``oof`` or ``test`` ``probs`` or ``cosine`` scores (normalised weights),
+    in the first member's row and class order."""
+    names = [str(paths.stage_dir(m.exp, "05") / f"{split}.npz") for m in members]
+    probs = [getattr(m, f"{split}_{'probs' if values == 'probs' else 'cosine'}") for m in members]
+    images = [m.oof_images if split == "oof" else m.test_images for m in members]
+    return ensemble.ensemble_probs(probs, images, [m.classes for m in members], weights, names)
+
+
+
+
+# ------------------------------------------------------------------------------------- competition folders
+def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.PathLike) -> Path:
+    """A competition folder (``common.data.competition`` layout) whose ``train.csv`` is ``train``; replaced atomically.
+
+    ``train_images/`` and ``test_images/`` hold symbolic links to the original files (copies where links
+    cannot be made); ``sample_submission.csv`` and ``test.csv`` are copied and ``boxes.csv`` is filtered to the
+    folder's images when ``comp`` has them. A ``train`` row may be a test image (a pseudo-label): its file comes from the test images.
+
+    Args:
+        comp: the competition the rows come from.
+        train: the new training table (``image, species, individual_id``, extra columns kept; ``path``
+            dropped).
+        folder: the folder to write.
+    """
+    folder = Path(folder)
+    source = {**dict(zip(comp.test["image"], comp.test["path"], strict=True)),
+              **dict(zip(comp.train["image"], comp.train["path"], strict=True))}
+    unknown = [i for i in train["image"].astype(str) if i not in source]
+    if unknown:
+        raise ValueError(f"write_competition: image {unknown[0]!r} is neither a training nor a test image of "
+                         f"{comp.root}")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, images in (("train_images", train["image"]), ("test_images", comp.test["image"])):
+        (tmp / sub).mkdir(parents=True)
+        for image in images.astype(str):
+            _link(Path(source[image]).resolve(), tmp / sub / image)
+    train.drop(columns=["path"], errors="ignore").to_csv(tmp / "train.csv", index=False)
+    for name in ("sample_submission.csv", "test.csv"):
+        if (comp.root / name).exists():
+            shutil.copy2(comp.root / name, tmp / name)
+    if (comp.root / "boxes.csv").exists():  # only the boxes of images the new folder holds
+        boxes = pd.read_csv(comp.root / "boxes.csv", dtype=str, keep_default_na=False)
+        keep = set(train["image"].astype(str)) | set(comp.test["image"])
+        boxes[boxes["image"].isin(keep)].to_csv(tmp / "boxes.csv", index=False)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _link(target: Path, link: Path) -> None:
+    try:
+        os.symlink(target, link)
+    except OSError:  # no symlinks (some Windows and network file systems): copy
+        shutil.copy2(target, link)
+
+
+def original_train(comp: Competition) -> pd.DataFrame:
+    """``comp``'s training rows without earlier pseudo-label rounds (``round`` column 0 or absent), no ``path``."""
+    train = comp.train.drop(columns=["path"])
+    if "round" in train.columns:
+        train = train[pd.to_numeric(train["round"], errors="coerce").fillna(0) == 0].reset_index(drop=True)
+    return train
+
+
+def earlier_rounds(comp: Competition, label_column: str) -> pd.DataFrame:
+    """The pseudo-label rows ``comp``'s ``train.csv`` already holds (a folder written by an earlier round)."""
+    if "round" not in comp.train.columns:
+        return pd.DataFrame(columns=["image", label_column, "confidence", "round"])
+    rounds = pd.to_numeric(comp.train["round"], errors="coerce").fillna(0).astype(int)
+    rows = comp.train[rounds > 0]
+    return pd.DataFrame({"image": rows["image"], label_column: rows[label_column],
+                         "confidence": pd.to_numeric(rows["confidence"], errors="coerce"),
+                         "round": rounds[rounds > 0]})
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def submission_name(cfg: EnsembleConfig) -> str:
+    """``<exp>-<settings>``: the knobs that made the submission, e.g. ``ens-ens3-w25-rd16`` or
+    ``ens-emb2-ens3-w25-blend0.3-thrspecies``."""
+    parts = [cfg.exp]
+    members = cfg.member_list("members")
+    if cfg.member_list("embed_members"):
+        parts.append(f"emb{len(cfg.member_list('embed_members'))}")
+    if members and (not cfg.member_list("embed_members") or cfg.blend_ratio > 0):
+        parts += [f"ens{len(members)}", f"w{cfg.weight_factor:g}"] + (["rescale"] if cfg.rescale else [])
+    if cfg.member_list("embed_members"):
+        if cfg.blend_ratio > 0:
+            parts.append(f"blend{cfg.blend_ratio:g}" + ("cos" if cfg.blend_on == "cosine" else ""))
+        parts.append(f"thr{cfg.threshold_mode}" + (f"{cfg.new_share:g}" if cfg.threshold_mode == "share" else ""))
+    elif cfg.redistribute_k:
+        parts.append(f"rd{cfg.redistribute_k}")
+    return "-".join(parts)
+
+
+def top5_predictions(probs: np.ndarray, classes: list[str], first: list[str] | None = None) -> list[str]:
+    """Five classes per row, best first; ``first`` (e.g. re-distributed labels) replaces each row's first."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : min(6, probs.shape[1])]
+    rows = []
+    for r, idx in enumerate(order):
+        names = [classes[i] for i in idx]
+        if first is not None:
+            names = [first[r]] + [n for n in names if n != first[r]]
+        rows.append(" ".join(names[:5]))
+    return rows
+
+
+def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[str, Any]:
+    """The whole stage (see the module docstring); returns what it writes to ``06_ensemble/metrics.json``.
+
+    Args:
+        cfg: stage config.
+        comp: the competition whose test images are predicted (opened from ``cfg.data`` when not given).
+    """
+    from common.stages import ensemble_retrieval
+    from common.stages import soup as soup_stage
+
+    comp = comp if comp is not None else open_competition(cfg.data)
+    out = stage_dir(cfg.exp)
+    names = cfg.member_list("members")
+    if not names and not cfg.member_list("embed_members"):
+        raise ValueError("stage 06 has nothing to do: set members (stage-05 runs) and/or embed_members "
+                         "(stage-03 runs)")
+    members = load_members(names) if names else []  # every input read or located before any work
+    stored = stored_run(cfg) if cfg.inference_only else None
+    if cfg.soup != "none" and not cfg.inference_only:
+        soup_stage.soup_folds(cfg.member_list("soup_members"))
+    if cfg.member_list("embed_members"):
+        if not cfg.inference_only:  # the split matters out of fold only
+            ensemble_retrieval.shared_split(cfg.member_list("embed_members"))
+        ensemble_retrieval.embed_folds(cfg.member_list("embed_members"))
+    result: dict[str, Any] = {"exp": cfg.exp, "members": names, "submission": None}
+    if cfg.inference_only:
+        result.update(inference_only=True, skipped=INFERENCE_SKIPS)
+    ens = None
+    if members:  # inference: weights from the stored out-of-fold arrays as in a full run; no new training folders
+        ens = classifier_ensemble(dataclasses.replace(cfg, pseudo_threshold=0.0, clean_threshold=0.0)
+                                  if cfg.inference_only else cfg, comp, members, out)
+        result.update(ens["metrics"])
+        if stored is not None and stored.get("weights") not in (None, result["weights"]):
+            raise ValueError(f"inference_only: the member weights {result['weights']} differ from "
+                             f"{stored['weights']} of the full run ({stored['where']}): the members' "
+                             "05_classifier/oof.npz are not the ones that run ensembled")
+    if cfg.soup != "none" and not cfg.inference_only:
+        result["soup"] = soup_stage.run_soup(cfg, comp, out)
+    if cfg.member_list("embed_members"):
+        result["retrieval"], submission = ensemble_retrieval.run_retrieval_ensemble(
+            cfg, comp, ens, out, stored=None if stored is None else stored["retrieval"])
+    else:
+        first = ens["redistributed"] if ens is not None and cfg.redistribute_k else None
+        submission = pd.DataFrame({"image": comp.test["image"],
+                                   "predictions": top5_predictions(ens["test_probs"], ens["classes"], first)})
+        if comp.truth is not None and ens["label_column"] == "individual_id":
+            truth = comp.truth.set_index("image")["individual_id"].reindex(submission["image"])
+            scored = truth.notna().to_numpy()
+            result["test_map5"] = metrics.map5_report(truth[scored].tolist(),
+                                                      submission["predictions"][scored].str.split().tolist(),
+                                                      comp.known_individuals, cfg.new_label)
+    name = submission_name(cfg)
+    submit.write_submission(name, submission)  # on Kaggle also /kaggle/working/submission.csv
+    result["submission"] = name
+    store.write_json(out / "metrics.json", result)
+    store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"ensemble": headline(result)})
+    store.mark_done(out, cfg.fingerprint())
+    return result
+
+
+def stored_run(cfg: EnsembleConfig) -> dict[str, Any]:
+    """``inference_only``: the ``06_ensemble/metrics.json`` of an earlier full run of ``cfg.exp`` (found by name,
+    e.g. in its attached weights dataset), checked to come from the same members and settings; ``where`` added.
+
+    Raises:
+        MissingStageError: no such file; the message says what to attach.
+        ValueError: that run ensembled other members or used other settings.
+    """
+    folder = paths.find_stage_dir(cfg.exp, STAGE, "metrics.json",
+                                  hint="inference_only takes the blend ratio and thresholds of a full stage-06 run "
+                                       "of this experiment")
+    run = store.read_json(folder / "metrics.json")
+    ret = run.get("retrieval") or {}
+    now = {"submission": submission_name(cfg), "members": cfg.member_list("members"),
+           "embed_members": cfg.member_list("embed_members")}
+    then = {"submission": run.get("submission"), "members": run.get("members"),
+            "embed_members": ret.get("embed_members", [])}
+    if now != then:
+        raise ValueError(f"inference_only: {folder / 'metrics.json'} was written by a full run with {then}, not "
+                         f"{now}: run inference with the parameters of that run")
+    return {**run, "where": str(folder / "metrics.json"), "retrieval": ret}
+
+
+def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Member], out: Path) -> dict:
+    """Weights, OOF and test ensembles, pseudo-labels, cleaning and re-distribution; written under ``out``."""
+    raw = member_weights(members, cfg.weight_factor, cfg.weight_by)
+    weights = raw / raw.sum()
+    oof, oof_images, classes = combine(members, weights, "oof")
+    test, test_images, _ = combine(members, weights, "test")
+    where = str(comp.root / "sample_submission.csv")
+    test = ensemble.align(test, test_images, classes, list(comp.test["image"]), classes, "the members' test.npz",
+                          where)
+    label_column = members[0].label_column
+    oof_label = members[0].oof_label  # the ensemble keeps member 0's row and class order
+    scale = float(raw.sum() / len(raw)) if cfg.rescale else 1.0  # the reference's --scale: rows sum to mean(w)
+    store.save_arrays(out / "oof.npz", oof_images, probs=oof * np.float32(scale), label=oof_label)
+    store.save_arrays(out / "test.npz", list(comp.test["image"]), probs=test * np.float32(scale))
+    store.write_json(out / "classes.json", {"label_column": label_column, "classes": classes})
+    table = pd.DataFrame({"member": [m.exp for m in members],
+                          "oof_accuracy": [m.oof_accuracy for m in members],
+                          f"oof_{cfg.weight_by}": [m.oof_score(cfg.weight_by) for m in members],
+                          "oof_images": [len(m.oof_images) for m in members],
+                          "oof_images_own": [m.oof_own for m in members],
+                          "raw_factor": raw, "weight": weights})
+    store.write_csv(out / "members.csv", table)
+    n = len(classes)
+    res: dict[str, Any] = {"weights_from": f"out-of-fold {cfg.weight_by} of each member on the "
+                                           f"{len(oof_images)} training images every member predicted out of "
+                                           "fold (05_classifier/oof.npz)",
+                           "weight_factor": cfg.weight_factor, "rescale": cfg.rescale,
+                           "weights": dict(zip(table["member"], np.round(weights, 6).tolist(), strict=True)),
+                           "oof": metrics.rounded_report(oof_label, oof, n)}
+    truth = classify.truth_labels(comp, label_column)
+    if truth is not None and len(test):
+        labels = truth.reindex(comp.test["image"])
+        scored = labels.notna().to_numpy() & labels.isin(set(classes)).to_numpy()
+        if scored.any():
+            res["test"] = metrics.rounded_report(np.array([classes.index(c) for c in labels[scored]]), test[scored], n)
+    ens = {"classes": classes, "label_column": label_column, "oof_probs": oof, "oof_images": oof_images,
+           "oof_label": oof_label, "test_probs": test, "redistributed": None,
+           "oof_blend": oof, "test_blend": test}  # what the retrieval side blends with (blend_on)
+    if cfg.blend_on == "cosine" and cfg.blend_ratio > 0:  # the classifier's logits, on the retrieval scale
+        linear = [m.exp for m in members if m.oof_cosine is None]
+        if linear:
+            raise ValueError(f"blend_on=cosine: member(s) {linear} have a linear head, whose logits have no cosine "
+                             "scale; use blend_on=prob or ArcFace-head members (head=arcface or subcenter)")
+        ens["oof_blend"] = combine(members, weights, "oof", "cosine")[0]
+        ens["test_blend"] = ensemble.align(combine(members, weights, "test", "cosine")[0], test_images, classes,
+                                           list(comp.test["image"]), classes, "the members' test.npz", where)
+    if cfg.pseudo_threshold > 0:
+        res["pseudo"] = write_pseudo_labels(cfg, comp, test, classes, label_column, out)
+    if cfg.clean_threshold > 0:
+        res["clean"] = clean_labels(cfg, comp, oof, oof_images, classes, oof_label, out)
+    if cfg.redistribute_k:
+        pred, moves = postprocess.redistribute_labels(test, list(comp.test["image"]), classes, cfg.redistribute_k)
+        store.write_csv(out / "redistributed.csv", pred)
+        store.write_csv(out / "moves.csv", moves)
+        before = np.bincount(test.argmax(1), minlength=n)
+        after = pred["label"].value_counts().reindex(classes).fillna(0).to_numpy()
+        res["redistribute"] = {"k": cfg.redistribute_k, "moved": len(moves),
+                               "classes_below_k_before": int((before < cfg.redistribute_k).sum()),
+                               "classes_below_k_after": int((after < cfg.redistribute_k).sum())}
+        ens["redistributed"] = pred["label"].tolist()
+    return {**ens, "metrics": res}
+
+
+def write_pseudo_labels(cfg: EnsembleConfig, comp: Competition, test: np.ndarray, classes: list[str],
+                        label_column: str, out: Path) -> dict[str, Any]:
+    """Round ``pseudo_round``: the kept test rows, ``train_round<N>.csv``, the folder and the per-round counts."""
+    earlier = earlier_rounds(comp, label_column)
+    if len(earlier) and cfg.pseudo_round <= int(earlier["round"].max()):
+        raise ValueError(f"pseudo_round={cfg.pseudo_round}: {comp.root / 'train.csv'} already holds round "
+                         f"{int(earlier['round'].max())}; use pseudo_round={int(earlier['round'].max()) + 1}")
+    kept = postprocess.select_pseudo_labels(test, list(comp.test["image"]), classes, cfg.pseudo_threshold,
+                                            cfg.pseudo_round, label_column)
+    train = original_train(comp)
+    table_path = postprocess.write_pseudo_training_table(train, kept, out, cfg.pseudo_round, label_column)
+    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    for col in ("image", "species", "individual_id"):  # a pseudo row of another label_column knows no individual
+        table.loc[table[col] == "", col] = "unknown"
+    folder = write_competition(comp, table, out / f"pseudo_round{cfg.pseudo_round}")
+    store.write_csv(out / f"pseudo_round{cfg.pseudo_round}.csv", kept)
+    rounds = postprocess.pseudo_label_summary(pd.concat([earlier, kept], ignore_index=True), label_column,
+                                              n_test=len(comp.test)) if len(earlier) + len(kept) else \
+        pd.DataFrame({"round": [cfg.pseudo_round], "n_images": [0]})
+    store.write_csv(out / "pseudo_rounds.csv", rounds)
+    store.write_csv(folder / "pseudo_rounds.csv", rounds)
+    return {"round": cfg.pseudo_round, "threshold": cfg.pseudo_threshold, "kept": len(kept),
+            "share": len(kept) / max(len(comp.test), 1), "folder": str(folder), "table": str(table_path)}
+
+
+def clean_labels(cfg: EnsembleConfig, comp: Competition, oof: np.ndarray, images: list[str], classes: list[str],
+                 labels: np.ndarray, out: Path) -> dict[str, Any]:
+    """``flagged.csv`` (training images only) and the folder ``cleaned/`` without them."""
+    flagged = postprocess.flag_noisy_labels(oof, images, classes, labels, cfg.clean_threshold)
+    flagged = flagged[flagged["image"].isin(set(comp.train["image"]))].reset_index(drop=True)
+    store.write_csv(out / "flagged.csv", flagged)
+    clean = postprocess.write_clean_table(comp.train.drop(columns=["path"]), flagged, out / "cleaned_train.csv")
+    folder = write_competition(comp, clean, out / "cleaned")
+    return {"threshold": cfg.clean_threshold, "flagged": len(flagged), "kept": len(clean), "folder": str(folder)}
+
+
+# ------------------------------------------------------------------------------------- notebook helpers
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The few figures worth a line in ``working/<exp>/metrics.json``."""
+    out: dict[str, Any] = {"submission": result.get("submission"), "members": result.get("members")}
+    for key in ("oof", "test"):
+        if key in result:
+            out[f"{key}_accuracy"] = result[key]["accuracy"]
+    if result.get("test_map5"):
+        out["test_map5"] = result["test_map5"]["map5"]
+    ret = result.get("retrieval") or {}
+    out.update({f"retrieval_{k}": ret[k] for k in ("oof_map5", "map5", "threshold") if k in ret})
+    if "pseudo" in result:
+        out["pseudo_kept"] = result["pseudo"]["kept"]
+    return out
+
+
+def summary_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per headline figure of the run (what was written and how it scores)."""
+    rows: dict[str, Any] = {"submission": f"{result['submission']}.csv", "members": ", ".join(result["members"])}
+    rows.update({k.replace("_", " "): v for k, v in headline(result).items() if k not in ("submission", "members")})
+    if result.get("inference_only"):
+        rows["inference only"] = "skipped: " + ", ".join(result["skipped"])
+    for key, fields in (("pseudo", ("round", "kept", "folder")), ("clean", ("flagged", "kept", "folder")),
+                        ("redistribute", ("moved", "classes_below_k_before", "classes_below_k_after"))):
+        rows.update({f"{key} {f.replace('_', ' ')}": result[key][f] for f in fields if key in result})
+    if "soup" in result:
+        rows["soup kept"] = "; ".join(f"fold {k}: {', '.join(v)}" for k, v in result["soup"]["kept"].items())
+    return pd.DataFrame({"value": {k: str(v) for k, v in rows.items()}}).rename_axis("item")
+
+
+def members_table(exp: str, result: dict[str, Any]) -> pd.DataFrame | None:
+    """``members.csv``: each member's out-of-fold accuracy, raw factor and normalised weight (``None``: no members)."""
+    if not result.get("members"):
+        return None
+    return pd.read_csv(stage_dir(exp) / "members.csv").set_index("member")
+
+
+def metrics_table(result: dict[str, Any]) -> pd.DataFrame | None:
+    """Accuracy, balanced accuracy and top-5 of the ensemble (out of fold, test) and of the soup."""
+    rows = {f"ensemble {k}": result[k] for k in ("oof", "test") if k in result}
+    for k in ("oof", "test"):
+        if k in result.get("soup", {}):
+            rows[f"soup {k}"] = result["soup"][k]
+    if not rows:
+        return None
+    cols = ["accuracy", "balanced_accuracy", "top5", "n"]
+    return pd.DataFrame({k: {c: v[c] for c in cols} for k, v in rows.items()}).T.rename_axis("scored on")
+
+
+def pseudo_rounds(exp: str, result: dict[str, Any]) -> pd.DataFrame | None:
+    """Pseudo-labels kept per round (earlier rounds from ``data``'s ``train.csv``), or ``None``."""
+    if "pseudo" not in result:
+        return None
+    return pd.read_csv(stage_dir(exp) / "pseudo_rounds.csv").set_index("round")
+
+
+def plot_flagged(exp: str, comp: Competition, result: dict[str, Any], n: int = 12):
+    """Gallery of the most confidently flagged training images (``flagged.csv``), or ``None`` if none."""
+    from common.lib import plots
+
+    if "clean" not in result or n < 1:
+        return None
+    flagged = pd.read_csv(stage_dir(exp) / "flagged.csv", dtype={"image": str, "label": str, "predicted": str})
+    if flagged.empty:
+        return None
+    files = dict(zip(comp.train["image"], comp.train["path"], strict=True))
+    return plots.plot_flagged_images(flagged.head(n), files)

@@ -1,0 +1,232 @@
+"""Stage 06's retrieval side: concatenated embeddings of several runs, a classifier blend, other thresholds.
+
+* Embeddings: the ``embed_members``' stage-03 outputs joined by :func:`common.lib.retrieval.concat_embeddings`
+  (each part L2-normalised, then the whole), so one search scores the mean cosine similarity of the parts.
+  Out of fold, query fold ``k`` uses the fold-``k`` models of every member (models that never saw it) against
+  the other folds' images, as stage 04 does (``oof_new_share`` of the queries made unseen by hiding their
+  individual); on the test set every fold of every member is joined. The members must share the fold split
+  (``02_embedder/folds.csv``).
+* Blend (``blend_ratio > 0``): :func:`common.lib.ensemble.blend_scores` of those scores with the classifier
+  ensemble's probabilities, on the out-of-fold images both sides have. The classifier knows the individuals
+  that were hidden from a fold's gallery, which no test image of an unseen individual allows, so out of fold a
+  candidate that is not in the query's gallery is dropped after blending: the threshold is then tuned on the
+  same situation the test set poses.
+* ``new_individual`` threshold: ``global`` (:func:`common.lib.retrieval.tune_threshold`), ``species``
+  (:func:`common.lib.postprocess.tune_species_thresholds`; a test image takes the species of its best candidate)
+  or ``share`` (:func:`common.lib.postprocess.threshold_for_share` on the test scores).
+
+Writes ``06_ensemble/retrieval_oof_scores.csv``, ``retrieval_oof_truth.csv``, ``retrieval_test_scores.csv``, ``threshold_sweep.csv`` and
+``species_thresholds.csv`` (species mode).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.config import EnsembleConfig
+from common.core import paths, store
+from common.data.artefacts import load_fold_embeddings, read_folds
+from common.data.competition import Competition
+from common.lib import ensemble, metrics, postprocess, retrieval
+from common.stages.retrieve_submit import fold_oof_scores
+
+
+def embed_folds(names: list[str]) -> list[int]:
+    """Folds whose train and test embeddings exist for every member; raises naming a member with none.
+
+    Each file is looked for where :func:`common.core.paths.find_stage_dir` looks (``working/``, then the sources
+    attached on Kaggle), so ``train.npz`` may come from a member's weights dataset and ``test.npz`` from the
+    output of its stage-03 inference kernel.
+    """
+    found = {}
+    for n in names:
+        places = [p for p in paths.stage_candidates(n, "03") if p.is_dir()]
+        folds = {int(p.name[4:]) for place in places for p in place.glob("fold*") if p.name[4:].isdigit()}
+        found[n] = {k for k in folds if all(any((place / f"fold{k}" / f"{split}.npz").exists() for place in places)
+                                            for split in ("train", "test"))}
+        if not found[n]:
+            raise FileNotFoundError(f"embed member {n!r}: no fold{{k}}/train.npz and test.npz under "
+                                    f"{paths.stage_dir(n, '03')}; run stages 02-03 with exp={n} first"
+                                    + paths.missing_hint(n, "03", "fold0/test.npz"))
+    common = sorted(set.intersection(*found.values()))
+    if not common:
+        raise FileNotFoundError(f"embed members share no fold with embeddings: {found}")
+    return common
+
+
+def shared_split(names: list[str]) -> pd.DataFrame:
+    """The first member's ``02_embedder/folds.csv``, checked to equal every other member's."""
+    ref = read_folds(names[0])
+    for n in names[1:]:
+        other = read_folds(n)
+        if not ref[["image", "fold"]].equals(other[["image", "fold"]]):
+            raise ValueError(f"embed member {n!r}: {paths.stage_dir(n, '02') / 'folds.csv'} splits the images "
+                             f"otherwise than {names[0]!r}; concatenated out-of-fold embeddings need one split")
+    return ref
+
+
+def joined(names: list[str], folds: list[int], split: str, images: pd.Series) -> np.ndarray:
+    """Every member's embeddings of ``folds`` for ``images``, concatenated and re-normalised."""
+    return retrieval.concat_embeddings([load_fold_embeddings(n, k, split, images) for n in names for k in folds])
+
+
+def oof_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]
+               ) -> tuple[pd.DataFrame, pd.Series, dict[str, set[str]]]:
+    """Out-of-fold ``image, individual_id, score``, the truth, and each query's gallery individuals."""
+    table = shared_split(names)
+    tables, truths, gallery = [], [], {}
+    for k in folds:
+        emb = joined(names, [k], "train", comp.train["image"])
+        scores, truth, known = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        tables.append(scores)
+        truths.append(truth)
+        gallery.update({str(i): known for i in table.loc[table["fold"] == k, "image"]})
+    return pd.concat(tables, ignore_index=True), pd.concat(truths), gallery
+
+
+def test_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]) -> pd.DataFrame:
+    """Test ``image, individual_id, score`` against every training image, all folds and members joined."""
+    gallery = joined(names, folds, "train", comp.train["image"])
+    queries = joined(names, folds, "test", comp.test["image"])
+    scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+    return retrieval.individual_scores(scores, idx, comp.train["individual_id"].to_numpy(), comp.test["image"])
+
+
+def _kind(cfg: EnsembleConfig) -> str:
+    """``blend_scores``' kind: probabilities, or cosines already divided by ``arc_s`` (logits of scale 1)."""
+    return "logit" if cfg.blend_on == "cosine" else "prob"
+
+
+def blend_oof(cfg: EnsembleConfig, oof: pd.DataFrame, truth: pd.Series, gallery: dict[str, set[str]],
+              ens: dict) -> tuple[pd.DataFrame, pd.Series]:
+    """The blended out-of-fold table on the images both sides scored, without out-of-gallery candidates."""
+    common = sorted(set(oof["image"].astype(str)) & set(ens["oof_images"]))
+    if not common:
+        raise ValueError("blend_ratio > 0: the classifier members and the embed members share no out-of-fold "
+                         "image; train them on the same folds (n_folds, seed, folds)")
+    pos = {img: i for i, img in enumerate(ens["oof_images"])}
+    probs = ens["oof_blend"][[pos[i] for i in common]]
+    table = oof[oof["image"].astype(str).isin(set(common))]
+    blended = ensemble.blend_scores(table, probs, common, ens["classes"], cfg.blend_ratio, kind=_kind(cfg))
+    keep = [ind in gallery[img] for img, ind in zip(blended["image"], blended["individual_id"], strict=True)]
+    return blended[keep].reset_index(drop=True), truth[common]
+
+
+def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
+                           stored: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Scores, blend, threshold and submission of the retrieval side; returns ``(metrics, submission)``.
+
+    Args:
+        cfg: stage config.
+        comp: the competition.
+        ens: the classifier ensemble (:func:`common.stages.ensemble_postprocess.classifier_ensemble`), needed to blend.
+        out: the stage folder.
+        stored: ``inference_only``: the ``"retrieval"`` metrics of the full run, whose thresholds are used
+            (nothing is scored out of fold); ``None``: tune them.
+    """
+    names = cfg.member_list("embed_members")
+    folds = embed_folds(names)
+    if stored is not None:
+        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, folds)
+    oof, truth, gallery = oof_scores(cfg, comp, names, folds)
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
+    if cfg.blend_ratio > 0:
+        oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
+    grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
+    best, sweep = retrieval.tune_threshold(oof, truth, grid, new_label=cfg.new_label)
+    images = list(comp.test["image"].astype(str))
+    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
+                           "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max())}
+    if cfg.threshold_mode == "species":
+        species = comp.train.set_index("image")["species"]
+        per, best, summary = postprocess.tune_species_thresholds(oof, truth, species, grid,
+                                                                 cfg.species_min_queries, new_label=cfg.new_label)
+        store.write_csv(out / "species_thresholds.csv", summary)
+        individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]
+        sub = postprocess.predict_by_species(test, postprocess.candidate_species(test, individual_species), per,
+                                             best, new_label=cfg.new_label, images=images)[["image", "predictions"]]
+        oof_pred = postprocess.predict_by_species(oof, species, per, best, new_label=cfg.new_label,
+                                                  images=list(truth.index))
+        res.update(threshold=best, species_thresholds=per)
+    else:
+        thr = best
+        if cfg.threshold_mode == "share":
+            thr, achieved = postprocess.threshold_for_share(test, cfg.new_share, images)
+            res["target_share"] = cfg.new_share
+        sub = retrieval.predict(test, thr, new_label=cfg.new_label, images=images)
+        oof_pred = retrieval.predict(oof, thr, new_label=cfg.new_label, images=list(truth.index))
+        res["threshold"] = float(thr)
+    res["oof_map5"] = metrics.map_at_k(truth.tolist(), oof_pred["predictions"].str.split().tolist())
+    res.update(test_report(cfg, comp, sub))
+    store.write_csv(out / "retrieval_oof_scores.csv", oof)
+    store.write_csv(out / "retrieval_oof_truth.csv",
+                    truth.rename_axis("image").rename("individual_id").reset_index())
+    store.write_csv(out / "retrieval_test_scores.csv", test)
+    store.write_csv(out / "threshold_sweep.csv", sweep)
+    return res, sub
+
+
+def blend_test(cfg: EnsembleConfig, comp: Competition, test: pd.DataFrame, ens: dict | None) -> pd.DataFrame:
+    """The test scores blended with the classifier ensemble (``blend_ratio > 0``), else as they are."""
+    if cfg.blend_ratio <= 0:
+        return test
+    if ens["label_column"] != "individual_id":
+        raise ValueError(f"blend_ratio > 0: the classifier members classify {ens['label_column']!r}, not "
+                         "individual_id; their classes cannot be blended with individuals")
+    return ensemble.blend_scores(test, ens["test_blend"], list(comp.test["image"]), ens["classes"],
+                                 cfg.blend_ratio, kind=_kind(cfg))
+
+
+def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame) -> dict[str, Any]:
+    """Share of test images answered ``new_label`` first, and MAP@5 when ``test.csv`` gives the truth."""
+    res: dict[str, Any] = {"new_share": float((sub["predictions"].str.split().str[0] == cfg.new_label).mean())}
+    if comp.truth is not None:
+        t = comp.truth.set_index("image")["individual_id"].reindex(sub["image"])
+        scored = t.notna().to_numpy()
+        rep = metrics.map5_report(t[scored].tolist(), sub["predictions"][scored].str.split().tolist(),
+                                  comp.known_individuals, cfg.new_label)
+        res.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()})
+    return res
+
+
+def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
+                             stored: dict[str, Any], folds: list[int]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``inference_only``: the test search and blend of :func:`run_retrieval_ensemble` with the full run's
+    thresholds (``share`` mode recomputes its threshold from the test scores, as the full run did)."""
+    names = cfg.member_list("embed_members")
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
+    images = list(comp.test["image"].astype(str))
+    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
+                           "threshold_mode": cfg.threshold_mode, "inference_only": True,
+                           "oof_map5": stored.get("oof_map5")}  # the full run's, for reference
+    if cfg.threshold_mode == "species":
+        per, best = {str(k): float(v) for k, v in stored["species_thresholds"].items()}, float(stored["threshold"])
+        individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]
+        sub = postprocess.predict_by_species(test, postprocess.candidate_species(test, individual_species), per,
+                                             best, new_label=cfg.new_label, images=images)[["image", "predictions"]]
+        res.update(threshold=best, species_thresholds=per)
+    else:
+        thr = float(stored["threshold"])
+        if cfg.threshold_mode == "share":
+            thr, _ = postprocess.threshold_for_share(test, cfg.new_share, images)
+            res["target_share"] = cfg.new_share
+        sub = retrieval.predict(test, thr, new_label=cfg.new_label, images=images)
+        res["threshold"] = float(thr)
+    res.update(test_report(cfg, comp, sub))
+    store.write_csv(out / "retrieval_test_scores.csv", test)
+    return res, sub
+
+
+def plot_sweep(exp: str, result: dict[str, Any]):
+    """The out-of-fold threshold sweep of the retrieval side with the chosen threshold, or ``None``."""
+    from common.lib import plots
+
+    path = paths.stage_dir(exp, "06") / "threshold_sweep.csv"
+    if "retrieval" not in result or not path.exists():
+        return None
+    return plots.plot_threshold_sweep(pd.read_csv(path), result["retrieval"]["threshold"])

@@ -1,0 +1,262 @@
+"""Stage 04: out-of-fold threshold tuning, test retrieval, the submission CSV and ``metrics.json``.
+
+Out of fold: for fold ``k``, fold ``k``'s model embeds everything; the gallery is the training part
+(folds != k) and the queries are fold ``k``'s images. A query whose individual is absent from the gallery is
+a ``new_individual`` by construction, so the threshold is tuned on the same situation the test set poses.
+
+Test: the gallery is every training image, the queries the test images. With ``fold_merge=mean`` each fold
+scores the test images on its own and the per-individual scores are averaged; with ``concat`` the fold
+embeddings are concatenated (and re-normalised) and searched once.
+
+Files: ``04_retrieval/oof_scores.csv`` and ``test_scores.csv`` (``image, individual_id, score``),
+``threshold_sweep.csv``, ``predictions.csv``; ``submissions/<exp>.csv``; ``working/<exp>/metrics.json``. On
+Kaggle the submission is also written to ``/kaggle/working/submission.csv``, the file a competition scores.
+
+With ``inference_only`` nothing is tuned: the threshold (and its sweep) stored by an earlier full run of the
+experiment is used, read wherever :func:`common.core.paths.find_stage_dir` finds ``<exp>/04_retrieval`` (this run's
+``working/``, else an attached Kaggle dataset), and only the test images are searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.config import EnsembleConfig, RetrievalConfig
+from common.core import paths, store
+from common.data.artefacts import load_fold_embeddings, read_folds
+from common.data.competition import Competition
+from common.lib import metrics, retrieval
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+    """Everything stage 04 computes; the notebook shows it piece by piece."""
+
+    oof_scores: pd.DataFrame
+    oof_truth: pd.Series
+    sweep: pd.DataFrame
+    threshold: float
+    test_scores: pd.DataFrame
+    submission: pd.DataFrame
+    metrics: dict
+
+
+def available_folds(cfg: RetrievalConfig) -> list[int]:
+    """Requested folds whose embeddings exist; raises if none do."""
+    folds = []
+    for k in cfg.fold_list():
+        try:
+            paths.find_stage_dir(cfg.exp, "03", f"fold{k}/test.npz")
+            folds.append(k)
+        except paths.MissingStageError:
+            continue
+    if not folds:
+        raise FileNotFoundError(f"no embeddings under {paths.stage_dir(cfg.exp, '03')}: run stage 03 first"
+                                + paths.missing_hint(cfg.exp, "03", f"fold{cfg.fold_list()[0]}/test.npz"))
+    return folds
+
+
+def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tuple[pd.DataFrame, pd.Series]:
+    """Per-individual out-of-fold scores and the truth (``new_label`` for individuals unseen in training)."""
+    table = read_folds(cfg.exp)
+    tables, truths = [], []
+    for k in folds:
+        emb = load_fold_embeddings(cfg.exp, k, "train", comp.train["image"])
+        scores, truth, _ = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        tables.append(scores)
+        truths.append(truth)
+    return pd.concat(tables, ignore_index=True), pd.concat(truths)
+
+
+def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, images: pd.Series,
+                    table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.Series, set[str]]:
+    """One fold's out-of-fold retrieval: its images query the other folds' images, with a seeded share of
+    individuals hidden from the gallery (:func:`hide_individuals`). Shared by stages 04 and 06.
+
+    Args:
+        cfg: a config with ``oof_new_share``, ``seed``, ``knn_k`` and ``new_label``.
+        emb: embeddings of every training image, rows in ``images`` order.
+        images: the training image ids of ``emb``'s rows.
+        table: the fold table (``image, individual_id, fold``).
+        fold: the fold whose images are the queries.
+
+    Returns:
+        Per-individual scores (``image, individual_id, score``), the truth per query image (``new_label`` for
+        individuals absent from the gallery) and the gallery's individuals.
+    """
+    row = pd.Series(np.arange(len(images)), index=images)
+    fit, valid = table[table["fold"] != fold], table[table["fold"] == fold]
+    hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
+    fit = fit[~fit["individual_id"].isin(hidden)]
+    scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                   k=cfg.knn_k)
+    table_k = retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"])
+    truth = pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
+                      index=valid["image"].astype(str).to_numpy())
+    return table_k, truth, set(fit["individual_id"].astype(str))
+
+
+def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float, seed: int) -> set[str]:
+    """Individuals to remove from an out-of-fold gallery so that about ``share`` of the queries are new.
+
+    Stratified folds put most individuals in every fold's training part, so without this the out-of-fold
+    queries hold few or no unseen individuals and the ``new_individual`` threshold cannot be tuned. Individuals
+    of the validation fold are hidden in a seeded random order until the images of unseen individuals (those
+    hidden plus those naturally absent from the gallery) reach ``share`` of the queries.
+
+    Args:
+        valid_ids: individual of each query image.
+        gallery_ids: individual of each gallery image.
+        share: target share of query images whose individual is not in the gallery (0 hides nobody).
+        seed: seed of the order.
+
+    Returns:
+        The hidden individual ids.
+    """
+    valid_ids = valid_ids.astype(str)
+    counts = valid_ids.value_counts()
+    in_gallery = set(gallery_ids.astype(str))
+    unseen = int(counts[[i for i in counts.index if i not in in_gallery]].sum())
+    target = share * len(valid_ids)
+    candidates = sorted(i for i in counts.index if i in in_gallery)
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    hidden: set[str] = set()
+    for j in order:
+        if unseen >= target:
+            break
+        hidden.add(candidates[j])
+        unseen += int(counts[candidates[j]])
+    return hidden
+
+
+def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[float, pd.DataFrame]:
+    """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0)."""
+    grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
+    best, sweep = retrieval.tune_threshold(scores, truth, grid)
+    return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
+
+
+def stored_threshold(cfg: RetrievalConfig) -> tuple[float, pd.DataFrame]:
+    """The threshold and sweep of an earlier full run of ``cfg.exp`` (``new_threshold`` wins when >= 0).
+
+    Raises:
+        FileNotFoundError: no ``<exp>/04_retrieval/threshold_sweep.csv`` in ``working/`` or any attached
+            Kaggle source; the message says what to attach.
+    """
+    folder = paths.find_stage_dir(cfg.exp, "04", "threshold_sweep.csv",
+                                  hint="inference_only needs a full stage-04 run of this experiment first")
+    sweep = pd.read_csv(folder / "threshold_sweep.csv")
+    tuned = store.read_json(folder / "metrics.json")["threshold"]
+    return (float(tuned) if cfg.new_threshold < 0 else cfg.new_threshold), sweep
+
+
+def write_submission(exp: str, submission: pd.DataFrame) -> list[Path]:
+    """Write ``submissions/<exp>.csv`` and, on Kaggle, also ``/kaggle/working/submission.csv``."""
+    written = [store.write_csv(paths.submission_path(exp), submission)]
+    if paths.on_kaggle():
+        written.append(store.write_csv(paths.working_dir() / "submission.csv", submission))
+    return written
+
+
+def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> pd.DataFrame:
+    """Per-individual scores of every test image against the whole training gallery."""
+    labels = comp.train["individual_id"].to_numpy()
+    train = [load_fold_embeddings(cfg.exp, k, "train", comp.train["image"]) for k in folds]
+    test = [load_fold_embeddings(cfg.exp, k, "test", comp.test["image"]) for k in folds]
+    if cfg.fold_merge == "concat" or len(folds) == 1:
+        gallery, queries = retrieval.concat_embeddings(train), retrieval.concat_embeddings(test)
+        scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+        return retrieval.individual_scores(scores, idx, labels, comp.test["image"])
+    per_fold = []
+    for g, q in zip(train, test, strict=True):
+        scores, idx = retrieval.search(g, q, k=cfg.knn_k)
+        per_fold.append(retrieval.individual_scores(scores, idx, labels, comp.test["image"]))
+    return retrieval.average_scores(per_fold)
+
+
+def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, threshold: float,
+          sweep: pd.DataFrame, folds: list[int] | None = None) -> dict:
+    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5, and test MAP@5 with truth.
+
+    ``folds`` are the folds actually used (:func:`available_folds`); default: the requested ones.
+    """
+    first = submission["predictions"].str.split().str[0]
+    best_row = sweep.iloc[(sweep["threshold"] - threshold).abs().argmin()]
+    out = {
+        "exp": cfg.exp,
+        "threshold": float(threshold),
+        "threshold_tuned": cfg.new_threshold < 0,
+        "new_share": float((first == cfg.new_label).mean()),
+        "oof_map5": float(best_row["map5"]),
+        "folds": cfg.fold_list() if folds is None else list(folds),
+        "fold_merge": cfg.fold_merge,
+        "n_test": len(submission),
+    }
+    if comp.truth is not None:
+        truth = comp.truth.set_index("image")["individual_id"].reindex(submission["image"])
+        report = metrics.map5_report(truth.tolist(), submission["predictions"].str.split().tolist(),
+                                     comp.known_individuals, cfg.new_label)
+        out.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()})
+    return out
+
+
+def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
+    """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
+    folds = available_folds(cfg)
+    out = paths.stage_dir(cfg.exp, "04")
+    if cfg.inference_only:
+        threshold, sweep = stored_threshold(cfg)
+        oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
+    else:
+        oof, truth = oof_scores(cfg, comp, folds)
+        threshold, sweep = tune(cfg, oof, truth)
+    test = test_scores(cfg, comp, folds)
+    submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
+    result_metrics = score(cfg, comp, submission, threshold, sweep, folds)
+    if not cfg.inference_only:
+        store.write_csv(out / "oof_scores.csv", oof)
+        store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
+    store.write_csv(out / "threshold_sweep.csv", sweep)
+    store.write_csv(out / "test_scores.csv", test)
+    write_submission(cfg.exp, submission)
+    store.write_json(out / "metrics.json", result_metrics)
+    # Keep other stages' keys (stage 05 writes "classifier"); stage 04's own keys are replaced.
+    store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return RetrievalResult(oof, truth, sweep, threshold, test, submission, result_metrics)
+
+
+def plot_examples(cfg: RetrievalConfig, comp: Competition, result: RetrievalResult):
+    """Queries beside their top-5 answers, right and wrong: test images when ``test.csv`` gives the truth,
+    else out-of-fold training images. Crops are shown when stage 01 made them. ``None`` (nothing to show)
+    with ``inference_only`` and no test truth: no out-of-fold predictions were made."""
+    from common.data.artefacts import crops_available, image_paths
+    from common.lib import plots
+
+    if comp.truth is None and result.oof_truth.empty:
+        return None
+
+    crops = crops_available(cfg.exp)
+    train_paths = dict(zip(comp.train["image"], image_paths(comp.train, cfg.exp, "train", crops), strict=True))
+    gallery = dict(zip(comp.train["individual_id"], comp.train["image"].map(train_paths), strict=False))
+    if comp.truth is not None:
+        known = comp.known_individuals
+        truth = {i: (t if t in known else cfg.new_label)
+                 for i, t in zip(comp.truth["image"], comp.truth["individual_id"], strict=True)}
+        predictions = result.submission[result.submission["image"].isin(truth)]
+        table, query_paths = result.test_scores, dict(
+            zip(comp.test["image"], image_paths(comp.test, cfg.exp, "test", crops), strict=True))
+    else:
+        truth = result.oof_truth.to_dict()
+        predictions = retrieval.predict(result.oof_scores, result.threshold, k=5, new_label=cfg.new_label,
+                                        images=list(truth))
+        table, query_paths = result.oof_scores, train_paths
+    chosen = plots.select_examples(predictions, truth, cfg.n_examples, seed=cfg.seed)
+    queries, truths, top = plots.example_tiles(chosen, predictions, table, truth, query_paths, gallery,
+                                               cfg.new_label)
+    return plots.plot_retrieval_examples(queries, truths, top, n_rows=len(queries))

@@ -1,0 +1,57 @@
+"""Stage 02 (notebook ``02_train_embedder``): the fold table, every requested fold trained by the engine
+(:mod:`common.engine.embedder`), and the per-fold summary the notebook shows."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from common.config import EmbedderConfig
+from common.core import distributed, paths, store
+from common.data.competition import (
+    Competition,
+    make_folds,
+    split_fold,
+)
+from common.engine import launch
+from common.engine.embedder import fold_dir, train_fold
+
+
+def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
+    """Fold table ``image, individual_id, species, fold`` (written to ``02_embedder/folds.csv``).
+
+    Validates that every requested fold has training and validation images before any training starts.
+    """
+    train = comp.train
+    if cfg.max_images and len(train) > cfg.max_images:
+        train = train.sample(n=cfg.max_images, random_state=cfg.seed).sort_index()
+    folds = make_folds(train["individual_id"], cfg.n_folds, cfg.seed)
+    table = train[["image", "individual_id", "species"]].assign(fold=folds).reset_index(drop=True)
+    for k in cfg.fold_list():
+        split_fold(table, table["fold"].to_numpy(), k)
+    store.write_csv(paths.stage_dir(cfg.exp, "02") / "folds.csv", table)
+    return table
+
+
+def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) -> pd.DataFrame:
+    """Train every requested fold; returns all logs stacked with a ``fold`` column.
+
+    With ``cfg.nproc > 1`` (and not already inside torchrun) the folds are trained by ``nproc`` processes
+    started with torchrun (:func:`common.engine.launch.launch`); this process then reads their finished logs.
+    """
+    cfg = launch.train_elsewhere("02", cfg, paths.stage_dir(cfg.exp, "02"))
+    logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
+    if distributed.launch_info().is_main:
+        store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
+    return pd.concat(logs, ignore_index=True)
+
+
+def fold_summary(exp: str, folds_run: list[int]) -> pd.DataFrame:
+    """One row per fold: images, classes, last epoch's metrics."""
+    rows = []
+    for k in folds_run:
+        meta = store.read_json(fold_dir(exp, k) / "config.json")
+        log = pd.read_csv(fold_dir(exp, k) / "log.csv")
+        last = log.iloc[-1].drop("epoch").to_dict() if len(log) else {}
+        rows.append({"fold": k, "train images": meta["n_fit"], "valid images": meta["n_valid"],
+                     "individuals": len(meta["classes"]), "epochs": len(log), **last})
+    return pd.DataFrame(rows).set_index("fold")
