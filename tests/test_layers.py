@@ -132,3 +132,20 @@ def test_a_cycle_fails_the_check(package_copy):
     store = package_copy / "core" / "store.py"
     store.write_text(store.read_text() + "\n\ndef _bad():\n    from common.core import checkpoint\n")
     assert any({"common.core.store", "common.core.checkpoint"} <= set(c) for c in cycles(package_copy))
+
+
+def test_the_map_names_every_module():
+    # docs/architecture.md is the map of the package: a module missing from it is a module nobody will find.
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [f"{p.parent.name}/{p.name}" for p in sorted(PACKAGE.glob("*/*.py"))
+               if p.stem != "__init__" and f"`{p.stem}`" not in doc]
+    assert missing == []
+
+
+def test_readme_links_resolve():
+    import re
+
+    root = PACKAGE.parent
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (root / "README.md").read_text())
+    assert links, "README.md links to no document"
+    assert [link for link in links if not link.startswith("http") and not (root / link).exists()] == []
