@@ -10,7 +10,7 @@ full images (no crops). The project's stage outputs go to a temporary ``REID_WOR
   ``DataLoader`` over :class:`~common.data.competition.ImageDataset` with the same training transforms, and per batch only
   forward, ArcFace cross-entropy, backward and step (AMP and loss scaling chosen as the project chooses them).
   The project's ``log.csv`` times each epoch's steps *and* its validation pass; the bench wraps
-  ``seed_everything`` (the first call of each epoch), :func:`common.engine.embedder.evaluate` and
+  ``seed_everything`` (the first call of each epoch), :func:`common.engine.fit.evaluate` and
   :func:`common.core.checkpoint.save_state` with timers, so it reports the steps alone (like for like), the epoch
   as logged, the epoch with its checkpoint, and the fixed cost of a ``train_fold`` call outside its epochs.
 * Extraction: :func:`common.stages.extract_embeddings.extract` (flip TTA) against ``model.embed`` on the same loader, with the
@@ -282,11 +282,12 @@ def project_train(setup: Setup, run: int, epochs: int = 0) -> dict:
 
     from common.core import checkpoint
     from common.engine import embedder as train
+    from common.engine import fit as engine
 
     cfg = dataclasses.replace(setup.cfg, exp=f"loopbench-r{run}", epochs=epochs or setup.cfg.epochs)
     folds = train_embedder.prepare_folds(cfg, setup.comp)
     seeds, evals, saves = [], [], []
-    with (timed_calls(train, "seed_everything", seeds), timed_calls(train, "evaluate", evals),
+    with (timed_calls(engine, "seed_everything", seeds), timed_calls(engine, "evaluate", evals),
           timed_calls(checkpoint, "save_state", saves)):
         w0, c0 = clocks()
         log = train.train_fold(cfg, setup.comp, folds, 0)
@@ -296,7 +297,7 @@ def project_train(setup: Setup, run: int, epochs: int = 0) -> dict:
         raise RuntimeError(
             f"expected 1 + {cfg.epochs} seed_everything calls and one evaluate and save_state per epoch, "
             f"timed {len(seeds)}, {len(evals)}, {len(saves)} ({len(logged)} epochs logged): "
-            "common.engine.embedder changed, update bench/loop_overhead.py")
+            "common.engine.fit changed, update bench/loop_overhead.py")
     steps = [(n, e[0] - s[0], e[1] - s[1]) for s, e in zip(seeds[1:], evals, strict=True)]
     val = [(e[2] - e[0], e[3] - e[1]) for e in evals]
     ckpt = [(k[2] - k[0], k[3] - k[1]) for k in saves]

@@ -10,7 +10,7 @@ Lowest first; a module imports its own layer or the ones before it, never a late
   CutMix/Mixup, samplers, weight averaging, box maths, plots;
 * :mod:`common.data` - the competition tables and their checks, folds, datasets and transforms, the demo
   generator, detector datasets and crops, and the artefacts one stage leaves for the next;
-* :mod:`common.engine` - the training loops (embedder, classifier), the detector wrapper, one prediction
+* :mod:`common.engine` - one training loop (`fit`) with its embedder and classifier tasks, the detector wrapper, one prediction
   loop with flip TTA, torchrun launching, throughput;
 * :mod:`common.stages` - one module per notebook, named after it;
 * :mod:`common.cli` - the papermill runner, the torchrun entry point, the Kaggle bundle, export.

@@ -18,9 +18,11 @@ from torch import nn
 
 from common.config import ClassifierConfig
 from common.core import store
+from common.data import artefacts
 from common.data.competition import DataError, load_competition
 from common.data.demo import TINY_DEMO, make_demo
 from common.engine import classifier as classify_train
+from common.engine import fit as engine
 from common.lib.losses import class_prior
 from common.lib.models import ClassifierModel
 from common.stages import train_classifier as classify
@@ -95,6 +97,7 @@ def test_prepare_folds_writes_classes_with_counts(comp):
     counts = comp.train["individual_id"].value_counts()
     assert info["classes"] == sorted(counts.index)
     assert info["counts"] == [int(counts[c]) for c in info["classes"]]
+    pd.testing.assert_frame_equal(artefacts.read_folds("c", "05"), folds)  # what torchrun's other ranks read
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -141,7 +144,7 @@ def test_predict_logits_flip_tta_averages_the_mirror():
 
 # ---------------------------------------------------------------------------------------------- training
 def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
-    original, calls = classify_train.evaluate, {"n": 0}
+    original, calls = engine.evaluate, {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -149,7 +152,7 @@ def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
             raise KeyboardInterrupt("simulated kill")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(classify_train, "evaluate", wrapper)
+    monkeypatch.setattr(engine, "evaluate", wrapper)
     return calls
 
 
@@ -240,6 +243,8 @@ def test_distillation_needs_the_teachers_out_of_fold_predictions_before_training
     folds = classify.prepare_folds(cfg, comp)
     with pytest.raises(FileNotFoundError, match="nobody"):
         classify.train_fold(cfg, comp, folds, 0)
+    with pytest.raises(ValueError, match="distill_mode=kd with CutMix/Mixup is not supported"):
+        classify.train_fold(dataclasses.replace(cfg, distill_mode="kd", mixup_alpha=0.4), comp, folds, 0)
     monkeypatch.setattr(classify_train, "build_model", original)
     teacher = tiny_cfg(comp, exp="teacher", epochs=1, folds="0")  # fold 0 only: half the images predicted
     classify.run_classification(teacher, comp)

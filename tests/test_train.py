@@ -1,4 +1,4 @@
-"""Stage 02 (common.engine.embedder): folds, the learning-rate schedule, kill-and-resume, skipping and forcing finished
+"""Stage 02 (common.engine.embedder on common.engine.fit): folds, the learning-rate schedule, kill-and-resume, skipping and forcing finished
 folds, the untrained baseline, dynamic margins and the load_embedder round trip.
 
 Every test trains a randomly initialised ``mobilenetv3_small_050`` at 32 px on the tiny generated demo
@@ -23,6 +23,7 @@ from common.data import artefacts
 from common.data.competition import DataError, load_competition
 from common.data.demo import TINY_DEMO, make_demo
 from common.engine import embedder as train
+from common.engine import fit as engine
 from common.lib.heads import dynamic_margins
 from common.stages import train_embedder
 
@@ -51,9 +52,14 @@ def tiny_cfg(comp, **overrides) -> EmbedderConfig:
     return EmbedderConfig(**{**values, **overrides})
 
 
+def _owner(name: str):
+    """The module whose ``name`` the training code calls: the shared loop's ``evaluate``, else the embedder's."""
+    return engine if name == "evaluate" else train
+
+
 def count_calls(monkeypatch, name: str, fail_on: int | None = None) -> dict:
-    """Wrap ``common.engine.embedder.<name>``: count its calls; raise KeyboardInterrupt on call number ``fail_on``."""
-    original = getattr(train, name)
+    """Wrap ``<module>.<name>`` (:func:`_owner`): count its calls; raise KeyboardInterrupt on call number ``fail_on``."""
+    original = getattr(_owner(name), name)
     calls = {"n": 0, "models": []}
 
     def wrapper(*args, **kwargs):
@@ -64,15 +70,15 @@ def count_calls(monkeypatch, name: str, fail_on: int | None = None) -> dict:
             raise KeyboardInterrupt("simulated kill")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, name, wrapper)
+    monkeypatch.setattr(_owner(name), name, wrapper)
     return calls
 
 
 def forbid(monkeypatch, name: str) -> None:
     def boom(*args, **kwargs):
-        raise AssertionError(f"train.{name} must not be called")
+        raise AssertionError(f"{name} must not be called")
 
-    monkeypatch.setattr(train, name, boom)
+    monkeypatch.setattr(_owner(name), name, boom)
 
 
 # ---------------------------------------------------------------------------------------------- folds

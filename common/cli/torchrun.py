@@ -31,24 +31,23 @@ def run_stage(stage: str, config: dict[str, Any]) -> None:
     cfg = _config_class(stage)(**config)
     comp = data_mod.open_competition(cfg.data)
     if stage == "02":
-
-        train_embedder.run_training(cfg, comp, _folds(cfg, comp, train_embedder.prepare_folds, artefacts.read_folds))
+        train_embedder.run_training(cfg, comp, _folds(stage, cfg, comp, train_embedder.prepare_folds))
     else:
         from common.engine import classifier as classify_train
 
-        folds = _folds(cfg, comp, classify_train.prepare_folds, classify_train.read_folds)
+        folds = _folds(stage, cfg, comp, classify_train.prepare_folds)
         for fold in cfg.fold_list():
             classify_train.train_fold(cfg, comp, folds, fold)
 
 
-def _folds(cfg, comp, prepare, read):
+def _folds(stage, cfg, comp, prepare):
     """Rank 0 writes the fold table; the others read it once it is there."""
     from common.core.runtime import resolve_device
 
     info = setup(resolve_device(cfg.device), cfg.batch_size, cfg.sync_bn)
     table = prepare(cfg, comp) if info.is_main else None
     barrier(info)
-    return table if info.is_main else read(cfg.exp)
+    return table if info.is_main else artefacts.read_folds(cfg.exp, stage)
 
 
 def main(argv: list[str] | None = None) -> int:

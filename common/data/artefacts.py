@@ -1,5 +1,5 @@
-"""What one stage leaves for the next, read by later stages: stage 01's crops, stage 02's fold table,
-stage 03's embeddings (paths and readers; the formats are :mod:`common.core.store`'s)."""
+"""What one stage leaves for the next, read by later stages: stage 01's crops, the fold tables of stages 02 and
+05, stage 03's embeddings (paths and readers; the formats are :mod:`common.core.store`'s)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from common.core import paths, store
 from common.data.competition import (
     Competition,
     DataError,
+    make_folds,
     split_fold,
 )
 
@@ -73,10 +74,32 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     return fit, valid, used_crops
 
 
-def read_folds(exp: str) -> pd.DataFrame:
-    """Read ``02_embedder/folds.csv`` written by :func:`prepare_folds`."""
-    path = paths.find_stage_dir(exp, "02", "folds.csv", hint="run stage 02 (train embedder) first") / "folds.csv"
-    return pd.read_csv(path, dtype={"image": str, "individual_id": str, "species": str})
+def assign_folds(table: pd.DataFrame, label_column: str, cfg: EmbedderConfig | ClassifierConfig) -> pd.DataFrame:
+    """``table`` with a ``fold`` column stratified by ``label_column`` and a fresh index: the fold table of stages
+    02 and 05. Capped first at ``cfg.max_images`` rows (drawn with ``cfg.seed``, kept in file order); checks that
+    every requested fold has training and validation images, before any training starts.
+
+    Args:
+        table: one row per training image.
+        label_column: the column the folds are stratified by (``individual_id``, ``label``).
+        cfg: ``max_images``, ``seed``, ``n_folds`` and the requested folds.
+    """
+    if cfg.max_images and len(table) > cfg.max_images:
+        table = table.sample(n=cfg.max_images, random_state=cfg.seed).sort_index()
+    table = table.assign(fold=make_folds(table[label_column], cfg.n_folds, cfg.seed)).reset_index(drop=True)
+    for k in cfg.fold_list():
+        split_fold(table, table["fold"].to_numpy(), k)
+    return table
+
+
+def read_folds(exp: str, stage: str = "02") -> pd.DataFrame:
+    """Read the ``folds.csv`` of stage ``stage`` (``02``: ``image, individual_id, species, fold``, written by
+    :func:`common.stages.train_embedder.prepare_folds`; ``05``: ``image, label, fold``, written by
+    :func:`common.engine.classifier.prepare_folds`): every column text but the integer ``fold``."""
+    hint = {"02": "run stage 02 (train embedder) first", "05": "run stage 05 (classifier) first"}.get(stage, "")
+    path = paths.find_stage_dir(exp, stage, "folds.csv", hint=hint) / "folds.csv"
+    table = pd.read_csv(path, dtype=str)
+    return table.astype({"fold": "int64"})
 
 
 def embeddings_dir(exp: str, fold: int) -> Path:

@@ -7,11 +7,8 @@ import pandas as pd
 
 from common.config import EmbedderConfig
 from common.core import distributed, paths, store
-from common.data.competition import (
-    Competition,
-    make_folds,
-    split_fold,
-)
+from common.data.artefacts import assign_folds
+from common.data.competition import Competition
 from common.engine import launch
 from common.engine.embedder import fold_dir, train_fold
 
@@ -21,13 +18,7 @@ def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
 
     Validates that every requested fold has training and validation images before any training starts.
     """
-    train = comp.train
-    if cfg.max_images and len(train) > cfg.max_images:
-        train = train.sample(n=cfg.max_images, random_state=cfg.seed).sort_index()
-    folds = make_folds(train["individual_id"], cfg.n_folds, cfg.seed)
-    table = train[["image", "individual_id", "species"]].assign(fold=folds).reset_index(drop=True)
-    for k in cfg.fold_list():
-        split_fold(table, table["fold"].to_numpy(), k)
+    table = assign_folds(comp.train[["image", "individual_id", "species"]], "individual_id", cfg)
     store.write_csv(paths.stage_dir(cfg.exp, "02") / "folds.csv", table)
     return table
 
