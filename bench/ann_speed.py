@@ -14,7 +14,7 @@ sweep of ``nprobe`` (doubling until recall@k reaches ``--target`` and one step f
 
 Run from the repository root (``--record`` appends a section to bench/RESULTS.md):
 
-    nice -n 10 .venv/bin/python bench/ann_speed.py --record
+    nice -n 10 .venv/bin/python -m bench.ann_speed --record
 """
 
 from __future__ import annotations
@@ -22,18 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common.lib import ann  # noqa: E402
+from bench._report import cpu_model, utc_stamp
+from bench.common_args import add_record_args, command_line, finish
+from common.lib import ann
 
 
 def rss_bytes() -> int:
@@ -67,7 +63,7 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-gallery", type=int, default=1_000_000)
     ap.add_argument("--n-queries", type=int, default=2_000)
@@ -80,9 +76,8 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=None, help="default: common.lib.ann.default_nlist")
     ap.add_argument("--target", type=float, default=0.99, help="recall@k the nprobe sweep must reach")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    ap.add_argument("--record", action="store_true", help="append the section to RESULTS.md")
-    args = ap.parse_args()
+    add_record_args(ap)
+    args = ap.parse_args(argv)
 
     import faiss
 
@@ -125,9 +120,7 @@ def main() -> None:
         nprobe = min(nprobe * 2, nlist)
     met = [r for r in rows[1:] if r[5] >= args.target]
 
-    command = "nice -n 10 .venv/bin/python bench/ann_speed.py" + (
-        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
-    )
+    command = command_line("ann_speed", argv, env="")
     t_flat_q = rows[0][2]
     lines = [
         "",
@@ -164,10 +157,7 @@ def main() -> None:
                   f"({t_flat_q / best[2]:.1f}x the exact query speed, recall {best[5]:.4f})"]
     else:
         lines += ["", f"recall@{args.k} >= {args.target} not reached"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

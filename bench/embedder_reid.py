@@ -29,8 +29,8 @@ The ratio printed is trained / the best of those untrained figures.
 
 Run from the repository root (each run trains one model; ``--record`` appends a section to bench/RESULTS.md):
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset lion --record
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py --dataset omniglot --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.embedder_reid --dataset lion --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.embedder_reid --dataset omniglot --record
 
 Any :class:`~common.config.EmbedderConfig` field, ``tta_flip`` and ``eval_size`` (the size the unseen images
 are embedded at; 0 = the training size) can be overridden with ``-p key=value``,
@@ -47,9 +47,7 @@ import hashlib
 import io
 import json
 import os
-import shlex
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -60,16 +58,20 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
-from common.config import EmbedderConfig, parse_cli_value  # noqa: E402
+from bench._report import torch_machine_line, utc_stamp  # noqa: E402
+from bench.common_args import (  # noqa: E402
+    SHARED,
+    add_param_arg,
+    add_record_args,
+    command_line,
+    finish,
+    parse_overrides,
+    parse_seeds,
+)
+from common.config import EmbedderConfig  # noqa: E402
 from common.core import paths, store  # noqa: E402
 from common.data.competition import DataError, load_competition  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "datasets"
 DATA_VERSION = 1  # bump when the converted layout changes: converted folders are rebuilt
 
 # The benchmark's settings per data set, chosen from a few runs on the 2-core CPU machine (bench/RESULTS.md).
@@ -168,30 +170,27 @@ def write_competition(table: pd.DataFrame, out: Path) -> Path:
             ``species``, ``split``.
         out: the competition folder to create (replaced if it exists).
     """
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train_images").mkdir(parents=True)
-    (tmp / "test_images").mkdir()
-    zips: dict[str, zipfile.ZipFile] = {}
-    try:
-        for source, image in zip(table["source"], table["image"], strict=True):
-            target = tmp / "train_images" / image
-            if "::" in source:
-                zpath, member = source.split("::", 1)
-                if zpath not in zips:  # read each zip into memory once: member by member from the shared
-                    # mount took ~40 ms a file (200 s for Omniglot); from memory the whole set takes ~1 s
-                    zips[zpath] = zipfile.ZipFile(io.BytesIO(Path(zpath).read_bytes()))
-                zf = zips[zpath]
-                target.write_bytes(zf.read(member))
-            else:
-                shutil.copyfile(source, target)
-    finally:
-        for zf in zips.values():
-            zf.close()
-    table[["image", "species", "individual_id"]].to_csv(tmp / "train.csv", index=False)
-    table[["image", "split"]].to_csv(tmp / "splits.csv", index=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with store.atomic_dir(out) as tmp:
+        (tmp / "train_images").mkdir(parents=True)
+        (tmp / "test_images").mkdir()
+        zips: dict[str, zipfile.ZipFile] = {}
+        try:
+            for source, image in zip(table["source"], table["image"], strict=True):
+                target = tmp / "train_images" / image
+                if "::" in source:
+                    zpath, member = source.split("::", 1)
+                    if zpath not in zips:  # read each zip into memory once: member by member from the shared
+                        # mount took ~40 ms a file (200 s for Omniglot); from memory the whole set takes ~1 s
+                        zips[zpath] = zipfile.ZipFile(io.BytesIO(Path(zpath).read_bytes()))
+                    zf = zips[zpath]
+                    target.write_bytes(zf.read(member))
+                else:
+                    shutil.copyfile(source, target)
+        finally:
+            for zf in zips.values():
+                zf.close()
+        table[["image", "species", "individual_id"]].to_csv(tmp / "train.csv", index=False)
+        table[["image", "split"]].to_csv(tmp / "splits.csv", index=False)
     return out
 
 
@@ -290,23 +289,16 @@ def exp_name(dataset: str, cfg: EmbedderConfig) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """``key=value`` strings -> values, checked against EmbedderConfig's fields and the extraction keys."""
+def overrides(items: list[str]) -> dict[str, object]:
+    """``-p key=value`` strings -> values, checked against EmbedderConfig's fields and the extraction keys."""
     known = set(EmbedderConfig.field_names()) | set(EXTRACT_KEYS)
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"-p {item!r}: expected key=value with key one of {sorted(known)}")
-        out[key] = parse_cli_value(value)
-    return out
+    return parse_overrides(items, known, f"one of {sorted(known)}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(PRESETS), required=True)
-    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an EmbedderConfig field, tta_flip or eval_size (repeatable)")
+    add_param_arg(ap, "override an EmbedderConfig field, tta_flip or eval_size (repeatable)")
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
     ap.add_argument("--work", type=Path, default=None,
                     help="where converted data go (default working/bench/embedder_reid)")
@@ -314,14 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="train one model per seed and report each and their mean (default: the one seed)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the untrained baselines")
     ap.add_argument("--force", action="store_true", help="retrain even if a model with these knobs exists")
-    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_record_args(ap)
     args = ap.parse_args(argv)
 
     from common.core.runtime import resolve_device
 
     t_start, load = time.perf_counter(), os.getloadavg()[0]
-    settings = {**PRESETS[args.dataset], **parse_overrides(args.param)}
+    settings = {**PRESETS[args.dataset], **overrides(args.param)}
     tta_flip = bool(settings.pop("tta_flip"))
     eval_size = int(settings.pop("eval_size", 0)) or int(settings["image_size"])
     work = args.work or paths.working_dir() / "bench" / "embedder_reid"
@@ -359,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
                      **r})
         print(f"epochs=0: MAP@5 {r['map5']:.4f}", flush=True)
     n_untrained = len(rows)
-    seeds = [cfg.seed] if args.seeds is None else [int(x) for x in args.seeds.split(",") if x.strip()]
+    seeds = parse_seeds(args.seeds) or [cfg.seed]
     for seed in seeds:  # one model per seed: the unseen sets are small, so one seed's figure is noisy
         cfg_s = dataclasses.replace(cfg, seed=seed)
         cfg_s = dataclasses.replace(cfg_s, exp=exp_name(args.dataset, cfg_s))
@@ -386,8 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = max((row["map5"] for row in rows[:n_untrained]), default=None)
     total = time.perf_counter() - t_start
 
-    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/embedder_reid.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
+    command = command_line("embedder_reid", argv)
     names = ("backbone", "pretrained", "image_size", "epochs", "batch_size", "lr", "head_lr_mult",
              "weight_decay", "warmup_epochs", "embedding_dim", "gem_p", "dropout", "arc_s", "arc_m", "arc_k",
              "dynamic_margin", "label_smoothing", "species_weight")
@@ -420,11 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
         embed_s = "-" if np.isnan(row["embed_s"]) else f"{row['embed_s']:.0f}"
         lines.append(f"| {row['model']} | {map5} | {ratio} | {train_s} | {acc} | {embed_s} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    finish(args, text)
     if ref:
         print(f"ratio trained (mean over seeds) / best untrained: {trained.mean() / ref:.2f}")
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
     return {"rows": rows, "total_s": total}
 
 

@@ -30,10 +30,10 @@ Parts (``--parts``):
 The last two train, one run at a time (~11 min on the shared 2-core CPU at load ~2), cached under
 ``working/bench-fmnist<n_max>-<pseudo|noisy20s0|noisy20s0_clean50|noisy20s0_oracle>-<hash>/`` (the hash
 covers the config and the training table; their data folders are under ``working/bench/ensemble_fashion/``).
-Run from the repository root after ``bench/classify_fashion.py --ce-seeds 1,2`` (``--record`` appends a
+Run from the repository root after ``python -m bench.classify_fashion --ce-seeds 1,2`` (``--record`` appends a
 section to bench/RESULTS.md):
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/ensemble_fashion.py --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.ensemble_fashion --record
 """
 
 from __future__ import annotations
@@ -41,12 +41,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -56,24 +53,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+from bench import classify_fashion as cf  # noqa: E402
+from bench.common_args import add_record_args, command_line, finish  # noqa: E402
 from common.core import paths, store  # noqa: E402
-
-
-def _classify_fashion():
-    spec = importlib.util.spec_from_file_location(
-        "bench_classify_fashion", ROOT / "bench" / "classify_fashion.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cf = _classify_fashion()
 
 SEED_KEYS = ("ce", "ce_seed1", "ce_seed2")
 # linear head, seed 42: the same initial weights (soup_stage checks backbone, head, classes, split and seed)
@@ -155,7 +137,7 @@ def fold0_member(exp: str, test_images: list[str]):
 
     folder = paths.stage_dir(exp, "05")
     if not store.stage_done(folder):
-        raise FileNotFoundError(f"{folder}: no finished stage-05 run; run bench/classify_fashion.py first")
+        raise FileNotFoundError(f"{folder}: no finished stage-05 run; run python -m bench.classify_fashion first")
     info = store.read_json(folder / "classes.json")
     oof = store.load_arrays(folder / "oof.npz")
     test = store.load_arrays(folder / "test.npz", test_images)
@@ -631,9 +613,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--noise-share", type=float, default=NOISE_SHARE)
     ap.add_argument("--noise-seed", type=int, default=NOISE_SEED)
     ap.add_argument("--clean-threshold", type=float, default=CLEAN_THRESHOLD)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as bench/classify_fashion.py)")
-    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as bench.classify_fashion)")
+    add_record_args(ap)
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if set(parts) - set(PARTS):
@@ -643,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench._report import append_section, torch_machine_line, utc_stamp
+    from bench._report import torch_machine_line, utc_stamp
     from common.core.runtime import resolve_device
     from common.data.competition import load_competition
 
@@ -664,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise SystemExit(
             f"runs {missing} ({[exps[k] for k in missing]}) not finished: run "
-            "bench/classify_fashion.py --ce-seeds 1,2 first"
+            "python -m bench.classify_fashion --ce-seeds 1,2 first"
         )
     classes = members["ce"].classes
     y = np.array([classes.index(c) for c in truth])
@@ -723,15 +704,13 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     total = time.perf_counter() - t_start
-    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/ensemble_fashion.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("ensemble_fashion", argv)
     lines = [
         "",
         f"## Long-tailed Fashion-MNIST (n_max {args.n_max}): stage 06 ensembles, soups, re-distribution, "
         "pseudo-labels, label cleaning",
         "",
-        f"- command: `{command.strip()}` (from the repository root, after `bench/classify_fashion.py "
+        f"- command: `{command}` (from the repository root, after `python -m bench.classify_fashion "
         "--ce-seeds 1,2`)",
         f"- date: {utc_stamp()}",
         f"- machine: {torch_machine_line(resolve_device(cf.BASE['device']).type, load)}",
@@ -752,10 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
     cite = map5_citation(args.results)
     lines += ["", "### Retrieval (MAP@5) ensembles: not rerun here, from the embedder sections above", ""]
     lines += [f"- {c}" for c in cite] or ["- no embedder section with a seed ensemble in RESULTS.md yet"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, "\n".join(lines) + "\n")
     return out
 
 

@@ -14,16 +14,14 @@ images through each engine on the same preprocessed tensors (no flip TTA).
 
 Run from the repository root (``--record`` appends a section to bench/RESULTS.md; ~3 min):
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/export_speed.py --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.export_speed --record
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+from bench.common_args import add_record_args, command_line, finish  # noqa: E402
 from common.cli import export  # noqa: E402
 from common.core import paths  # noqa: E402
 
@@ -127,11 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exp", default="", help="trained stage-05 run for the accuracy check "
                                              "(default: the newest working/bench-fmnist600-ce-*)")
     ap.add_argument("--no-accuracy", action="store_true")
-    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_record_args(ap)
     args = ap.parse_args(argv)
 
-    from bench._report import append_section, torch_machine_line, utc_stamp
+    from bench._report import torch_machine_line, utc_stamp
 
     load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
@@ -146,12 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
             acc = accuracy(exp, args.threads)
         else:
             print("no working/bench-fmnist600-ce-* run: accuracy check skipped "
-                  "(run bench/classify_fashion.py first)")
+                  "(run python -m bench.classify_fashion first)")
     import onnxruntime
     import openvino
 
-    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/export_speed.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
+    command = command_line("export_speed", argv)
     lines = [
         "", f"## Export for CPU inference: {args.backbone} at {args.size} px, eager vs fused vs ONNX Runtime "
         "vs OpenVINO", "",
@@ -180,10 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(fps[(n, 1)] / fps[("eager", 1)] for n in ENGINES[1:])
     verdict = "met" if best >= 2 else "not met"
     lines.append(f"best batch-1 speed-up vs eager: {best:.2f}x (target >= 2x: {verdict})")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, "\n".join(lines) + "\n")
     return {"fps": fps, "accuracy": acc}
 
 

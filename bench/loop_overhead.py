@@ -26,7 +26,7 @@ disturbed by other jobs, though not immune: they share caches and SMT siblings).
 
 Run from the repository root (``--record`` appends a section to bench/RESULTS.md; ~8 min on 2 cores):
 
-    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/loop_overhead.py --record
+    HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.loop_overhead --record
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -49,12 +47,9 @@ os.environ.setdefault("REID_PROGRESS", "text")  # as the papermill runner sets i
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common_args import add_record_args, command_line  # noqa: E402
 from common.data import artefacts  # noqa: E402
 from common.stages import train_embedder  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TARGET_PCT = 5.0
 
@@ -569,8 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "(not recorded)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny run for the tests: demo_tiny, 32 px, batch 4, 1 epoch, 1 repeat, random init")
-    ap.add_argument("--record", action="store_true", help="append the section to --results")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    add_record_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.data, args.pretrained, args.image_size, args.batch_size = "demo_tiny", "none", 32, 4
@@ -595,9 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
                 os.environ.pop("REID_WORKING_DIR", None)
             else:
                 os.environ["REID_WORKING_DIR"] = before
-    command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/loop_overhead.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
-    text = report(args, res, command.strip(), (load0, os.getloadavg()[0]), time.perf_counter() - t0)
+    command = command_line("loop_overhead", argv)
+    text = report(args, res, command, (load0, os.getloadavg()[0]), time.perf_counter() - t0)
     print(res.get("profile", "") + text)
     if args.record:
         print(f"appended to {append_section(args.results, text)}")

@@ -1,12 +1,12 @@
 """Benchmark: exact top-k cosine search with common.lib.retrieval.search (faiss) vs scikit-learn and torch.
 
 Random seeded unit vectors (default 20k queries x 50k gallery x 512-d, k=5). Each method is timed once per
-repeat (best kept), its top-k compared with faiss' by set per query, and a section is appended to
-bench/RESULTS.md with the exact command, the machine and the date.
+repeat (best kept), its top-k compared with faiss' by set per query, and with ``--record`` a section is
+appended to bench/RESULTS.md with the exact command, the machine and the date.
 
 Run from the repository root:
 
-    nice -n 10 .venv/bin/python bench/retrieval_speed.py
+    nice -n 10 .venv/bin/python -m bench.retrieval_speed --record
 
 scikit-learn is used here only as a reference (it is not a dependency of ``common``).
 """
@@ -16,18 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench._report import append_section, cpu_model, utc_stamp  # noqa: E402
-from common.lib.retrieval import l2_normalize, search  # noqa: E402
+from bench._report import cpu_model, utc_stamp
+from bench.common_args import add_record_args, command_line, finish
+from common.lib.retrieval import l2_normalize, search
 
 
 def run_sklearn(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -75,7 +70,7 @@ def agreement(ref: np.ndarray, other: np.ndarray, gallery: np.ndarray, queries: 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-queries", type=int, default=20_000)
     ap.add_argument("--n-gallery", type=int, default=50_000)
@@ -84,9 +79,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=2048, help="torch query chunk size")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
-    args = ap.parse_args()
+    add_record_args(ap)
+    args = ap.parse_args(argv)
 
     import faiss
     import sklearn
@@ -110,9 +104,7 @@ def main() -> None:
         ),
         ("sklearn NearestNeighbors(cosine, brute)", t_sk, agreement(ref, idx_sk, gallery, queries)),
     ]
-    command = "nice -n 10 .venv/bin/python bench/retrieval_speed.py" + (
-        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
-    )
+    command = command_line("retrieval_speed", argv, env="")
     lines = [
         "",
         f"## Retrieval speed: {args.n_queries} queries x {args.n_gallery} gallery x {args.dim}-d, k={args.k}",
@@ -138,10 +130,7 @@ def main() -> None:
                 f"| {name} | {sec:.2f} | {sec / t_faiss:.2f} | {agr['same_set']}/{n} | {agr['same_top1']}/{n} "
                 f"| {agr['near_ties']}/{n - agr['same_set']} |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_append:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

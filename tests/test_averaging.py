@@ -171,3 +171,27 @@ def test_model_ema_state_dict_round_trip_and_mismatch():
     model.load_state_dict(ema.state_dict())  # no prefix: loads into a plain model
     with pytest.raises(ValueError, match=r"'1\.weight'"):
         ema.update(nn.Sequential(nn.Linear(2, 3)))
+
+
+def test_model_ema_is_timms_update_plus_a_key_check_and_plain_keys():
+    from timm.utils import ModelEmaV3
+
+    model = small_model()
+    ours, theirs = ModelEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 2)).square().sum().backward()
+        opt.step()
+        ours.update(model)
+        theirs.update(model)
+    for key, value in ours.state_dict().items():  # bit for bit the same average
+        assert torch.equal(value, theirs.state_dict()[f"module.{key}"]), key
+    # What the class adds, and why it is kept: timm's keys carry a "module." prefix (checkpoints of earlier runs
+    # hold plain keys), and timm pairs the two state dicts by position, so a model without the BatchNorm
+    # updates silently where ours names the missing key.
+    assert all(k.startswith("module.") for k in theirs.state_dict())
+    theirs.update(nn.Sequential(nn.Linear(2, 3)))
+    with pytest.raises(ValueError, match=r"'1\.weight'"):
+        ours.update(nn.Sequential(nn.Linear(2, 3)))

@@ -7,8 +7,7 @@ zip holds 156 characters: its Greek and Latin, 24 + 26 characters, are small1's 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_embedder_reid", ROOT / "bench" / "embedder_reid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.embedder_reid")
 
 
 @pytest.fixture(scope="module")

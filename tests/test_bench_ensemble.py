@@ -6,8 +6,7 @@ needs ../shared/datasets/fashion-mnist and skips without it.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def _bench():
-    path = ROOT / "bench" / "ensemble_fashion.py"
-    spec = importlib.util.spec_from_file_location("bench_ensemble_fashion", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.ensemble_fashion")
 
 
 bench = _bench()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +51,7 @@ COUNTS_100 = [
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_classify_fashion", ROOT / "bench" / "classify_fashion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.classify_fashion")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ loop whose loader and model run in turn has rate 1 / (1/loader + 1/model).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 import types
 from pathlib import Path
@@ -17,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_loop_overhead", ROOT / "bench" / "loop_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.loop_overhead")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +115,7 @@ def test_quick_end_to_end(lo, isolated, monkeypatch):
     text = results.read_text()
     assert text.startswith("# earlier section\n")  # appended, never rewritten
     assert "## Loop overhead: stage 02 training and stage 03 extraction" in text
-    assert "bench/loop_overhead.py --quick --device cpu --record" in text
+    assert "python -m bench.loop_overhead --quick --device cpu --record" in text
     assert text.count("| training") == 7 and text.count("| extraction") == 5  # loops 4 + 2, bottleneck 3 + 3
     # demo_tiny: 21 training images, fold 0 of 5 holds out 5; 16 fit images in 4 full batches of 4
     assert (res["n_fit"], res["n_valid"]) == (16, 5)

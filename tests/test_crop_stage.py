@@ -8,39 +8,25 @@ from __future__ import annotations
 import os
 import shutil
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
 from common.config import CropConfig
 from common.core import paths, store
 from common.data import artefacts
 from common.data.competition import DataError, load_competition
-from common.data.demo import TINY_DEMO, make_demo
 from common.engine import detector as detect
 from common.stages import crop_images as crop_stage
 
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("comp") / "demo_tiny", **TINY_DEMO)
-
-
-@pytest.fixture
-def comp(demo_root):
-    return load_competition(demo_root, check_pixels=False)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    isolate_dirs(tmp_path, monkeypatch)
-    # no test here may reach the detector
+def no_detector(monkeypatch):
+    """No test here may reach the detector."""
     for name in ("setup_ultralytics", "train_detector", "predict_boxes"):
         monkeypatch.setattr(detect, name, _forbidden(name))
-    yield tmp_path
-    plt.close("all")
 
 
 def _forbidden(name):
@@ -125,9 +111,9 @@ def test_crops_from_without_crops_is_a_clear_error(comp, state):
     assert not store.stage_done(paths.stage_dir("dst", "01"))
 
 
-def test_missing_boxes_csv_with_crop_true(demo_root, tmp_path):
+def test_missing_boxes_csv_with_crop_true(tiny_demo_root, tmp_path):
     root = tmp_path / "no_boxes"
-    shutil.copytree(demo_root, root)
+    shutil.copytree(tiny_demo_root, root)
     (root / "boxes.csv").unlink()
     comp = load_competition(root, check_pixels=False)
     assert comp.boxes is None

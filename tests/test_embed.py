@@ -11,13 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import isolate_dirs
 
 from common.config import EmbedderConfig, ExtractConfig
 from common.core import store
 from common.data import artefacts
-from common.data.competition import build_transforms, load_competition, read_rgb
-from common.data.demo import TINY_DEMO, make_demo
+from common.data.competition import build_transforms, read_rgb
 from common.engine import embedder as train
 from common.stages import extract_embeddings as embed
 from common.stages import train_embedder
@@ -28,10 +26,7 @@ def _threads(one_torch_thread):
     yield
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    isolate_dirs(tmp_path, monkeypatch)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 # ---------------------------------------------------------------------------------------------- extract
@@ -103,12 +98,6 @@ def test_extract_no_images():
 
 
 # ---------------------------------------------------------------------------------------------- stage 03
-@pytest.fixture(scope="module")
-def comp(tmp_path_factory):
-    root = make_demo(tmp_path_factory.mktemp("comp") / "demo_tiny", **TINY_DEMO)
-    return load_competition(root, check_pixels=False)
-
-
 @pytest.fixture
 def trained(comp):
     """A finished stage-02 fold 0 (the untrained baseline: epochs=0) of experiment ``e``."""

@@ -18,7 +18,6 @@ import torch
 from common.config import ClassifierConfig, EmbedderConfig, EnsembleConfig, ExtractConfig, RetrievalConfig
 from common.core import paths, store
 from common.data.competition import load_competition
-from common.data.demo import TINY_DEMO, make_demo
 from common.stages import ensemble_postprocess as ensemble_stage
 from common.stages import extract_embeddings as embed
 from common.stages import retrieve_submit as submit
@@ -30,14 +29,8 @@ CLS = dict(backbone="mobilenetv3_small_050", pretrained="none", image_size=32, e
 
 
 @pytest.fixture(scope="module")
-def comp(tmp_path_factory, one_torch_thread):
-    base = tmp_path_factory.mktemp("ens")
-    mp = pytest.MonkeyPatch()
-    for var, sub in (("REID_INPUT_DIR", "inputs"), ("REID_WORKING_DIR", "working"),
-                     ("REID_SUBMISSIONS_DIR", "submissions")):
-        mp.setenv(var, str(base / sub))
-    mp.setenv("REID_PROGRESS", "off")
-    comp = load_competition(make_demo(base / "demo_tiny", **TINY_DEMO), check_pixels=False)
+def comp(comp, isolated_module, one_torch_thread):
+    """conftest's tiny demo, with the module's stage-05 runs a, b and stage-02/03/04 run e built."""
     for exp, lr, epochs in (("a", 1e-3, 1), ("b", 3e-3, 3)):
         classify.run_classification(ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, **{**CLS, "epochs": epochs}),
                                     comp)
@@ -47,8 +40,7 @@ def comp(tmp_path_factory, one_torch_thread):
     train_embedder.run_training(ecfg, comp, train_embedder.prepare_folds(ecfg, comp))
     embed.run_extraction(ExtractConfig(**emb, batch_size=16), comp)
     submit.run_retrieval(RetrievalConfig(**emb, fold_merge="concat", knn_k=10), comp)
-    yield comp
-    mp.undo()
+    return comp
 
 
 def ens_cfg(comp, **kw) -> EnsembleConfig:

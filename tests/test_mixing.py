@@ -187,3 +187,29 @@ def test_batch_mixer_same_seed_and_epoch_draw_the_same():
     a.set_epoch(2)
     b.set_epoch(3)
     assert not torch.equal(a(x, t)[1], b(x, t)[1])  # another epoch, other draws
+
+
+def test_why_batch_mixer_is_kept_rather_than_timm_mixup():
+    """timm.data.Mixup asserts an even batch (a per-process batch here can be odd) and draws from the global
+    NumPy RNG (anything else drawing from it changes its lam); BatchMixer does neither."""
+    from timm.data import Mixup
+
+    x, y = const_batch(3, 8, 8).float(), torch.tensor([0, 1, 2])
+    theirs = Mixup(mixup_alpha=1.0, num_classes=3)
+    with pytest.raises(AssertionError, match="even"):
+        theirs(x.clone(), y)
+    ours = BatchMixer(mixup_alpha=1.0, seed=0)
+    mixed, t = ours(x, one_hot(y, 3))  # an odd batch is fine
+    assert mixed.shape == x.shape and torch.allclose(t.sum(1), torch.ones(3))
+
+    np.random.seed(0)
+    a = theirs(x[:2].clone(), y[:2])[1]
+    np.random.seed(0)
+    np.random.rand()  # e.g. an augmentation drawing from the global RNG first
+    b = theirs(x[:2].clone(), y[:2])[1]
+    assert not torch.equal(a, b)  # timm: other draws
+    ours.set_epoch(1)
+    a = ours(x, one_hot(y, 3))[1]
+    ours.set_epoch(1)
+    np.random.rand()
+    assert torch.equal(ours(x, one_hot(y, 3))[1], a)  # ours: the same draws for the same (seed, epoch)

@@ -101,3 +101,15 @@ def test_sampler_square_root_frequencies():
     freq = np.bincount(labels[drawn], minlength=3) / len(drawn)
     root = np.sqrt([1000, 100, 10])
     np.testing.assert_allclose(freq, root / root.sum(), atol=0.014)
+
+
+def test_sampler_is_torchs_weighted_sampler_with_the_earlier_draws():
+    """The draws are WeightedRandomSampler's; they equal those of the hand-written sampler this replaced (the
+    same torch.multinomial on the same generator), so runs made before keep their sample order."""
+    sampler = ClassBalancedSampler([0, 0, 0, 1, 2, 2], power=0.5, num_samples=10, seed=3)
+    assert isinstance(sampler, torch.utils.data.WeightedRandomSampler) and sampler.replacement
+    sampler.set_epoch(2)
+    assert list(sampler) == [5, 1, 3, 3, 4, 1, 3, 4, 5, 3]  # recorded from the hand-written sampler
+    # weights: class sizes 3, 1, 2 -> n ** -0.5 = 0.577, 1, 0.707 per image; their sum 3 * 0.577 + 1 + 2 * 0.707
+    # = 4.146
+    np.testing.assert_allclose(sampler.weights.numpy(), np.array([3, 3, 3, 1, 2, 2]) ** -0.5 / 4.1463, rtol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,44 @@ def test_atomic_path_failure_keeps_old_file(tmp_path):
             raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]  # the temp file is gone
+
+
+def test_atomic_dir_creates_then_replaces_and_leaves_nothing_beside(tmp_path):
+    target = tmp_path / "sub" / "comp"  # parent folder is created
+    with store.atomic_dir(target) as tmp:
+        assert tmp.is_dir() and not any(tmp.iterdir()) and tmp.parent == target.parent
+        (tmp / "a.txt").write_text("first")
+        assert not target.exists()  # nothing visible under the final name before the block ends
+    assert (target / "a.txt").read_text() == "first"
+    with store.atomic_dir(target) as tmp:  # a folder that is not empty is replaced as a whole
+        (tmp / "b.txt").write_text("second")
+        assert (target / "a.txt").exists()  # the old folder stays readable while the new one is written
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["comp"]
+
+
+def test_atomic_dir_exception_keeps_old_folder_and_no_temp(tmp_path):
+    target = tmp_path / "comp"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comp"]  # no .comp.tmp-* / .comp.old-* left
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert (target / "old.txt").read_text() == "old"
+
+
+def test_atomic_dir_deletes_temp_folders_of_dead_processes_only(tmp_path):
+    dead = tmp_path / ".comp.tmp-999999999"  # above any pid_max: no such process
+    alive = tmp_path / f".comp.tmp-{os.getppid()}"  # our parent: alive, maybe still writing
+    for folder in (dead, alive):
+        folder.mkdir()
+    assert not store.pid_alive(999999999) and store.pid_alive(os.getpid())
+    with store.atomic_dir(tmp_path / "comp"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "comp"]
 
 
 def test_write_json_converts_numpy_and_paths(tmp_path):

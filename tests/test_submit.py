@@ -20,11 +20,9 @@ import dataclasses
 import math
 
 import cv2
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import isolate_dirs
 from matplotlib.figure import Figure
 
 from common.config import RetrievalConfig
@@ -56,11 +54,7 @@ def write_png(path, value: int) -> None:
     assert cv2.imwrite(str(path), np.full((8, 8, 3), value, np.uint8))
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    isolate_dirs(tmp_path, monkeypatch)
-    yield tmp_path
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def make_comp(root, with_truth: bool = True):

@@ -14,14 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import isolate_dirs
 
 from common.config import EmbedderConfig
 from common.core import paths, store
 from common.core.runtime import seed_everything, warmup_cosine
 from common.data import artefacts
-from common.data.competition import DataError, load_competition
-from common.data.demo import TINY_DEMO, make_demo
+from common.data.competition import DataError
 from common.engine import embedder as train
 from common.engine import fit as engine
 from common.lib.heads import dynamic_margins
@@ -33,16 +31,7 @@ def _threads(one_torch_thread):
     yield
 
 
-@pytest.fixture(scope="module")
-def comp(tmp_path_factory):
-    root = make_demo(tmp_path_factory.mktemp("comp") / "demo_tiny", **TINY_DEMO)
-    return load_competition(root, check_pixels=False)
-
-
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    isolate_dirs(tmp_path, monkeypatch)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def tiny_cfg(comp, **overrides) -> EmbedderConfig:

@@ -10,7 +10,8 @@ Formats (no pickle anywhere):
 * checkpoints: ``torch.save`` of a plain ``dict`` of tensors and numbers, read with ``weights_only=True``.
 
 Atomic means: written to ``<name>.tmp-<pid>`` in the same folder, then ``os.replace``-d onto the final name,
-so a killed run leaves either the old file or the new one, never half of one.
+so a killed run leaves either the old file or the new one, never half of one. :func:`atomic_dir` does the same
+for a whole folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive).
+
+    Args:
+        pid: the process id, as written into a temporary name.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; put it in place of ``path`` only if the block succeeds.
+
+    The block writes into ``.<name>.tmp-<pid>``; on success an existing ``path`` is moved aside to
+    ``.<name>.old-<pid>``, the new folder renamed onto ``path`` (``os.replace``, atomic on one file system)
+    and the old one deleted. On an exception the temporary folder is deleted and ``path`` is left as it was.
+    Temporary folders of ``path`` left by killed processes (SIGKILL skips ``finally``) are deleted first.
+
+    Args:
+        path: the folder to create or replace.
+
+    Raises:
+        OSError: when another process puts a folder at ``path`` between the move aside and the rename (the
+            other folder is kept, ours deleted).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)  # os.replace cannot replace a folder that is not empty
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the old folder back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from common.core.store import read_json, write_csv, write_json
+from common.core.store import atomic_dir, read_json, write_csv, write_json
 
 GENERATOR_VERSION = 1
 MARKER = "_demo.json"
@@ -323,16 +322,6 @@ def _is_demo(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
-
-
 def make_demo(
     out_dir: str | os.PathLike,
     n_individuals: int = 60,
@@ -386,20 +375,20 @@ def make_demo(
                                       f"{old.get('version')}), not {args}: pass overwrite=True to replace it")
     train, test = plan_demo(n_individuals, n_unseen, tuple(images_per_individual), tuple(test_per_individual),
                             n_species, seed)  # validates the arguments before any drawing
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run (SIGKILL skips finally)
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     try:
-        _write_demo(tmp, train, test, seed, (w, h))
-        counts = dict(train_images=len(train), test_images=len(test), unseen_test_images=int(test["unseen"].sum()),
-                      train_individuals=train["individual_id"].nunique(), individuals=n_individuals)
-        write_json(tmp / MARKER, dict(generator="common.data.demo", version=GENERATOR_VERSION, args=args, counts=counts))
-        _move_into_place(tmp, out_dir, args)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out_dir) as tmp:  # replaces an empty folder or an older demo (checked above)
+            _write_demo(tmp, train, test, seed, (w, h))
+            counts = dict(train_images=len(train), test_images=len(test),
+                          unseen_test_images=int(test["unseen"].sum()),
+                          train_individuals=train["individual_id"].nunique(), individuals=n_individuals)
+            write_json(tmp / MARKER, dict(generator="common.data.demo", version=GENERATOR_VERSION, args=args,
+                                          counts=counts))
+    except OSError:
+        # Another process finished the same demo first: keep its copy if it is the one we were asked for.
+        if _is_demo(out_dir) and read_json(out_dir / MARKER) | {"counts": None} == dict(
+                generator="common.data.demo", version=GENERATOR_VERSION, args=args, counts=None):
+            return out_dir
+        raise
     return out_dir
 
 
@@ -423,26 +412,6 @@ def _write_demo(root: Path, train: pd.DataFrame, test: pd.DataFrame, seed: int, 
               pd.DataFrame({"image": test["image"], "predictions": " ".join(["new_individual", *top4])}))
     box_df = pd.DataFrame(boxes, columns=["image", "xmin", "ymin", "xmax", "ymax"])
     write_csv(root / "boxes.csv", box_df.sort_values("image", ignore_index=True))
-
-
-def _move_into_place(tmp: Path, out_dir: Path, args: dict[str, Any]) -> None:
-    """Rename the finished ``tmp`` onto ``out_dir``, replacing an empty folder or an older demo."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            out_dir.rename(old)  # make_demo checked that it is a demo
-        else:
-            out_dir.rmdir()
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        # Another process finished the same demo first: keep its copy if it is the one we were asked for.
-        if _is_demo(out_dir) and read_json(out_dir / MARKER).get("args") == args:
-            return
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_demo(data_dir: str | os.PathLike) -> Path:

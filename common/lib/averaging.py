@@ -5,7 +5,7 @@
   uniform/greedy "model soups" of Wortsman et al. (https://arxiv.org/abs/2203.05482), which issue 4 builds on
   :func:`average_state_dicts`.
 - :class:`ModelEma`: Polyak-Ruppert averaging as an EMA of the weights during training (Polyak & Juditsky
-  1992; Tarvainen & Valpola, https://arxiv.org/abs/1703.01780), after timm's ``ModelEmaV2``
+  1992; Tarvainen & Valpola, https://arxiv.org/abs/1703.01780); the update is timm's ``ModelEmaV3``
   (https://github.com/huggingface/pytorch-image-models/blob/main/timm/utils/model_ema.py).
 
 Floating-point tensors are averaged in float64 and cast back to their dtype; integer tensors (BatchNorm's
@@ -218,15 +218,16 @@ def select_checkpoints(
 
 
 class ModelEma:
-    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * model``.
+    """timm's ModelEmaV3 doing the update, plus a prefix-free state_dict (earlier checkpoints) and a key check.
 
-    Keeps a deep copy of the model in eval mode with gradients off (:attr:`module`); call :meth:`update` after
-    each optimiser step and evaluate or save :attr:`module`. Floating-point parameters *and* buffers
-    (BatchNorm running statistics) are averaged, as in timm's ``ModelEmaV2``; integer buffers
-    (``num_batches_tracked``) are copied from the model. With ``decay = 0.999`` the average spans roughly
-    the last 1,000 steps.
-
-    :meth:`state_dict` is that of the averaged model itself (no prefix), so it loads into a fresh model.
+    ``ema = decay * ema + (1 - decay) * model``, by ``timm.utils.ModelEmaV3.update`` (a ``lerp`` of every
+    floating-point parameter *and* buffer, BatchNorm running statistics included; integer buffers such as
+    ``num_batches_tracked`` are copied). This class keeps what timm does not give: :meth:`state_dict` is that
+    of the averaged model itself (timm's is prefixed ``module.``), so checkpoints written before load
+    unchanged and it loads into a fresh model; and :meth:`update` names a key that is missing, extra or of
+    another shape (timm pairs the two state dicts by position, unchecked). :attr:`module` is a deep copy of the
+    model in eval mode with gradients off; call :meth:`update` after each optimiser step and evaluate or save
+    :attr:`module`. With ``decay = 0.999`` the average spans roughly the last 1,000 steps.
 
     Args:
         model: the model being trained; copied once here, then never modified.
@@ -234,10 +235,13 @@ class ModelEma:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        from timm.utils import ModelEmaV3
+
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ModelEma: decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(model).eval()
+        self._ema = ModelEmaV3(model, decay=self.decay)
+        self.module = self._ema.module
         for p in self.module.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -252,15 +256,8 @@ class ModelEma:
         Raises:
             ValueError: naming the first key that is missing, extra or of another shape.
         """
-        ema_state = self.module.state_dict()
-        new_state = model.state_dict()
-        _check_same_layout(ema_state, "the EMA model", new_state, "ModelEma.update")
-        for key, ema_v in ema_state.items():
-            new_v = new_state[key].detach().to(ema_v.device)
-            if ema_v.is_floating_point():
-                ema_v.lerp_(new_v.to(ema_v.dtype), 1.0 - self.decay)  # ema + (1 - d) * (new - ema)
-            else:
-                ema_v.copy_(new_v)
+        _check_same_layout(self.module.state_dict(), "the EMA model", model.state_dict(), "ModelEma.update")
+        self._ema.update(model)
 
     def state_dict(self) -> dict[str, Any]:
         """The averaged model's state dict."""

@@ -11,7 +11,8 @@ timm's ``timm.data.Mixup`` (https://github.com/huggingface/pytorch-image-models/
 in its ``mode="batch"``, ``correct_lam=True`` setting is the reference behaviour. Two differences: the partner
 of each image is a random permutation (timm flips the batch), and every draw comes from the mixer's own
 generator, reseeded by :meth:`BatchMixer.set_epoch`, so a run resumed at an epoch boundary draws the same
-boxes and ``lam`` values as an uninterrupted one.
+boxes and ``lam`` values as an uninterrupted one. timm's class itself cannot be used: it asserts an even batch
+(a batch per process can be odd here) and draws from the global NumPy RNG, which other code also draws from.
 
 Targets here are always probabilities ``(N, C)``: build them from integer labels with :func:`one_hot`, which
 also applies label smoothing the way timm does (``off = s / C``, ``on = 1 - s + s / C``).
@@ -190,7 +191,9 @@ def mixup(
 
 
 class BatchMixer:
-    """Draws, per batch, whether to mix, CutMix or Mixup, ``lam ~ Beta(alpha, alpha)``, a partner permutation
+    """Kept over timm.data.Mixup, which asserts an even batch and draws from the global NumPy RNG (test_mixing).
+
+    Draws, per batch, whether to mix, CutMix or Mixup, ``lam ~ Beta(alpha, alpha)``, a partner permutation
     and (CutMix) a box centre, then applies it.
 
     All draws come from a NumPy generator seeded by ``(seed, epoch)``: call :meth:`set_epoch` at the start of

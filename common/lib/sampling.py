@@ -1,7 +1,7 @@
 """Class-balanced sampling: draw training images so that rare classes are seen about as often as common ones.
 
 Each image gets the weight ``n_c ** -power`` of its class ``c`` (``n_c`` images), and a
-:class:`ClassBalancedSampler` draws with replacement in proportion to it. A class is then drawn with
+:class:`ClassBalancedSampler` (torch's ``WeightedRandomSampler``) draws with replacement in proportion to it. A class is then drawn with
 probability proportional to ``n_c ** (1 - power)``: ``power = 1`` gives every class the same share
 (class-balanced sampling), ``power = 0.5`` the square-root sampling of Mahajan et al.
 (https://arxiv.org/abs/1805.00932), ``power = 0`` the plain image distribution. Kang et al., "Decoupling
@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import WeightedRandomSampler
 
 
 def class_balanced_weights(labels: Sequence | np.ndarray | torch.Tensor, power: float = 1.0) -> np.ndarray:
@@ -44,13 +44,15 @@ def class_balanced_weights(labels: Sequence | np.ndarray | torch.Tensor, power: 
     return w / w.sum()
 
 
-class ClassBalancedSampler(Sampler[int]):
-    """Draws ``num_samples`` indices with replacement, weighted by :func:`class_balanced_weights`.
+class ClassBalancedSampler(WeightedRandomSampler):
+    """torch's WeightedRandomSampler plus what it lacks: n_c ** -power weights and draws seeded per (seed, epoch).
 
-    The draws come from a ``torch.Generator`` seeded by ``(seed, epoch)``: call :meth:`set_epoch` at the start
-    of each epoch (as with ``DistributedSampler``) so every epoch draws differently while a resumed run draws
-    the same indices as an uninterrupted one. Pass it as ``DataLoader(..., sampler=sampler)`` (not with
-    ``shuffle=True``). Single-process: under DDP each rank would draw the same indices.
+    Draws ``num_samples`` indices with replacement, weighted by :func:`class_balanced_weights` (the draws are
+    ``WeightedRandomSampler``'s ``torch.multinomial``). Its generator is seeded from ``(seed, epoch)`` at each
+    iteration: call :meth:`set_epoch` at the start of each epoch (as with ``DistributedSampler``) so every
+    epoch draws differently while a resumed run, and every DDP process, draws the same indices as an
+    uninterrupted single process (the training loop then shards that one order). Pass it as
+    ``DataLoader(..., sampler=sampler)`` (not with ``shuffle=True``), or iterate it for the epoch's order.
 
     Args:
         labels: ``(N,)`` class of each dataset item, in dataset order.
@@ -66,15 +68,15 @@ class ClassBalancedSampler(Sampler[int]):
         num_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.weights = torch.from_numpy(class_balanced_weights(labels, power))
-        n = len(self.weights)
+        weights = torch.from_numpy(class_balanced_weights(labels, power))
+        n = len(weights)
         if n > 2**24:  # torch.multinomial's limit on the number of categories
             raise ValueError(f"ClassBalancedSampler: {n} items is more than torch.multinomial's 2**24")
         if num_samples is not None and (int(num_samples) != num_samples or num_samples < 1):
             raise ValueError(
                 f"ClassBalancedSampler: num_samples must be a positive integer, got {num_samples}"
             )
-        self.num_samples = int(num_samples) if num_samples is not None else n
+        super().__init__(weights, int(num_samples) if num_samples is not None else n, replacement=True)
         self.power = float(power)
         self.seed = int(seed)
         self.epoch = 0
@@ -93,8 +95,5 @@ class ClassBalancedSampler(Sampler[int]):
         return torch.Generator().manual_seed(int(state))
 
     def __iter__(self) -> Iterator[int]:
-        idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self._generator())
-        return iter(idx.tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
+        self.generator = self._generator()  # fresh each time: iterating twice in an epoch repeats its order
+        return super().__iter__()

@@ -192,25 +192,19 @@ def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.P
     if unknown:
         raise ValueError(f"write_competition: image {unknown[0]!r} is neither a training nor a test image of "
                          f"{comp.root}")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub, images in (("train_images", train["image"]), ("test_images", comp.test["image"])):
-        (tmp / sub).mkdir(parents=True)
-        for image in images.astype(str):
-            _link(Path(source[image]).resolve(), tmp / sub / image)
-    train.drop(columns=["path"], errors="ignore").to_csv(tmp / "train.csv", index=False)
-    for name in ("sample_submission.csv", "test.csv"):
-        if (comp.root / name).exists():
-            shutil.copy2(comp.root / name, tmp / name)
-    if (comp.root / "boxes.csv").exists():  # only the boxes of images the new folder holds
-        boxes = pd.read_csv(comp.root / "boxes.csv", dtype=str, keep_default_na=False)
-        keep = set(train["image"].astype(str)) | set(comp.test["image"])
-        boxes[boxes["image"].isin(keep)].to_csv(tmp / "boxes.csv", index=False)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with store.atomic_dir(folder) as tmp:
+        for sub, images in (("train_images", train["image"]), ("test_images", comp.test["image"])):
+            (tmp / sub).mkdir(parents=True)
+            for image in images.astype(str):
+                _link(Path(source[image]).resolve(), tmp / sub / image)
+        train.drop(columns=["path"], errors="ignore").to_csv(tmp / "train.csv", index=False)
+        for name in ("sample_submission.csv", "test.csv"):
+            if (comp.root / name).exists():
+                shutil.copy2(comp.root / name, tmp / name)
+        if (comp.root / "boxes.csv").exists():  # only the boxes of images the new folder holds
+            boxes = pd.read_csv(comp.root / "boxes.csv", dtype=str, keep_default_na=False)
+            keep = set(train["image"].astype(str)) | set(comp.test["image"])
+            boxes[boxes["image"].isin(keep)].to_csv(tmp / "boxes.csv", index=False)
     return folder
 
 
