@@ -49,12 +49,7 @@ from common.lib.heads import dynamic_margins
 from common.lib.models import EmbeddingModel
 
 # Fields that change the trained model: a resumed fold must agree on all of them.
-_MODEL_FIELDS = (
-    "backbone", "pretrained", "image_size", "embedding_dim", "epochs", "batch_size", "lr", "head_lr_mult",
-    "weight_decay", "warmup_epochs", "gem_p", "dropout", "arc_s", "arc_m", "arc_easy_margin", "arc_k",
-    "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "rrc_scale_min",
-    "hflip", "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
-)
+_MODEL_FIELDS = EmbedderConfig.model_fields()  # tagged model=True where declared
 
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds", "images_per_s"]
