@@ -285,6 +285,7 @@ def test_every_field_has_a_help_line():
     for stage, cls in STAGE_CONFIGS.items():
         for name, doc in cls.field_docs().items():
             assert doc and "\n" not in doc and "  " not in doc, (stage, name, doc)
+            assert f"\n        {name}: {doc}\n" in cls.__doc__, (stage, name)  # help(cls) lists it
 
 
 @pytest.mark.parametrize("stage, field, bad, choices", [

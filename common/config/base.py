@@ -100,6 +100,17 @@ class StageConfig:
         return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers")}
 
 
+def document(cls: type[StageConfig]) -> type[StageConfig]:
+    """Append an ``Args:`` block of every field's help to ``cls.__doc__`` (what ``help(cls)`` shows).
+
+    Args:
+        cls: a config class whose fields were declared with :func:`param`.
+    """
+    block = "\n".join(f"        {name}: {doc}" for name, doc in cls.field_docs().items())
+    cls.__doc__ = f"{(cls.__doc__ or cls.__name__).rstrip()}\n\n    Args:\n{block}\n"
+    return cls
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Coerce a value to a field's scalar type, with a clear error."""
     target = {"str": str, "int": int, "float": float, "bool": bool}.get(getattr(hint, "__name__", str(hint)))

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from common.config import params as _params
-from common.config.base import StageConfig, param
+from common.config.base import StageConfig, document, param
 from common.config.fields import FoldConfig, SweepFields, TrainConfig
 
 
@@ -266,4 +266,4 @@ class EnsembleConfig(SweepFields, StageConfig):
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = _params.register(
-    CropConfig, EmbedderConfig, ExtractConfig, RetrievalConfig, ClassifierConfig, EnsembleConfig)
+    *map(document, (CropConfig, EmbedderConfig, ExtractConfig, RetrievalConfig, ClassifierConfig, EnsembleConfig)))
