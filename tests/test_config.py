@@ -234,3 +234,107 @@ def test_training_speed_knobs_do_not_change_the_fingerprint():
         assert cls(sync_bn=True).fingerprint() != base
     with pytest.raises(ValueError, match="nproc=0"):
         EmbedderConfig(nproc=0)
+
+
+# -- fields declared once, tagged where declared ----------------------------------------------------------------
+# The tuples the engine listed by hand before the fields were tagged (common/engine/*.py, commit 79b5cbe).
+OLD_EMBEDDER_MODEL_FIELDS = (
+    "backbone", "pretrained", "image_size", "embedding_dim", "epochs", "batch_size", "lr", "head_lr_mult",
+    "weight_decay", "warmup_epochs", "gem_p", "dropout", "arc_s", "arc_m", "arc_easy_margin", "arc_k",
+    "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "rrc_scale_min",
+    "hflip", "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
+)
+OLD_CLASSIFIER_MODEL_FIELDS = (
+    "label_column", "backbone", "pretrained", "image_size", "epochs", "batch_size", "optimizer", "lr",
+    "head_lr_mult", "weight_decay", "warmup_epochs", "dropout", "head", "arc_s", "arc_m", "arc_k",
+    "dynamic_margin", "margin_a", "margin_p", "margin_b", "loss", "label_smoothing", "focal_gamma", "eql_tau",
+    "la_loss_tau", "sampler", "mixup_alpha", "cutmix_alpha", "mix_prob", "rrc_scale_min", "hflip", "ema_decay",
+    "avg_last", "avg_epochs", "distill_from", "distill_mode", "distill_weight", "distill_temperature",
+    "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
+)
+
+
+def test_model_fields_are_the_old_hand_written_lists():
+    from common.config import ClassifierConfig
+    from common.engine import classifier, embedder
+
+    for cls, old in ((EmbedderConfig, OLD_EMBEDDER_MODEL_FIELDS), (ClassifierConfig, OLD_CLASSIFIER_MODEL_FIELDS)):
+        got = cls.model_fields()
+        assert len(got) == len(set(got)) and set(got) == set(old), (cls.__name__, set(got) ^ set(old))
+    assert set(embedder._MODEL_FIELDS) == set(OLD_EMBEDDER_MODEL_FIELDS)
+    assert set(classifier._MODEL_FIELDS) == set(OLD_CLASSIFIER_MODEL_FIELDS)
+    assert "amp" not in EmbedderConfig.model_fields() and "tta_flip" not in ClassifierConfig.model_fields()
+
+
+def test_shared_training_fields_are_declared_once():
+    from common.config import ClassifierConfig, EnsembleConfig, SweepFields, TrainConfig
+
+    shared = set(TrainConfig.field_names()) - set(FoldConfig.field_names())
+    assert len(shared) == 28  # the 23 fields stages 02 and 05 had each, and the 5 process/speed ones
+    for cls in (EmbedderConfig, ClassifierConfig, RetrievalConfig, EnsembleConfig):
+        own = set(vars(cls)["__annotations__"]) - {"stage"}
+        redeclared = own & (set(TrainConfig.field_names()) | set(SweepFields.__dataclass_fields__))
+        assert not redeclared, f"{cls.__name__} declares {redeclared} again"
+    assert EmbedderConfig.defaults()["backbone"] == ClassifierConfig.defaults()["backbone"]
+    assert EmbedderConfig.field_docs()["lr"] == ClassifierConfig.field_docs()["lr"]
+    assert set(SweepFields.__dataclass_fields__) <= set(RetrievalConfig.field_names()) & set(
+        EnsembleConfig.field_names())
+
+
+def test_every_field_has_a_help_line():
+    for stage, cls in STAGE_CONFIGS.items():
+        for name, doc in cls.field_docs().items():
+            assert doc and "\n" not in doc and "  " not in doc, (stage, name, doc)
+            assert f"\n        {name}: {doc}\n" in cls.__doc__, (stage, name)  # help(cls) lists it
+
+
+@pytest.mark.parametrize("stage, field, bad, choices", [
+    ("04", "fold_merge", "max", ("mean", "concat")),
+    ("05", "optimizer", "sgd", ("adamw", "radam")),
+    ("05", "head", "mlp", ("linear", "arcface", "subcenter")),
+    ("06", "soup", "best", ("none", "uniform", "greedy")),
+    ("06", "blend_on", "logit", ("prob", "cosine")),
+])
+def test_choices_declared_with_the_field_are_checked(stage, field, bad, choices):
+    cls = STAGE_CONFIGS[stage]
+    assert dataclasses.fields(cls)[cls.field_names().index(field)].metadata["choices"] == choices
+    with pytest.raises(ValueError, match=f"{field}='{bad}': use one of {list(choices)}".replace("[", r"\[")):
+        cls(**{field: bad})
+
+
+# -- per-stage parameters ----------------------------------------------------------------------------------------
+def test_split_key_and_for_stage():
+    from common.config import for_stage, split_key
+
+    assert split_key("05.backbone") == ("05", "backbone") and split_key("lr") == (None, "lr")
+    params = {"backbone": "a", "05.backbone": "b", "02.lr": 0.5, "knn_k": 3, "04.knn_k": 4}
+    assert for_stage("02", params) == {"backbone": "a", "lr": 0.5}
+    assert for_stage("05", params) == {"backbone": "b"}
+    assert for_stage("04", params) == {"knn_k": 4}
+    assert for_stage("06", params) == {"knn_k": 3}
+    assert for_stage("01", params) == {}
+
+
+def test_load_params_per_stage_keys(tmp_path):
+    f = write_yaml(tmp_path / "p.yaml", "backbone: resnet18\n02.backbone: resnet34\n05.lr: 0.1\n")
+    assert load_params(f) == {"backbone": "resnet18", "02.backbone": "resnet34", "05.lr": 0.1}
+    ns = {"params_file": str(f)}
+    from common.config import ClassifierConfig
+
+    assert (EmbedderConfig.from_params(ns).backbone, EmbedderConfig.from_params(ns).lr) == ("resnet34", 1e-3)
+    assert (ClassifierConfig.from_params(ns).backbone, ClassifierConfig.from_params(ns).lr) == ("resnet18", 0.1)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("07.backbone: x\n", "'07.backbone' names unknown stage '07'"),
+    ("2.backbone: x\n", "unknown stage '2'"),
+    ("04.backbone: x\n", "stage 04 has no parameter 'backbone'"),
+    ("02.epoch: 3\n", "stage 02 has no parameter 'epoch'"),
+    ("02.exp: x\n", "exp is one for the whole run"),
+    ("02.params_file: x\n", "stage 02 has no parameter 'params_file'"),
+])
+def test_load_params_rejects_bad_per_stage_keys(tmp_path, text, match):
+    f = write_yaml(tmp_path / "bad.yaml", text)
+    with pytest.raises(ValueError, match=match) as err:
+        load_params(f)
+    assert str(f) in str(err.value)  # names the file

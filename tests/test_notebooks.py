@@ -107,13 +107,17 @@ def test_stage_by_hand_equals_runner(run_dirs, tmp_path, stage, submission):
 
 
 def test_parameters_cells_match_config_defaults():
-    """Each notebook declares every field of its stage's config, with the same default."""
+    """Each notebook declares every field of its stage's config, with the same default and, as papermill reads
+    it (``--help-notebook``), the field's help. The cells are generated (tests/test_notebook_cells.py checks
+    that); this reads them back the way papermill does."""
     import papermill as pm
 
     for stage, cls in STAGE_CONFIGS.items():
         declared = pm.inspect_notebook(str(pipeline.notebook_for(stage)))
-        defaults = cls.defaults()
+        defaults, docs = cls.defaults(), cls.field_docs()
         assert set(defaults) | {"params_file"} == set(declared), stage
         for name, value in defaults.items():
             literal = declared[name]["default"]
             assert eval(literal) == value, f"{stage}: {name} defaults to {literal} in the notebook, {value} in config"
+            assert declared[name]["help"] == docs[name], f"{stage}: papermill reads {name}'s help differently"
+            assert declared[name]["inferred_type_name"] == type(value).__name__, (stage, name)

@@ -86,6 +86,46 @@ def test_stage_params_filters_and_validates(pipeline_params_file):
         pipeline.stage_params("04", {"fold_merge": "max"})
 
 
+def test_per_stage_parameters_override_the_flat_ones(tmp_path):
+    f = tmp_path / "two.yaml"
+    f.write_text("backbone: resnet18\n02.backbone: resnet34\nepochs: 2\n")
+    params = pipeline.merge_params(str(f), ["05.backbone=mobilenetv3_small_100", "05.epochs=4"], None, None)
+    assert pipeline.stage_params("02", params) == {"backbone": "resnet34", "epochs": 2}
+    assert pipeline.stage_params("05", params) == {"backbone": "mobilenetv3_small_100", "epochs": 4}
+    params = pipeline.merge_params(str(f), ["backbone=vit", "02.epochs=1"], None, None)  # flat -p: still flat
+    assert pipeline.stage_params("02", params) == {"backbone": "resnet34", "epochs": 1}  # 02.backbone wins
+    assert pipeline.stage_params("05", params) == {"backbone": "vit", "epochs": 2}
+    with pytest.raises(TypeError, match="stage 05: parameter epochs='x'"):
+        pipeline.stage_params("05", {"05.epochs": "x"})
+
+
+@pytest.mark.parametrize("item, match", [("09.lr=1", "unknown stage '09'"), ("04.lr=1", "stage 04 has no parameter 'lr'"),
+                                         ("02.exp=x", "exp is one for the whole run")])
+def test_per_stage_parameter_errors(item, match):
+    with pytest.raises(ValueError, match=match):
+        pipeline.merge_params(None, [item], None, None)
+
+
+def test_baseline_drops_per_stage_epochs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run", lambda stages, params, **kwargs: calls.append(params))
+    assert pipeline.main(["--exp", "e1", "-p", "02.epochs=3", "-p", "01.crops_from=x", "--baseline"]) == 0
+    assert calls[1] == {"epochs": 0, "exp": "e1-untrained", "crops_from": "e1"}
+
+
+def test_torchrun_by_hand_takes_the_stage_values(monkeypatch, tmp_path):
+    from common.cli import torchrun
+
+    seen = {}
+    monkeypatch.setattr(torchrun, "run_stage", lambda stage, config: seen.update(stage=stage, config=config))
+    f = tmp_path / "p.yaml"
+    f.write_text("backbone: resnet18\n05.backbone: resnet34\nknn_k: 3\n")
+    assert torchrun.main(["--stage", "05", "--params", str(f), "-p", "02.epochs=9", "--exp", "t"]) == 0
+    assert seen == {"stage": "05", "config": {"backbone": "resnet34", "exp": "t"}}
+    assert torchrun.main(["--stage", "02", "--params", str(f), "-p", "02.epochs=9"]) == 0
+    assert seen["config"] == {"backbone": "resnet18", "epochs": 9}
+
+
 # -- notebook_for --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", ["01", "02", "03", "04"])
 def test_notebook_for_real_folder(stage):

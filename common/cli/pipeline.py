@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import STAGE_CONFIGS, known_params, load_params, parse_cli_value
+from common.config import STAGE_CONFIGS, check_key, for_stage, load_params, parse_cli_value, split_key
 from common.core import distributed, paths, store
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # <root>/common/cli/pipeline.py
 
 
 def notebook_for(stage: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
@@ -63,15 +63,17 @@ def parse_stages(text: str) -> list[str]:
 
 
 def merge_params(params_file: str | None, overrides: list[str], data: str | None, exp: str | None) -> dict:
-    """Parameters file, then ``key=value`` overrides, then ``--data``/``--exp``; unknown keys raise."""
+    """Parameters file, then ``key=value`` overrides, then ``--data``/``--exp``; unknown keys raise.
+
+    A key is flat (``backbone``) or for one stage (``05.backbone``); :func:`stage_params` resolves them.
+    """
     params: dict[str, Any] = load_params(params_file) if params_file else {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"-p {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        if key not in known_params():
-            raise ValueError(f"-p {key}: unknown parameter; known: {sorted(known_params())}")
-        params[key] = parse_cli_value(value)
+        check_key(key.strip(), f"-p {key}")
+        params[key.strip()] = parse_cli_value(value)
     if data is not None:
         params["data"] = data
     if exp is not None:
@@ -80,11 +82,20 @@ def merge_params(params_file: str | None, overrides: list[str], data: str | None
 
 
 def stage_params(stage: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters a stage's config takes, validated by building the config."""
+    """The parameters a stage's config takes (its flat keys, then its ``<stage>.key`` ones over them),
+    validated by building the config."""
     cls = STAGE_CONFIGS[stage]
-    mine = {k: v for k, v in params.items() if k in cls.field_names()}
-    cls(**mine)  # raises on bad values before anything runs
+    mine = for_stage(stage, params, cls.field_names())
+    try:
+        cls(**mine)  # raises on bad values before anything runs
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"stage {stage}: {err}") from err
     return mine
+
+
+def without(params: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``params`` without ``names``, flat or per stage (``epochs`` drops ``epochs`` and ``02.epochs``)."""
+    return {k: v for k, v in params.items() if split_key(k)[1] not in names}
 
 
 def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any]) -> bool:
@@ -137,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="competition folder or name under inputs/ (default: the demo)")
     parser.add_argument("--exp", help="experiment name (default: the parameters file's name, else 'demo')")
     parser.add_argument("--stages", default="01-04", help="e.g. 01-04, 02, 03-04, 02,04, 01,05")
-    parser.add_argument("--params", help="flat YAML parameters file, e.g. params/cpu.yaml")
+    parser.add_argument("--params", help="YAML parameters file, e.g. params/cpu.yaml")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter (repeatable)")
+                        help="override one parameter (repeatable); 05.KEY=VALUE: for stage 05 only")
     parser.add_argument("--force", action="store_true", help="rerun stages that finished with the same params")
     parser.add_argument("--quiet", action="store_true", help="do not stream notebook output")
     parser.add_argument("--baseline", action="store_true",
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = parse_stages(args.stages)
         metrics = run(stages, params, force=args.force, log_output=not args.quiet)
         if args.baseline:
-            base = {**params, "exp": f"{params['exp']}-untrained", "epochs": 0, "crops_from": params["exp"]}
+            base = {**without(params, "epochs", "crops_from"), "exp": f"{params['exp']}-untrained", "epochs": 0,
+                    "crops_from": params["exp"]}
             print(f"baseline: {base['exp']} (epochs=0, crops from {params['exp']})", flush=True)
             base_metrics = run(stages, base, force=args.force, log_output=False)
     except (ValueError, FileNotFoundError, TypeError, distributed.LaunchError) as err:

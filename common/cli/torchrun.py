@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage:
         from common.cli import pipeline
 
+        _config_class(args.stage)  # only a training stage runs here
         params = pipeline.merge_params(args.params, args.param, args.data, args.exp)
-        config = {k: v for k, v in params.items() if k in _config_class(args.stage).field_names()}
+        config = pipeline.stage_params(args.stage, params)  # flat keys, then <stage>.key ones over them
         stage = args.stage
     else:
         parser.error("give --config (from launch) or --stage with --params/-p")

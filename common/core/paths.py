@@ -66,7 +66,7 @@ def project_root() -> Path:
     for candidate in (here, *here.parents):
         if _looks_like_root(candidate):
             return candidate
-    package_parent = Path(__file__).resolve().parents[2]
+    package_parent = Path(__file__).resolve().parents[2]  # <root>/common/core/paths.py
     if _looks_like_root(package_parent):
         return package_parent
     return here

@@ -46,14 +46,7 @@ from common.lib.sampling import ClassBalancedSampler
 
 STAGE = "05"
 # Fields that change the trained model: a resumed fold must agree on all of them.
-_MODEL_FIELDS = (
-    "label_column", "backbone", "pretrained", "image_size", "epochs", "batch_size", "optimizer", "lr",
-    "head_lr_mult", "weight_decay", "warmup_epochs", "dropout", "head", "arc_s", "arc_m", "arc_k",
-    "dynamic_margin", "margin_a", "margin_p", "margin_b", "loss", "label_smoothing", "focal_gamma", "eql_tau",
-    "la_loss_tau", "sampler", "mixup_alpha", "cutmix_alpha", "mix_prob", "rrc_scale_min", "hflip", "ema_decay",
-    "avg_last", "avg_epochs", "distill_from", "distill_mode", "distill_weight", "distill_temperature",
-    "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
-)
+_MODEL_FIELDS = ClassifierConfig.model_fields()  # tagged model=True where declared
 
 
 def build_model(meta: dict[str, Any], pretrained: str | None = None) -> ClassifierModel:

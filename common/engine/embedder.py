@@ -36,13 +36,8 @@ class EmbedderTask(Task):
     shuffle, the last epoch's weights; validation loss and top-1 accuracy without the margin."""
 
     stage = "02"
-    # Fields that change the trained model: a resumed fold must agree on all of them.
-    model_fields = (
-        "backbone", "pretrained", "image_size", "embedding_dim", "epochs", "batch_size", "lr", "head_lr_mult",
-        "weight_decay", "warmup_epochs", "gem_p", "dropout", "arc_s", "arc_m", "arc_easy_margin", "arc_k",
-        "dynamic_margin", "margin_a", "margin_p", "margin_b", "species_weight", "label_smoothing", "rrc_scale_min",
-        "hflip", "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
-    )
+    # Fields that change the trained model (tagged model=True where declared): a resumed fold must agree on them.
+    model_fields = EmbedderConfig.model_fields()
     cfg: EmbedderConfig
 
     def describe(self, comp: Competition, fit: pd.DataFrame) -> dict[str, Any]:

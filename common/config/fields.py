@@ -1,0 +1,120 @@
+"""Field groups that several stages share, each declared once.
+
+* :class:`FoldConfig`: the per-fold stages (02-05);
+* :class:`TrainConfig`: the two training stages (02 embedder, 05 classifier): the network, the optimiser and
+  schedule, the ArcFace head and its margins, augmentation, processes and GPU speed-ups;
+* :class:`SweepFields`: the retrieval search and ``new_individual`` threshold sweep (stages 04 and 06).
+
+A name means the same thing in every stage that has it; per-stage values are set with ``<stage>.<name>``
+(see :mod:`common.config.params`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from common.config.base import StageConfig, param
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldConfig(StageConfig):
+    """Fields of the stages that work per fold (02-05)."""
+
+    n_folds: int = param(5, "number of folds, stratified by individual (stage 05: by class).", model=True)
+    folds: str = param("0", "which folds to run: all or a comma list such as 0 or 0,2.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2 (got {self.n_folds}): fold k is validation for model k")
+        self.fold_list()  # validates `folds`
+
+    def fold_list(self) -> list[int]:
+        """The folds to run, as integers."""
+        text = str(self.folds).strip().lower()
+        if text == "all":
+            return list(range(self.n_folds))
+        try:
+            folds = sorted({int(part) for part in text.split(",") if part.strip() != ""})
+        except ValueError as err:
+            raise ValueError(f"folds={self.folds!r}: use 'all' or a comma list of integers") from err
+        bad = [k for k in folds if not 0 <= k < self.n_folds]
+        if not folds or bad:
+            raise ValueError(f"folds={self.folds!r}: each fold must be in 0..{self.n_folds - 1}")
+        return folds
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(FoldConfig):
+    """Fields of the training stages (02, 05): network, optimisation, ArcFace, augmentation, processes."""
+
+    backbone: str = param("tf_efficientnet_lite0", "any timm model name.", model=True)
+    pretrained: str = param("auto", "auto (offline-known weights, else timm's when online), timm, none or a "
+                            "weights file.", model=True)
+    image_size: int = param(128, "square input size (pixels).", model=True)
+    epochs: int = param(6, "training epochs per fold.", model=True)
+    batch_size: int = param(32, "images per step (the global batch when nproc > 1).", model=True)
+    lr: float = param(1e-3, "peak learning rate of the backbone (warmup, then cosine, stepped every batch).",
+                      model=True)
+    head_lr_mult: float = param(10.0, "learning-rate multiplier of the neck and heads.", model=True)
+    weight_decay: float = param(1e-4, "decoupled weight decay (AdamW; RAdam's decoupled_weight_decay).",
+                                model=True)
+    warmup_epochs: float = param(0.5, "linear warmup length, in epochs (fractions allowed).", model=True)
+    dropout: float = param(0.0, "dropout before the last linear layer (the neck's, or the head's).", model=True)
+    arc_s: float = param(30.0, "ArcFace scale s.", model=True)
+    arc_m: float = param(0.5, "ArcFace margin m (radians), used when dynamic_margin is off.", model=True)
+    arc_k: int = param(1, "ArcFace sub-centres per class (1: plain ArcFace; stage 05: with head "
+                       "subcenter).", model=True)
+    dynamic_margin: bool = param(False, "per-class margins, margin_a * n**margin_p + margin_b for a class of "
+                                 "n images.", model=True)
+    margin_a: float = param(0.5, "dynamic-margin scale.", model=True)
+    margin_p: float = param(-0.25, "dynamic-margin exponent (negative: rare classes get larger margins).",
+                            model=True)
+    margin_b: float = param(0.05, "dynamic-margin offset.", model=True)
+    label_smoothing: float = param(0.0, "label smoothing of the cross-entropy targets.", model=True)
+    rrc_scale_min: float = param(0.7, "smallest area share of the random resized crop (1: no crop; lower "
+                                 "values train on parts of the animal).", model=True)
+    hflip: bool = param(True, "random horizontal flip in training (off when markings are side-specific).",
+                        model=True)
+    amp: bool = param(True, "mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); "
+                      "ignored on CPU.")
+    use_crops: bool = param(True, "train on stage 01's crops when they exist, else on full images.", model=True)
+    max_images: int = param(0, "cap on training images (0: all), for debug runs.", model=True)
+    nproc: int = param(1, "training processes on this machine; above 1 the notebook launches torchrun "
+                       "(DDP, one process per GPU) and batch_size is split across them.")
+    sync_bn: bool = param(False, "synchronise BatchNorm statistics across processes (CUDA only).", model=True)
+    norm_eval: bool = param(False, "keep BatchNorm layers in eval mode while training (running statistics "
+                            "frozen): for small per-process batches; multi-process then equals one process.",
+                            model=True)
+    channels_last: bool = param(True, "channels-last memory format on CUDA (faster with AMP); ignored on CPU.")
+    compile: bool = param(False, "torch.compile the training model (slow first steps, then faster on recent "
+                          "GPUs).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nproc < 1:
+            raise ValueError(f"nproc={self.nproc}: must be >= 1 (processes per machine)")
+        if not 0.0 < self.rrc_scale_min <= 1.0:
+            raise ValueError(f"rrc_scale_min={self.rrc_scale_min}: must be in (0, 1]")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """As :meth:`StageConfig.fingerprint`, without the knobs that change speed, not results."""
+        fp = super().fingerprint()
+        for name in ("nproc", "channels_last", "compile"):
+            fp.pop(name, None)
+        return fp
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepFields:
+    """Retrieval and threshold-sweep fields of stages 04 and 06 (a mixin: list it before the stage base)."""
+
+    knn_k: int = param(50, "neighbours retrieved per query image before grouping by individual.")
+    oof_new_share: float = param(0.2, "share of out-of-fold queries made unseen individuals by hiding their "
+                                 "individual from the fold's gallery, so the threshold is tuned on a test-like "
+                                 "mix (0: only naturally unseen ones).")
+    threshold_min: float = param(0.0, "lowest threshold of the sweep.")
+    threshold_max: float = param(1.0, "highest threshold of the sweep.")
+    threshold_step: float = param(0.02, "sweep step.")
+    new_label: str = param("new_individual", "the id that stands for an unseen individual.")
