@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import checkpoint, distributed, paths, store
+from common import checkpoint, distributed, paths, store, tracking
 from common.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.config import ClassifierConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
@@ -328,6 +328,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
                     torch.save(eval_model.state_dict(), tmp)
             checkpoint.save_state(out, epoch, training_state)
             store.write_csv(out / "log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS))
+        tracking.report_epoch("05", fold, epoch, rows[-1])  # sweeps: Optuna pruning
 
     log = pd.DataFrame(rows, columns=LOG_COLUMNS)
     if not info.is_main:

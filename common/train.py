@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from common import checkpoint, distributed, paths, store
+from common import checkpoint, distributed, paths, store, tracking
 from common.config import ClassifierConfig, EmbedderConfig
 from common.data import Competition, DataError, ImageDataset, build_transforms, make_folds, split_fold
 from common.heads import dynamic_margins
@@ -287,6 +287,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
                 with store.atomic_path(out / f"epoch{epoch}.pt") as tmp:
                     torch.save(model.state_dict(), tmp)
             store.write_csv(out / "log.csv", pd.DataFrame(rows))
+        tracking.report_epoch("02", fold, epoch, rows[-1])  # sweeps: Optuna pruning
 
     log = pd.DataFrame(rows, columns=LOG_COLUMNS)
     if info.is_main:
