@@ -74,12 +74,22 @@ def parse_grid(grid: list[str]) -> list[dict[str, Any]]:
         key, values = (s.strip() for s in item.split("=", 1))
         if key not in known_params():
             raise ValueError(f"--grid {key}: unknown parameter; known: {sorted(known_params())}")
-        parsed = [parse_cli_value(v.strip()) for v in values.split(",") if v.strip()]
+        parsed = [_number(parse_cli_value(v.strip())) for v in values.split(",") if v.strip()]
         if not parsed:
             raise ValueError(f"--grid {item!r}: no values")
         axes.append((key, parsed))
     return [dict(zip([k for k, _ in axes], combo, strict=True))
             for combo in itertools.product(*[v for _, v in axes])]
+
+
+def _number(value: Any) -> Any:
+    """``"1e-3"`` (YAML reads it as text) -> ``0.001``, so that the experiment's name reads ``lr0.001``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def exp_name(base: str, values: dict[str, Any]) -> str:

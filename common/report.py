@@ -78,7 +78,7 @@ def experiment_row(exp_path: Path, defaults: dict[str, set[str]] | None = None) 
     row: dict[str, Any] = {
         "experiment": exp_path.name,
         "stages": ",".join(r["stage"] for r in recs),
-        "status": status if not failed else f"failed ({failed[0]})",
+        "status": f"failed ({failed[0]})" if status == "failed" else status,
         "changed": ", ".join(f"{k}={v}" for k, v in changed.items()),
     }
     row.update({k: flat[k] for k in KEY_METRICS if k in flat})

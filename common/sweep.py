@@ -120,6 +120,7 @@ def make_objective(args: argparse.Namespace, space: dict[str, dict[str, Any]], s
         env = {"REID_SWEEP_STORAGE": storage, "REID_SWEEP_STUDY": args.study, "REID_SWEEP_EXP": exp,
                "REID_SWEEP_TRIAL_ID": str(trial._trial_id),  # Optuna's Trial(study, trial_id) takes the id
                "REID_SWEEP_STAGE": TRAINING_STAGE.get(last, ""), "REID_SWEEP_METRIC": args.prune_metric,
+               "REID_SWEEP_PRUNER": args.pruner, "REID_SWEEP_PRUNER_STARTUP": str(args.pruner_startup),
                "REID_TRACK_EXPERIMENT": args.study}
         print(f"trial {trial.number}: {exp} {values}", flush=True)
         rc = batch.run_command(job.command(args.stages, args.track), str(paths.exp_dir(exp) / "sweep.log"), env)
@@ -156,9 +157,7 @@ def sampler(args: argparse.Namespace):
 
 
 def pruner(args: argparse.Namespace):
-    import optuna
-
-    return optuna.pruners.MedianPruner(n_startup_trials=2) if args.pruner == "median" else optuna.pruners.NopPruner()
+    return tracking.make_pruner(args.pruner, args.pruner_startup)
 
 
 def shares(n_trials: int, n_workers: int) -> list[int]:
@@ -182,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="", help="Optuna storage URL (default working/sweeps/<study>.db)")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed")
     parser.add_argument("--pruner", default="median", choices=["median", "none"])
+    parser.add_argument("--pruner-startup", type=int, default=2, help="completed trials before pruning starts")
     parser.add_argument("--prune-metric", default="valid_acc", help="log.csv column reported each epoch")
     parser.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
     parser.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)

@@ -180,11 +180,28 @@ def log_stage(exp: str, stage: str, params: dict[str, Any], record: Path | None 
         return None
 
 
+def make_pruner(name: str, startup: int = 2):
+    """Optuna's pruner for a sweep (a study does not store its pruner: the sweep and each trial build it alike).
+
+    Args:
+        name: ``median`` (stop a trial whose value is below the median of earlier trials at the same step) or
+            ``none``.
+        startup: completed trials before the median pruner prunes anything.
+    """
+    import optuna
+
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+    raise ValueError(f"pruner {name!r}: use median or none")
+
+
 def report_epoch(stage: str, fold: int, epoch: int, metrics: dict[str, Any]) -> None:
     """Report one epoch's validation value to the sweep's Optuna trial; raise when the pruner says stop.
 
     A no-op outside sweeps (``REID_SWEEP_*`` unset), on ranks other than 0, for other stages than the sweep's
-    ``REID_SWEEP_STAGE`` and for a non-finite value. The step is ``fold * 1000 + epoch``, so trials compare
+    ``REID_SWEEP_STAGE`` and for a non-finite value. The pruner is ``REID_SWEEP_PRUNER`` (:func:`make_pruner`). The step is ``fold * 1000 + epoch``, so trials compare
     the same fold's epochs.
 
     Args:
@@ -204,7 +221,9 @@ def report_epoch(stage: str, fold: int, epoch: int, metrics: dict[str, Any]) -> 
     try:
         import optuna
 
-        study = optuna.load_study(study_name=env["REID_SWEEP_STUDY"], storage=env["REID_SWEEP_STORAGE"])
+        study = optuna.load_study(study_name=env["REID_SWEEP_STUDY"], storage=env["REID_SWEEP_STORAGE"],
+                                  pruner=make_pruner(env.get("REID_SWEEP_PRUNER", "median"),
+                                                     int(env.get("REID_SWEEP_PRUNER_STARTUP", "2"))))
         trial = optuna.trial.Trial(study, int(env["REID_SWEEP_TRIAL_ID"]))
         trial.report(float(value), step=int(fold) * 1000 + int(epoch))
         prune = trial.should_prune()
