@@ -206,8 +206,12 @@ def run_local(experiments: list[Experiment], stages: str, devices: list[str], wo
             where = f"device {slot}" if slot is not None else "cpu"
             print(f"start {exp.name} ({where})", flush=True)
             t0 = time.perf_counter()
-            rc = run_command(exp.command(stages, track), str(paths.exp_dir(exp.name) / "batch.log"), env)
-            row = outcome(exp, rc, time.perf_counter() - t0, n_stages)
+            try:
+                rc = run_command(exp.command(stages, track), str(paths.exp_dir(exp.name) / "batch.log"), env)
+                row = outcome(exp, rc, time.perf_counter() - t0, n_stages)
+            except Exception as err:  # noqa: BLE001 - one experiment's trouble must not stop the queue
+                row = {"exp": exp.name, "rc": -1, "seconds": round(time.perf_counter() - t0, 1),
+                       "status": "failed", "notebook": "", "error": f"{type(err).__name__}: {err}"}
             print(f"{row['status']:<7} {exp.name} in {row['seconds']:.0f} s", flush=True)
             with lock:
                 results[exp.name] = row

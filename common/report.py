@@ -184,7 +184,7 @@ def render_html(df: pd.DataFrame, working: Path | None = None) -> str:
     for name in df.index:
         charts = []
         for stage in CURVE_STAGES:
-            folder = root / name / paths.stage_dir("x", stage).name
+            folder = root / name / paths.STAGES[stage]
             logs = {str(f.parent.relative_to(folder)): pd.read_csv(f) for f in sorted(folder.rglob("log.csv"))} \
                 if folder.exists() else {}
             charts += [svg_curves(logs, col) for col in CURVE_COLUMNS if logs]

@@ -118,6 +118,13 @@ def test_runner_goes_on_when_tracking_fails(isolated, monkeypatch, tmp_path, cap
     assert "warning" not in capsys.readouterr().err
 
 
+def test_runner_cli_track_switch(monkeypatch):
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda stages, params, **kw: seen.append(kw["track"]))
+    assert pipeline.main(["--stages", "04"]) == 0 and pipeline.main(["--stages", "04", "--no-track"]) == 0
+    assert seen == [True, False]
+
+
 # -- pruning -------------------------------------------------------------------------------------------------
 def test_report_epoch_prunes_below_the_median(isolated, monkeypatch):
     import optuna
