@@ -244,11 +244,12 @@ def submit_slurm(experiments: list[Experiment], stages: str, folder: Path, parti
 
     ex = executor if executor is not None else submitit.AutoExecutor(folder=str(folder))
     extra = {"slurm_partition": partition} if partition else {}
-    ex.update_parameters(name="reid-batch", timeout_min=time_min, mem_gb=mem_gb, gpus_per_node=gpus,
-                         cpus_per_task=cpus, tasks_per_node=1, nodes=1, **extra)
+    ex.update_parameters(timeout_min=time_min, mem_gb=mem_gb, gpus_per_node=gpus, cpus_per_task=cpus,
+                         tasks_per_node=1, nodes=1, **extra)
     env = {"REID_TRACK_EXPERIMENT": batch} if batch else {}
     rows = []
     for exp in experiments:
+        ex.update_parameters(name=exp.name)  # the Slurm job's name: squeue shows the experiment
         log = str(paths.exp_dir(exp.name) / "batch.log")
         job = ex.submit(run_command, exp.command(stages, track), log, env)
         rows.append({"exp": exp.name, "status": "submitted", "job_id": str(job.job_id), "log": log})

@@ -123,7 +123,13 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return found.experiment_id
     local = uri.startswith(("sqlite:", "file:", "/"))
     location = (paths.working_dir() / "mlartifacts" / name).as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        found = client.get_experiment_by_name(name)  # another process of the batch created it meanwhile
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _log(exp: str, stage: str, params: dict[str, Any], record: Path | None, uri: str) -> str:

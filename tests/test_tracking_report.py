@@ -221,12 +221,36 @@ def test_slurm_submission_arguments(isolated):
     exps = batch.plan([], ["lr=0.1,0.2"], ["data=demo_tiny"], base="sl")
     rows = batch.submit_slurm(exps, "02-04", isolated / "slurm", partition="gpu", gpus=2, time_min=90, mem_gb=64,
                               cpus=6, batch="sl", executor=ex)
-    assert ex.params == {"name": "reid-batch", "timeout_min": 90, "mem_gb": 64, "gpus_per_node": 2,
+    assert ex.params == {"name": "sl-lr0.2", "timeout_min": 90, "mem_gb": 64, "gpus_per_node": 2,
                          "cpus_per_task": 6, "tasks_per_node": 1, "nodes": 1, "slurm_partition": "gpu"}
     assert [r["job_id"] for r in rows] == ["101", "102"] and {r["status"] for r in rows} == {"submitted"}
     fn, (cmd, log, env) = ex.jobs[1]
     assert fn is batch.run_command and env == {"REID_TRACK_EXPERIMENT": "sl"}
     assert cmd[cmd.index("--exp") + 1] == "sl-lr0.2" and log == str(paths.exp_dir("sl-lr0.2") / "batch.log")
+
+
+def test_slurm_sbatch_script_from_submitit(isolated, monkeypatch):
+    """submitit's own Slurm executor, with stand-ins for `srun` and `sbatch` on PATH: the job scripts it writes
+    carry the batch's options."""
+    import os
+
+    import submitit
+
+    fake_bin = isolated / "bin"
+    fake_bin.mkdir()
+    for tool, text in (("sbatch", 'echo "Submitted batch job 4242"'), ("srun", "exit 0")):
+        (fake_bin / tool).write_text(f"#!/bin/sh\n{text}\n")
+        (fake_bin / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    ex = submitit.AutoExecutor(folder=str(isolated / "slurm"), cluster="slurm")
+    exps = batch.plan([], ["lr=0.1"], ["data=demo_tiny"], base="sl")
+    (row,) = batch.submit_slurm(exps, "02-04", isolated / "slurm", partition="gpu", gpus=2, time_min=90, mem_gb=64,
+                                cpus=6, executor=ex)
+    assert row["job_id"] == "4242"
+    script = (isolated / "slurm" / "4242_submission.sh").read_text()
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--time=90", "--mem=64GB", "--cpus-per-task=6",
+                 "--job-name=sl-lr0.1", "--nodes=1", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}\n" in script, line
 
 
 def test_slurm_job_runs_with_submitit_debug_executor(isolated):
