@@ -51,13 +51,13 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.working_dir() / 'mlflow.db'}"
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested dict as ``{"a.b": value}`` (booleans and non-finite values left out)."""
     out: dict[str, float] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
+            out.update(flatten(value, f"{name}."))
         elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
@@ -71,8 +71,8 @@ def stage_metrics(exp: str, stage: str) -> dict[str, float]:
     metrics = store.read_json(file)
     key = STAGE_METRICS[stage]
     if key is None:
-        return _flat({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    return _flat(metrics.get(key) or {})
+        return flatten({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    return flatten(metrics.get(key) or {})
 
 
 def epoch_logs(exp: str, stage: str) -> dict[str, pd.DataFrame]:

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from common import batch, demo, paths, report, store, sweep
 
 pytestmark = pytest.mark.slow
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_experiments.ipynb"
 
 TINY = ["data=demo_tiny", "backbone=mobilenetv3_small_050", "pretrained=none", "tta_flip=false", "image_size=32",
         "epochs=1", "batch_size=8", "n_folds=2", "folds=0", "use_crops=false", "num_workers=0"]
@@ -55,6 +57,13 @@ def test_batch_two_workers_one_failure(tiny, capsys):
     assert "label_column=species" in df.loc[ok[1], "changed"] and "label_column" not in df.loc[ok[0], "changed"]
     page = report.write_report().read_text()
     assert all(f"<tr><td>{e}</td>" in page for e in (bad, *ok)) and page.count("<polyline") == 4
+    # the notebook cell shows the same table
+    import papermill as pm
+
+    nb = pm.execute_notebook(str(NOTEBOOK), str(tiny / "compare.ipynb"), cwd=str(NOTEBOOK.parent),
+                             parameters={"match": "b-"}, progress_bar=False)
+    shown = "".join(o.get("data", {}).get("text/plain", "") for c in nb.cells for o in c.get("outputs", []))
+    assert all(e in shown for e in (bad, *ok)) and "failed (05_train_classifier.ipynb)" in shown
     # resumed: the finished experiments are skipped, the failed one runs (and fails) again
     assert batch.main(args) == 1
     summary = store.read_json(paths.working_dir() / "batches" / "b.json")

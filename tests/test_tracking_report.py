@@ -41,6 +41,11 @@ def mlflow_uri(tmp_path_factory):
     return uri
 
 
+def test_flatten_keeps_finite_numbers():
+    values = {"a": 1, "b": {"c": 0.5, "d": True, "e": "x", "f": float("nan"), "g": {"h": 2}}, "i": None}
+    assert tracking.flatten(values) == {"a": 1.0, "b.c": 0.5, "b.g.h": 2.0}
+
+
 def test_default_store_is_sqlite_under_working(isolated, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{isolated / 'working' / 'mlflow.db'}"
