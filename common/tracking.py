@@ -39,6 +39,8 @@ from common import paths, store
 # Keys of working/<exp>/metrics.json that hold each stage's final metrics (stage 04 writes top-level values).
 STAGE_METRICS = {"04": None, "05": "classifier", "06": "ensemble"}
 PRUNED_MARKER = "_pruned.json"
+IMAGE_FOLDERS = {"crops", "images", "labels", "train", "test", "val"}
+MAX_PLOTS = 20
 SWEEP_ENV = ("REID_SWEEP_STORAGE", "REID_SWEEP_STUDY", "REID_SWEEP_TRIAL_ID", "REID_SWEEP_EXP")
 
 
@@ -103,8 +105,10 @@ def artefacts(exp: str, stage: str, record: Path | None) -> list[Path]:
     if subs.get(stage):
         files.append(paths.submission_path(subs[stage]))
     stage_path = paths.stage_dir(exp, stage)
-    if stage_path.exists():
-        files += sorted(p for ext in ("png", "svg", "html") for p in stage_path.rglob(f"*.{ext}"))
+    if stage_path.exists():  # plots, not data: image folders (crops, YOLO's images) are left out
+        plots = sorted(p for ext in ("png", "svg", "html") for p in stage_path.rglob(f"*.{ext}")
+                       if not IMAGE_FOLDERS & set(p.relative_to(stage_path).parts[:-1]))
+        files += plots[:MAX_PLOTS]
     return [f for f in files if f.is_file()]
 
 

@@ -62,6 +62,9 @@ def test_log_stage_round_trip_with_mlflow_client(isolated, mlflow_uri, monkeypat
     root = fake_experiment("tr1", {"lr": 0.01}, metrics, {"fold0": [0.1, 0.4], "fold1": [0.2, 0.3]}, seconds=12.5)
     paths.submission_path("tr1-classifier").parent.mkdir(parents=True, exist_ok=True)
     paths.submission_path("tr1-classifier").write_text("image,predictions\na.jpg,x\n")
+    (root / "05_classifier" / "recall.png").write_bytes(b"png")  # a plot: logged
+    (root / "05_classifier" / "crops").mkdir()
+    (root / "05_classifier" / "crops" / "a.png").write_bytes(b"png")  # an image folder: not logged
     run_id = tracking.log_stage("tr1", "05", {"lr": 0.01, "head": "arcface"}, root / "05_train_classifier.ipynb")
     assert run_id is not None
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -75,7 +78,7 @@ def test_log_stage_round_trip_with_mlflow_client(isolated, mlflow_uri, monkeypat
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 0.1), (2, 0.4)]
     assert [m.value for m in client.get_metric_history(run_id, "fold1/train_loss")] == [1.8, 1.7]
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert names == {"05_train_classifier.ipynb", "tr1-classifier.csv"}
+    assert names == {"05_train_classifier.ipynb", "tr1-classifier.csv", "recall.png"}
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "tr1" and exp.artifact_location.startswith((isolated / "working").as_uri())
 
