@@ -39,6 +39,7 @@ from common.config import known_params, parse_cli_value
 from common.pipeline import parse_stages, summary_line
 
 SKIPPED_LINE = "finished earlier with the same parameters, skipped"
+ATTEMPT = "### run: "  # starts each attempt's part of a log (a resumed batch appends to it)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_command(cmd: list[str], log: str, env: dict[str, str] | None = None) -> 
     """Run ``cmd`` with its output appended to ``log``; returns the exit code (also what a Slurm job runs)."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
+        out.write(f"{ATTEMPT}{' '.join(cmd)}\n")
         out.flush()
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(env)).returncode
 
@@ -163,7 +164,7 @@ def outcome(exp: Experiment, rc: int, seconds: float, n_stages: int) -> dict[str
     """One summary row: status ``ran`` / ``skipped`` / ``failed``, the log, the failing notebook, the scores."""
     log = paths.exp_dir(exp.name) / "batch.log"
     text = log.read_text() if log.exists() else ""
-    last = text[text.rfind("$ "):]  # this attempt only (the log is appended to on resume)
+    last = text[text.rfind(ATTEMPT):]  # this attempt only (the log is appended to on resume)
     row: dict[str, Any] = {"exp": exp.name, "rc": rc, "seconds": round(seconds, 1), "log": str(log)}
     if rc != 0:
         row["status"] = "failed"

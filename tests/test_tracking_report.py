@@ -212,6 +212,18 @@ def test_grid_and_names():
         batch.plan([], ["lrr=1"], [])
 
 
+def test_outcome_reads_the_last_attempt(isolated):
+    log = paths.exp_dir("o") / "batch.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"{batch.ATTEMPT}x\n[05] done in 3 s\n{batch.ATTEMPT}x\n[05] 05_x.ipynb: {batch.SKIPPED_LINE}\n")
+    exp = batch.Experiment("o")
+    assert batch.outcome(exp, 0, 1.0, n_stages=1)["status"] == "skipped"
+    assert batch.outcome(exp, 0, 1.0, n_stages=2)["status"] == "ran"  # one of two stages ran
+    log.write_text(log.read_text() + f"{batch.ATTEMPT}x\nerror: -p lr: bad\n")
+    row = batch.outcome(exp, 2, 1.0, n_stages=1)
+    assert (row["status"], row["error"], row["notebook"]) == ("failed", "error: -p lr: bad", "")
+
+
 def test_slurm_submission_arguments(isolated):
     """submitit's executor is replaced by a recorder: the parameters and one job per experiment."""
     class Recorder:
