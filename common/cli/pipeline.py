@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import STAGE_CONFIGS, check_key, for_stage, load_params, parse_cli_value, split_key
-from common.core import distributed, paths, store
+from common.core import distributed, paths, store, tracking
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # <root>/common/cli/pipeline.py
 
@@ -108,8 +108,12 @@ def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any]) -> bool:
 
 
 def run(stages: list[str], params: dict[str, Any], force: bool = False, log_output: bool = True,
-        notebooks_dir: Path = NOTEBOOKS_DIR, kernel_name: str | None = None) -> dict | None:
-    """Execute ``stages`` in order; returns the experiment's metrics (``None`` unless stage 04, 05 or 06 ran)."""
+        notebooks_dir: Path = NOTEBOOKS_DIR, kernel_name: str | None = None, track: bool = True) -> dict | None:
+    """Execute ``stages`` in order; returns the experiment's metrics (``None`` unless stage 04, 05 or 06 ran).
+
+    With ``track`` each stage that ran is logged to MLflow (:func:`common.core.tracking.log_stage`; never fails the
+    run).
+    """
     import papermill as pm
 
     exp = paths.check_exp_name(params.get("exp", STAGE_CONFIGS["01"]().exp))
@@ -135,6 +139,8 @@ def run(stages: list[str], params: dict[str, Any], force: bool = False, log_outp
             pm.execute_notebook(str(nb), str(record), parameters=inject, cwd=str(nb.parent),
                                 log_output=log_output, progress_bar=False, kernel_name=kernel_name)
             print(f"[{stage}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+            if track:
+                tracking.log_stage(exp, stage, cfg.to_dict(), record)
     finally:
         if env_before is None:
             os.environ.pop("REID_PROGRESS", None)
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one parameter (repeatable); 05.KEY=VALUE: for stage 05 only")
     parser.add_argument("--force", action="store_true", help="rerun stages that finished with the same params")
     parser.add_argument("--quiet", action="store_true", help="do not stream notebook output")
+    parser.add_argument("--no-track", dest="track", action="store_false",
+                        help="do not log stages to MLflow (default: on, to $MLFLOW_TRACKING_URI or working/mlflow.db)")
     parser.add_argument("--baseline", action="store_true",
                         help="also run <exp>-untrained (same pipeline and crops, epochs=0) and compare MAP@5")
     args = parser.parse_args(argv)
@@ -168,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         params = merge_params(args.params, args.param, args.data, exp)
         params.setdefault("exp", STAGE_CONFIGS["01"]().exp)  # named below (summary, baseline): never missing
         stages = parse_stages(args.stages)
-        metrics = run(stages, params, force=args.force, log_output=not args.quiet)
+        metrics = run(stages, params, force=args.force, log_output=not args.quiet, track=args.track)
         if args.baseline:
             base = {**without(params, "epochs", "crops_from"), "exp": f"{params['exp']}-untrained", "epochs": 0,
                     "crops_from": params["exp"]}
             print(f"baseline: {base['exp']} (epochs=0, crops from {params['exp']})", flush=True)
-            base_metrics = run(stages, base, force=args.force, log_output=False)
+            base_metrics = run(stages, base, force=args.force, log_output=False, track=args.track)
     except (ValueError, FileNotFoundError, TypeError, distributed.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from common.config import TrainConfig
-from common.core import checkpoint, distributed, paths, store
+from common.core import checkpoint, distributed, paths, store, tracking
 from common.core.runtime import (
     configure_device,
     loader_workers,
@@ -323,7 +323,7 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
                 _save_weights(out / f"epoch{epoch}.pt", weights)
             checkpoint.save_state(out, epoch, training_state)
             store.write_csv(out / "log.csv", pd.DataFrame(rows, columns=columns))
-        # >>> per-epoch reporting (experiment tracking, Optuna pruning) goes here: rows[-1] is this epoch's row.
+        tracking.report_epoch(task.stage, fold, epoch, rows[-1])  # Optuna pruning in sweeps; a no-op otherwise
 
     log = pd.DataFrame(rows, columns=columns)
     if info.is_main:
