@@ -15,6 +15,7 @@ import torch
 
 from common.core import distributed, runtime
 from common.core.distributed import DistInfo, LaunchError, ShardSampler
+from common.engine import launch
 from common.stages import train_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_norm_eval_freezes_batchnorm_statistics():
 def ddp_runs(tmp_path_factory):
     """Stage 02 and stage 05 trained once in this process and once by 2 torchrun processes (gloo, CPU)."""
     from common.config import ClassifierConfig, EmbedderConfig
-    from common.data import competition as data_mod
+    from common.data.competition import competition as data_mod
     from common.stages import train_classifier as classify
 
     work = tmp_path_factory.mktemp("ddp")
@@ -222,3 +223,78 @@ def test_torchrun_by_hand_with_an_unsplittable_batch_fails_before_training(tmp_p
     assert res.returncode != 0
     assert "batch_size=7 does not split over 2 processes" in res.stdout + res.stderr
     assert not (tmp_path / "bad" / "02_embedder" / "fold0" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------ two "nodes" on this machine (multi-node)
+def test_torchrun_args_single_and_multi_node():
+    assert launch.torchrun_args(2) == ["--standalone", "--nproc_per_node=2"]
+    assert launch.torchrun_args(1, 2, 1, "10.0.0.1:29400", "x-02") == [
+        "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=x-02",
+        "--nproc_per_node=1"]
+    with pytest.raises(LaunchError, match="rdzv_endpoint"):
+        launch.torchrun_args(1, 2, 0, "")
+
+
+def test_multi_node_parameters_are_checked():
+    from common.config import EmbedderConfig
+
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        EmbedderConfig(exp="x", nnodes=2)
+    with pytest.raises(ValueError, match="node_rank"):
+        EmbedderConfig(exp="x", nnodes=2, node_rank=2, rdzv_endpoint="h:1")
+    fp = EmbedderConfig(exp="x", nnodes=2, node_rank=1, rdzv_endpoint="h:1").fingerprint()
+    assert fp == EmbedderConfig(exp="x").fingerprint()  # where it trained does not change the result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_embedder_like_one_process(ddp_runs):
+    """Node 0 through the runner's path (run_training -> launch), node 1 launched alongside it: 2 torchrun
+    processes of 1 process each meet at a c10d rendezvous on localhost (gloo) and must match one process."""
+    import threading
+
+    from common.config import EmbedderConfig
+    from common.data.competition import competition as data_mod
+    from common.engine import embedder as train
+
+    work = ddp_runs["work"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REID_WORKING_DIR", str(work))
+    mp.setenv("REID_PROGRESS", "off")
+    try:
+        comp = data_mod.open_competition("demo_tiny")
+        ep = f"127.0.0.1:{_free_port()}"
+        args = dict(exp="emb_nodes", data="demo_tiny", image_size=64, epochs=2, batch_size=8, n_folds=2, folds="0",
+                    norm_eval=True, use_crops=False, device="cpu", nnodes=2, rdzv_endpoint=ep)
+        node1_cfg = EmbedderConfig(node_rank=1, **args)
+        errors: list[BaseException] = []
+
+        def node1() -> None:
+            try:
+                distributed.launch("02", node1_cfg.to_dict(), 1, work / "node1", nnodes=2, node_rank=1,
+                                   rdzv_endpoint=ep)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        thread = threading.Thread(target=node1)
+        thread.start()
+        cfg = EmbedderConfig(node_rank=0, **args)
+        log = train.run_training(cfg, comp, train.prepare_folds(cfg, comp))
+        thread.join(timeout=300)
+        assert not errors, errors
+    finally:
+        mp.undo()
+    one = ddp_runs[1]
+    for col in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
+        np.testing.assert_allclose(log[col], one["log"][col], rtol=1e-4, atol=1e-6, err_msg=col)
+    model = torch.load(work / "emb_nodes" / "02_embedder" / "fold0" / "model.pt", weights_only=True)
+    moved = _distance(one["model"], _initial_weights(work, "emb1", "02_embedder", train.build_model))
+    assert _distance(one["model"], model) < 1e-3 * moved
+    launched = (work / "emb_nodes" / "02_embedder" / "launch_02.json").read_text()
+    assert '"nnodes": 2' in launched and '"node_rank": 0' in launched

@@ -83,6 +83,11 @@ class TrainConfig(FoldConfig):
     max_images: int = param(0, "cap on training images (0: all), for debug runs.", model=True)
     nproc: int = param(1, "training processes on this machine; above 1 the notebook launches torchrun "
                        "(DDP, one process per GPU) and batch_size is split across them.")
+    nnodes: int = param(1, "machines taking part (torchrun --nnodes); above 1 every machine runs the same stage "
+                        "with its own node_rank and the same rdzv_endpoint.")
+    node_rank: int = param(0, "this machine's rank, 0 .. nnodes - 1 (node 0 writes the models).")
+    rdzv_endpoint: str = param("", "host:port of the c10d rendezvous every machine reaches (usually node 0); "
+                               "needed when nnodes > 1.")
     sync_bn: bool = param(False, "synchronise BatchNorm statistics across processes (CUDA only).", model=True)
     norm_eval: bool = param(False, "keep BatchNorm layers in eval mode while training (running statistics "
                             "frozen): for small per-process batches; multi-process then equals one process.",
@@ -95,13 +100,19 @@ class TrainConfig(FoldConfig):
         super().__post_init__()
         if self.nproc < 1:
             raise ValueError(f"nproc={self.nproc}: must be >= 1 (processes per machine)")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"nnodes={self.nnodes}, node_rank={self.node_rank}: need nnodes >= 1 and "
+                             "0 <= node_rank < nnodes")
+        if self.nnodes > 1 and ":" not in self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint=host:port (the rendezvous every machine "
+                             f"reaches, usually node 0's address), got {self.rdzv_endpoint!r}")
         if not 0.0 < self.rrc_scale_min <= 1.0:
             raise ValueError(f"rrc_scale_min={self.rrc_scale_min}: must be in (0, 1]")
 
     def fingerprint(self) -> dict[str, Any]:
         """As :meth:`StageConfig.fingerprint`, without the knobs that change speed, not results."""
         fp = super().fingerprint()
-        for name in ("nproc", "channels_last", "compile"):
+        for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "channels_last", "compile"):
             fp.pop(name, None)
         return fp
 

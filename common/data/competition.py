@@ -221,12 +221,16 @@ def make_folds(individual_ids: Sequence[str], n_folds: int, seed: int) -> np.nda
     if len(ids) < n_folds:
         raise DataError(f"{len(ids)} training images cannot fill {n_folds} folds")
     rng = np.random.default_rng(seed)
-    uniques = np.unique(ids)
+    uniques, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     order = rng.permutation(len(uniques))
+    # Rows grouped by individual, ascending within each group (what np.flatnonzero(ids == u) gave): one sort,
+    # O(n log n), instead of comparing every id with every individual (n_images x n_individuals).
+    grouped = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
     folds = np.empty(len(ids), dtype=np.int64)
     position = 0
-    for u in uniques[order]:
-        rows = rng.permutation(np.flatnonzero(ids == u))
+    for u in order:  # one generator call per individual, in the same order as before: the same folds
+        rows = rng.permutation(grouped[starts[u]:starts[u + 1]])
         folds[rows] = (position + np.arange(len(rows))) % n_folds
         position += len(rows)
     return folds

@@ -13,14 +13,38 @@ import torch
 from common.core.distributed import LaunchError, in_launch, launch_info
 
 
-def launch(stage: str, config: dict[str, Any], nproc: int, log_dir: Path) -> None:
+def torchrun_args(nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "",
+                  rdzv_id: str = "reid") -> list[str]:
+    """torchrun's arguments: ``--standalone`` on one machine, else a ``c10d`` rendezvous of ``nnodes`` machines.
+
+    Args:
+        nproc: processes on this machine.
+        nnodes: machines.
+        node_rank: this machine's rank.
+        rdzv_endpoint: ``host:port`` every machine reaches (needed when ``nnodes > 1``).
+        rdzv_id: the job id all machines share (the experiment and stage).
+    """
+    if nnodes <= 1:
+        return ["--standalone", f"--nproc_per_node={nproc}"]
+    if ":" not in rdzv_endpoint:
+        raise LaunchError(f"nnodes={nnodes} needs rdzv_endpoint=host:port, got {rdzv_endpoint!r}")
+    return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}", f"--nproc_per_node={nproc}"]
+
+
+def launch(stage: str, config: dict[str, Any], nproc: int, log_dir: Path, nnodes: int = 1, node_rank: int = 0,
+           rdzv_endpoint: str = "") -> None:
     """Run one training stage on ``nproc`` local processes with torchrun and wait; raise if it fails.
 
     Args:
         stage: ``02`` or ``05``.
         config: the stage config as a dict (``cfg.to_dict()``).
-        nproc: processes (one per GPU on CUDA).
+        nproc: processes on this machine (one per GPU on CUDA).
         log_dir: where the config handed to the processes is written (the stage folder).
+        nnodes: machines; above 1, every machine calls this with its ``node_rank`` and the same
+            ``rdzv_endpoint`` (see :func:`torchrun_args`).
+        node_rank: this machine's rank.
+        rdzv_endpoint: ``host:port`` of the c10d rendezvous.
     """
     if launch_info().enabled:
         raise LaunchError("launch() called inside a torchrun process")
@@ -29,7 +53,9 @@ def launch(stage: str, config: dict[str, Any], nproc: int, log_dir: Path) -> Non
     from common.core import store
 
     config_file = store.write_json(Path(log_dir) / f"launch_{stage}.json", {"stage": stage, "config": config})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    rdzv_id = f"{config.get('exp', 'reid')}-{stage}"
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           *torchrun_args(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id),
            "-m", "common.cli.torchrun", "--config", str(config_file)]
     print("launching:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -53,7 +79,14 @@ def train_elsewhere(stage: str, cfg, out: Path):
         cfg: the stage config (a :class:`~common.config.TrainConfig`).
         out: the stage folder (where the launch config is written).
     """
-    if cfg.nproc <= 1 or in_launch():
+    nnodes = getattr(cfg, "nnodes", 1)
+    if (cfg.nproc <= 1 and nnodes <= 1) or in_launch():
         return cfg
-    launch(stage, cfg.to_dict(), cfg.nproc, out)
+    launch(stage, cfg.to_dict(), cfg.nproc, out, nnodes, getattr(cfg, "node_rank", 0),
+           getattr(cfg, "rdzv_endpoint", ""))
+    missing = [k for k in cfg.fold_list() if not (Path(out) / f"fold{k}" / "_done.json").exists()]
+    if getattr(cfg, "node_rank", 0) > 0 and missing:  # global rank 0 wrote the models on node 0's disk
+        raise LaunchError(f"node_rank={cfg.node_rank} finished its share of stage {stage}; the models were "
+                          f"written on node 0 ({Path(out) / f'fold{missing[0]}'} is not on this machine): run "
+                          "the later stages on node 0, or share the working directory between the machines")
     return dataclasses.replace(cfg, force=False)

@@ -81,11 +81,15 @@ def tune_species_thresholds(
         raise ValueError(f"tune_species_thresholds: min_queries must be >= 1, got {min_queries}")
     best = retrieval.tune_threshold(table, truth, thresholds, k=k, new_label=new_label)[0]
     by_species = pd.Series(species).reindex(list(truth))
+    # Table rows per species in one pass (every table image has a truth, checked by tune_threshold above), not
+    # one scan of the whole table per species; positions ascend, so each sub-table keeps the table's order.
+    row_species = table["image"].astype(str).map(species).to_numpy(dtype=object)
+    rows_of = pd.Series(np.arange(len(table))).groupby(row_species, sort=False).indices
     per_species, rows = {}, []
     for name, members in by_species.groupby(by_species, sort=True):
         images = list(members.index)
         sub_truth = {i: truth[i] for i in images}
-        sub_table = table[table["image"].astype(str).isin(set(images))]
+        sub_table = table.iloc[rows_of.get(name, np.empty(0, np.int64))]
         own = len(images) >= min_queries
         thr = best
         if own:
@@ -148,8 +152,10 @@ def predict_by_species(
     sp = {str(a): b for a, b in dict(image_species).items()}
     thr = pd.Series([float(thresholds.get(sp.get(i), default)) for i in images], index=images)
     parts = []
+    row_thr = table["image"].astype(str).map(thr).to_numpy()  # one pass, not one table scan per threshold
+    rows_of = pd.Series(np.arange(len(table))).groupby(row_thr, sort=False).indices
     for t, members in thr.groupby(thr, sort=False):
-        sub = table[table["image"].astype(str).isin(set(members.index))]
+        sub = table.iloc[rows_of.get(t, np.empty(0, np.int64))]
         parts.append(retrieval.predict(sub, float(t), k=k, new_label=new_label, images=list(members.index)))
     out = pd.concat(parts).set_index("image").reindex(images).reset_index()
     return out.assign(threshold=thr.to_numpy())

@@ -1,0 +1,119 @@
+"""bench/scale.py, bench/read_speed.py and bench/happywhale_estimate.py: their helpers on hand-made inputs.
+
+Known answers: a stage whose time grows 4x when the images grow 4x has exponent log(4) / log(4) = 1; 2x memory
+over 4x images is 0.5. The estimate's GPU hours are FLOPs / (peak x utilisation) / 3600, with 3 forwards per
+training image and 2 (flip) per extracted image; its loading hours are images / (decode rate x workers) / 3600.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    return importlib.import_module(f"bench.{name}")
+
+
+@pytest.fixture(scope="module")
+def scale():
+    return _load("scale")
+
+
+def _row(size, stage, wall, cpu=1.0, rss=100.0, **extra):
+    return dict(size=size, stage=stage, wall_s=wall, cpu_s=cpu, peak_rss_mb=rss, files=2, disk_mb=0.5,
+                loader_wait=None, **extra)
+
+
+def test_exponents_between_consecutive_sizes(scale):
+    rows = [_row(1000, "02", 10.0, rss=500), _row(4000, "02", 40.0, rss=1000), _row(16000, "02", 640.0, rss=1000),
+            _row(1000, "04", 2.0)]
+    wall = scale.exponents(rows)
+    assert wall[("02", 4000)] == pytest.approx(1.0)  # 4x time over 4x images
+    assert wall[("02", 16000)] == pytest.approx(2.0)  # 16x over 4x: quadratic
+    assert ("04", 1000) not in wall and ("02", 1000) not in wall  # no smaller size to compare with
+    rss = scale.exponents(rows, "peak_rss_mb")
+    assert rss[("02", 4000)] == pytest.approx(0.5) and rss[("02", 16000)] == pytest.approx(0.0)
+
+
+def test_table_lists_every_row_with_its_exponents(scale):
+    rows = [_row(1000, "04", 2.0, map5=0.5), _row(4000, "04", 8.0, cpu=2.0, map5=0.25)]
+    rows[1]["loader_wait"] = 0.0123
+    lines = scale.table(rows).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 1,000 | 04 retrieve+submit | 2.0 |")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[7] == "1.2 %" and cells[8] == "1.00" and cells[9] == "0.50" and cells[10] == "0.00"
+    assert cells[11] == "0.250"
+
+
+def test_tree_usage_counts_files_and_bytes(scale, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"12345")
+    (tmp_path / "y.bin").write_bytes(b"123")
+    (tmp_path / "link").symlink_to(tmp_path / "y.bin")
+    assert scale.tree_usage([tmp_path]) == (3, 8)  # the link counts as a file of 0 bytes
+    assert scale.tree_usage([tmp_path / "missing"]) == (0, 0)
+
+
+def test_timed_loader_counts_waits_and_batches(scale):
+    import time
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    class Loader:
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            return slow()
+
+    scale._TimedLoader.totals.update(wait_s=0.0, loop_s=0.0, batches=0)
+    timed = scale._TimedLoader(Loader())
+    assert len(timed) == 3
+    for _ in timed:
+        time.sleep(0.02)  # "training" between batches: not waiting
+    t = scale._TimedLoader.totals
+    assert t["batches"] == 3 and 0.055 <= t["wait_s"] < t["loop_s"]
+    assert 0.3 < t["wait_s"] / t["loop_s"] < 0.7  # about half the loop waits
+
+
+def test_estimate_hours_from_flops():
+    est = _load("happywhale_estimate")
+    params = {"n_folds": 5, "epochs": 2, "tta_flip": True}
+    rows = {r["stage"]: r for r in est.estimate(10.0, 1e9, params, 100.0, 0.5, 4, query_ms=2.0)}
+    fit = 51033 * 4 / 5
+    train = rows["02 train embedder"]
+    assert train["images"] == int(fit * 2 * 5)
+    assert train["gpu_h"] == pytest.approx(3 * 10e9 * fit * 10 / 50e12 / 3600)
+    assert train["hours"] == pytest.approx(train["gpu_h"])  # decoding 1e9 images/s never binds
+    assert rows["03 extract"]["pflops"] == pytest.approx(10e9 * (51033 + 27956) * 5 * 2 / 1e15)
+    assert rows["04 retrieve+submit"]["hours"] == pytest.approx(2.0 * (51033 + 27956) / 1000 / 3600)
+    slow = {r["stage"]: r for r in est.estimate(10.0, 1.0, params, 100.0, 0.5, 4)}
+    assert slow["03 extract"]["hours"] == pytest.approx((51033 + 27956) * 10 / 4 / 3600)  # loading bound
+    assert math.isclose(slow["03 extract"]["load_h"], slow["03 extract"]["hours"])
+
+
+def test_read_speed_reads_the_same_pixels(tmp_path):
+    rs = _load("read_speed")
+    import cv2
+
+    from common.data.synth import make_synth
+
+    folder = make_synth(tmp_path / "synth_40", 40)
+    paths = sorted(str(p) for p in (folder / "train_images").iterdir())
+    shard = rs.build_shard(paths, tmp_path / "s.npy")
+    arr = np.load(shard, mmap_mode="r")
+    assert arr.shape == (len(paths), 72, 96, 3)
+    np.testing.assert_array_equal(arr[3], cv2.cvtColor(cv2.imread(paths[3]), cv2.COLOR_BGR2RGB))
+    r = rs.measure(folder)
+    assert r["images"] == len(paths) and r["jpeg_us"] > 0 and r["memmap_us"] > 0
+    assert r["memmap_kb"] == pytest.approx(72 * 96 * 3 / 1024, rel=0.05)
