@@ -204,7 +204,14 @@ def test_retrieval_fold_merge():
 
 def test_crop_config_fields():
     cfg = CropConfig(crop="false", box_conf="0.5")
-    assert cfg.crop is False and cfg.box_conf == 0.5
+    assert cfg.crop == "none" and cfg.box_conf == 0.5
+    assert CropConfig().crop == "auto"
+    assert CropConfig(crop=True).crop == "auto" and CropConfig(crop=False).crop == "none"
+    assert CropConfig(crop="CAM").crop == "cam" and CropConfig(crop="detector").crop == "detector"
+    with pytest.raises(ValueError, match="crop='yes please'"):
+        CropConfig(crop="yes please")
+    with pytest.raises(ValueError, match="cam_threshold=1.5"):
+        CropConfig(cam_threshold=1.5)
 
 
 def test_embedder_augmentation_fields_are_checked():

