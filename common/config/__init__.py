@@ -252,6 +252,10 @@ class EmbedderConfig(TrainConfig):
         margin_a: dynamic-margin scale.
         margin_p: dynamic-margin exponent (negative: rare individuals get larger margins).
         margin_b: dynamic-margin offset.
+        margin_form: ``power`` (margin_a * n**margin_p + margin_b) or ``rescaled`` (n**-1/4 min-max rescaled
+            into [margin_min, margin_max], as the 3rd place Google Landmark 2020 solution: arXiv 2010.05350).
+        margin_min: ``rescaled``: margin of the most frequent class.
+        margin_max: ``rescaled``: margin of the rarest class.
         species_weight: weight of the auxiliary species loss (0 disables the species head).
         label_smoothing: label smoothing of the ArcFace cross-entropy.
         rrc_scale_min: smallest area share of the random resized crop (1 = no crop): lower values train on
@@ -264,6 +268,7 @@ class EmbedderConfig(TrainConfig):
     """
 
     stage: ClassVar[str] = "02"
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"margin_form": ("power", "rescaled")}
 
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "auto"
@@ -285,6 +290,9 @@ class EmbedderConfig(TrainConfig):
     margin_a: float = 0.5
     margin_p: float = -0.25
     margin_b: float = 0.05
+    margin_form: str = "power"
+    margin_min: float = 0.05
+    margin_max: float = 0.5
     species_weight: float = 0.0
     label_smoothing: float = 0.0
     rrc_scale_min: float = 0.7
@@ -382,6 +390,10 @@ class ClassifierConfig(TrainConfig):
         margin_a: dynamic-margin scale.
         margin_p: dynamic-margin exponent (negative: rare classes get larger margins).
         margin_b: dynamic-margin offset.
+        margin_form: ``power`` (margin_a * n**margin_p + margin_b) or ``rescaled`` (n**-1/4 min-max rescaled
+            into [margin_min, margin_max], as the 3rd place Google Landmark 2020 solution: arXiv 2010.05350).
+        margin_min: ``rescaled``: margin of the most frequent class.
+        margin_max: ``rescaled``: margin of the rarest class.
         loss: ``ce``, ``focal`` or ``eql`` (Softmax equalization loss).
         label_smoothing: label smoothing of the loss targets.
         focal_gamma: focal-loss exponent.
@@ -432,6 +444,9 @@ class ClassifierConfig(TrainConfig):
     margin_a: float = 0.5
     margin_p: float = -0.25
     margin_b: float = 0.05
+    margin_form: str = "power"
+    margin_min: float = 0.05
+    margin_max: float = 0.5
     loss: str = "ce"
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
@@ -463,6 +478,7 @@ class ClassifierConfig(TrainConfig):
         "loss": ("ce", "focal", "eql"),
         "sampler": ("random", "balanced", "sqrt"),
         "distill_mode": ("mix", "kd"),
+        "margin_form": ("power", "rescaled"),
     }
 
     def __post_init__(self) -> None:
