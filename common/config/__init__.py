@@ -176,8 +176,8 @@ class CropConfig(StageConfig):
     crop_margin: float = 0.1
     crops_from: str = ""
     inference_only: bool = False
-    cam_threshold: float = 0.3
-    cam_imgsz: int = 320
+    cam_threshold: float = 0.2
+    cam_imgsz: int = 224
     pseudo_box_epochs: int = 0
     detector_prompts: str = "animal"
 
@@ -264,6 +264,9 @@ class EmbedderConfig(TrainConfig):
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU.
         use_crops: train on stage 01's crops when they exist, else on full images.
         max_images: cap on training images (0 = all), for debug runs.
+        oof_new_share: open-set validation: about this share of each fold's images belong to individuals left
+            out of that fold's training (and, in stage 04, of its gallery), so the fold's model meets them as
+            strangers, as it meets the test's new individuals (0: every individual is trained on).
         keep_epoch_checkpoints: keep a weights file per epoch besides ``last.pt``.
     """
 
@@ -300,6 +303,7 @@ class EmbedderConfig(TrainConfig):
     amp: bool = True
     use_crops: bool = True
     max_images: int = 0
+    oof_new_share: float = 0.2
     keep_epoch_checkpoints: bool = False
 
     def __post_init__(self) -> None:
@@ -338,6 +342,10 @@ class RetrievalConfig(FoldConfig):
             out-of-fold predictions.
         oof_new_share: share of out-of-fold queries made unseen individuals by hiding their individual from
             the fold's gallery, so the threshold is tuned on a test-like mix (0: only naturally unseen ones).
+            When stage 02's fold table says which individuals each fold left out of training (``new_fold``),
+            those are hidden instead, and this value is not used.
+        test_new_share: expected share of new individuals in the test (negative: unknown). When given, the
+            threshold maximises ``share * map5_new + (1 - share) * map5_known`` out of fold.
         threshold_min: lowest threshold of the sweep.
         threshold_max: highest threshold of the sweep.
         threshold_step: sweep step.
@@ -354,6 +362,7 @@ class RetrievalConfig(FoldConfig):
     fold_merge: str = "mean"
     new_threshold: float = -1.0
     oof_new_share: float = 0.2
+    test_new_share: float = -1.0
     threshold_min: float = 0.0
     threshold_max: float = 1.0
     threshold_step: float = 0.02
@@ -594,6 +603,7 @@ class EnsembleConfig(StageConfig):
     species_min_queries: int = 50
     knn_k: int = 50
     oof_new_share: float = 0.2
+    test_new_share: float = -1.0
     threshold_min: float = 0.0
     threshold_max: float = 1.0
     threshold_step: float = 0.02

@@ -59,6 +59,10 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     """A fold's training and validation rows with a ``path`` column (stage 01's crops when ``cfg.use_crops``
     and they exist, else the full images), and whether crops were used. Shared by stages 02 and 05.
 
+    When the fold table has a ``new_fold`` column (stage 02's open-set validation), the individuals treated as
+    new in ``fold`` are left out of its training part: the fold's model never sees them, as the test's new
+    individuals are never seen. Their validation images stay.
+
     Args:
         cfg: a config with ``exp`` and ``use_crops`` (:class:`~common.config.EmbedderConfig` or
             :class:`~common.config.ClassifierConfig`).
@@ -70,6 +74,8 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     used_crops = cfg.use_crops and crops_available(cfg.exp)
     table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
     fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    if "new_fold" in fit.columns:
+        fit = fit[fit["new_fold"] != fold].reset_index(drop=True)
     return fit, valid, used_crops
 
 
