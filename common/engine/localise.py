@@ -115,7 +115,7 @@ def class_activation_maps(model: torch.nn.Module, x: torch.Tensor, top_k: int = 
 
 def cam_maps(
     images: Sequence[Path],
-    imgsz: int = 320,
+    imgsz: int = 224,
     top_k: int = 5,
     batch: int = 16,
     device: str = "auto",
@@ -157,7 +157,7 @@ def cam_maps(
     return out
 
 
-def boxes_from_maps(maps: Sequence[tuple[str, tuple[int, int], np.ndarray, float]], threshold: float = 0.3,
+def boxes_from_maps(maps: Sequence[tuple[str, tuple[int, int], np.ndarray, float]], threshold: float = 0.2,
                     upsample: int = 32) -> pd.DataFrame:
     """One box per map of :func:`cam_maps`: the map upsampled ``upsample`` times (bilinear), thresholded, its
     largest component's box scaled to the image's pixels; ``conf`` is the animal probability mass.
@@ -184,8 +184,8 @@ def boxes_from_maps(maps: Sequence[tuple[str, tuple[int, int], np.ndarray, float
 
 def cam_boxes(
     images: Sequence[Path],
-    imgsz: int = 320,
-    threshold: float = 0.3,
+    imgsz: int = 224,
+    threshold: float = 0.2,
     top_k: int = 5,
     batch: int = 16,
     device: str = "auto",
