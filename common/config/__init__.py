@@ -603,7 +603,6 @@ class EnsembleConfig(StageConfig):
     species_min_queries: int = 50
     knn_k: int = 50
     oof_new_share: float = 0.2
-    test_new_share: float = -1.0
     threshold_min: float = 0.0
     threshold_max: float = 1.0
     threshold_step: float = 0.02
