@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -175,6 +176,8 @@ class Setup:
             epochs=args.epochs, batch_size=args.batch_size, arc_s=20.0, arc_m=0.3, n_folds=5, folds="0",
             use_crops=False, max_images=args.max_images, amp=True, **knobs,
         )
+        if "oof_new_share" in EmbedderConfig.field_names():  # the loop's cost on every image: no open-set split
+            self.cfg = dataclasses.replace(self.cfg, oof_new_share=0.0)
         self.device = resolve_device(args.device)  # a clear error for cuda on a machine without it
         try:  # -1 = sized to the machine, in versions of the project that have it
             from common.core.runtime import loader_workers

@@ -204,7 +204,14 @@ def test_retrieval_fold_merge():
 
 def test_crop_config_fields():
     cfg = CropConfig(crop="false", box_conf="0.5")
-    assert cfg.crop is False and cfg.box_conf == 0.5
+    assert cfg.crop == "none" and cfg.box_conf == 0.5
+    assert CropConfig().crop == "auto"
+    assert CropConfig(crop=True).crop == "auto" and CropConfig(crop=False).crop == "none"
+    assert CropConfig(crop="CAM").crop == "cam" and CropConfig(crop="detector").crop == "detector"
+    with pytest.raises(ValueError, match="crop='yes please'"):
+        CropConfig(crop="yes please")
+    with pytest.raises(ValueError, match="cam_threshold=1.5"):
+        CropConfig(cam_threshold=1.5)
 
 
 def test_embedder_augmentation_fields_are_checked():
@@ -258,11 +265,14 @@ def test_model_fields_are_the_old_hand_written_lists():
     from common.config import ClassifierConfig
     from common.engine import classifier, embedder
 
-    for cls, old in ((EmbedderConfig, OLD_EMBEDDER_MODEL_FIELDS), (ClassifierConfig, OLD_CLASSIFIER_MODEL_FIELDS)):
+    margin_form = ("margin_form", "margin_min", "margin_max")  # added after the hand-written lists (issue 12)
+    OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share")
+    OLD_CLASSIFIER = (*OLD_CLASSIFIER_MODEL_FIELDS, *margin_form)
+    for cls, old in ((EmbedderConfig, OLD_EMBEDDER), (ClassifierConfig, OLD_CLASSIFIER)):
         got = cls.model_fields()
         assert len(got) == len(set(got)) and set(got) == set(old), (cls.__name__, set(got) ^ set(old))
-    assert set(embedder._MODEL_FIELDS) == set(OLD_EMBEDDER_MODEL_FIELDS)
-    assert set(classifier._MODEL_FIELDS) == set(OLD_CLASSIFIER_MODEL_FIELDS)
+    assert set(embedder._MODEL_FIELDS) == set(OLD_EMBEDDER)
+    assert set(classifier._MODEL_FIELDS) == set(OLD_CLASSIFIER)
     assert "amp" not in EmbedderConfig.model_fields() and "tta_flip" not in ClassifierConfig.model_fields()
 
 
@@ -270,10 +280,12 @@ def test_shared_training_fields_are_declared_once():
     from common.config import ClassifierConfig, EnsembleConfig, SweepFields, TrainConfig
 
     shared = set(TrainConfig.field_names()) - set(FoldConfig.field_names())
-    assert len(shared) == 31  # the 23 fields stages 02 and 05 had each, and 8 process/speed/multi-node ones
+    assert len(shared) == 34  # the 23 fields stages 02 and 05 had each, 3 margin-form ones, and 8 process/speed/multi-node ones
     for cls in (EmbedderConfig, ClassifierConfig, RetrievalConfig, EnsembleConfig):
         own = set(vars(cls)["__annotations__"]) - {"stage"}
         redeclared = own & (set(TrainConfig.field_names()) | set(SweepFields.__dataclass_fields__))
+        if cls is EmbedderConfig:  # the one shared name: stage 02 leaves that share out of training, 04 out of the gallery
+            redeclared -= {"oof_new_share"}
         assert not redeclared, f"{cls.__name__} declares {redeclared} again"
     assert EmbedderConfig.defaults()["backbone"] == ClassifierConfig.defaults()["backbone"]
     assert EmbedderConfig.field_docs()["lr"] == ClassifierConfig.field_docs()["lr"]

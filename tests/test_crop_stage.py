@@ -1,4 +1,4 @@
-"""Stage 01 (common.stages.crop_images) without a detector: ``crop=False``, ``crops_from`` and the boxes.csv check.
+"""Stage 01 (common.stages.crop_images) without a detector: ``crop=none``, CAM boxes, ``crops_from``, the boxes.csv check.
 
 The detector path itself (train, predict, crop) runs in tests/test_notebooks.py.
 """
@@ -55,11 +55,12 @@ def test_crop_false_writes_only_the_marker(comp):
     result = crop_stage.run_crop(cfg, comp)
     out = paths.stage_dir("nocrop", "01")
     assert store.stage_done(out, cfg.fingerprint())
-    assert store.read_json(out / "metrics.json") == {"note": "crop=False: full images are used"}
+    assert store.read_json(out / "metrics.json") == {
+        "note": "crop=none: full images are used", "crop_method": "full images (crop=none: full images are used)"}
     assert sorted(p.name for p in out.iterdir()) == ["_done.json", "metrics.json"]  # no crops/, no boxes.csv
     assert result.boxes.empty
     assert result.image_dirs == {"train": comp.root / "train_images", "test": comp.root / "test_images"}
-    assert result.metrics_table()["note"].tolist() == ["crop=False: full images are used"]
+    assert result.metrics_table()["note"].tolist() == ["crop=none: full images are used"]
     assert isinstance(result.plot_samples(), Figure)
     # stage 02 then reads the full images
     assert not artefacts.crops_available("nocrop")
@@ -111,17 +112,64 @@ def test_crops_from_without_crops_is_a_clear_error(comp, state):
     assert not store.stage_done(paths.stage_dir("dst", "01"))
 
 
-def test_missing_boxes_csv_with_crop_true(tiny_demo_root, tmp_path):
+@pytest.fixture
+def no_boxes(tiny_demo_root, tmp_path):
     root = tmp_path / "no_boxes"
     shutil.copytree(tiny_demo_root, root)
     (root / "boxes.csv").unlink()
     comp = load_competition(root, check_pixels=False)
     assert comp.boxes is None
-    with pytest.raises(DataError, match=r"no_boxes/boxes\.csv not found: the detector needs boxes"):
-        crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop=True), comp)
+    return comp
+
+
+def test_missing_boxes_csv_with_crop_detector(no_boxes):
+    root = no_boxes.root
+    with pytest.raises(DataError, match=r"no_boxes/boxes\.csv not found: crop=detector needs boxes"):
+        crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop="detector"), no_boxes)
     assert not store.stage_done(paths.stage_dir("c", "01"))
     # crop=False needs no boxes
-    crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop=False), comp)
+    crop_stage.run_crop(CropConfig(data=str(root), exp="c", crop=False), no_boxes)
+
+
+def test_auto_without_boxes_uses_cam_boxes(no_boxes, monkeypatch):
+    from common.engine import localise
+
+    tried = []
+
+    def offline(name, *args, **kwargs):  # what resolve_detector_model raises for a hub name while offline
+        tried.append(name)
+        raise RuntimeError("must be downloaded, but we are offline")
+
+    monkeypatch.setattr(localise, "zero_shot_boxes", offline)
+    monkeypatch.setattr(detect, "setup_ultralytics", lambda *a, **k: None)
+    cfg = CropConfig(data=str(no_boxes.root), exp="cam", detector_model="yolo11n.pt", cam_imgsz=64, box_conf=0.0)
+    result = crop_stage.run_crop(cfg, no_boxes)
+    assert tried == ["yolo11n.pt"]
+    out = paths.stage_dir("cam", "01")
+    metrics = store.read_json(out / "metrics.json")
+    assert metrics["crop_method"].startswith("class activation maps of the ImageNet classifier")
+    assert result.method == metrics["crop_method"]
+    assert "zero-shot yolo11n.pt unavailable" in metrics["tried"][0]
+    assert metrics["train_fallback_share"] == 0.0  # box_conf=0: every image with a map has its box
+    for split, table in (("train", no_boxes.train), ("test", no_boxes.test)):
+        assert sorted(p.name for p in (out / "crops" / split).iterdir() if p.suffix != ".csv") == sorted(
+            table["image"])
+    assert set(result.boxes["split"]) == {"train", "test"} and len(result.boxes) == len(no_boxes.train) + len(
+        no_boxes.test)
+    assert artefacts.crops_available("cam")
+    png = result.show_samples()
+    assert png.data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_auto_without_boxes_or_classifier_uses_full_images(no_boxes, monkeypatch):
+    from common.engine import localise
+
+    monkeypatch.setattr(localise, "cam_available", lambda *a: False)
+    cfg = CropConfig(data=str(no_boxes.root), exp="full")
+    result = crop_stage.run_crop(cfg, no_boxes)
+    assert result.boxes.empty
+    assert result.method.startswith("full images (no boxes.csv and no way to find boxes: no offline ImageNet")
+    assert not artefacts.crops_available("full")
 
 
 def test_crops_from_itself_is_refused_and_keeps_the_crops(comp):

@@ -167,3 +167,33 @@ def test_dynamic_margins_hand_computed_three_classes():
     np.testing.assert_allclose(F.cross_entropy(got, y, reduction="none").detach().numpy(), losses, rtol=1e-5)
     # The larger margin really is the one used for class 0: with m = 0.1 row 0's target would be s cos(0.3).
     assert abs(got[0, 0].item() - s * c(0.3)) > 0.5
+
+
+def test_dynamic_margins_rescaled_form_by_hand():
+    # counts 1, 16, 81 -> t = n^-1/4 = 1, 1/2, 1/3; rescaled: (t - 1/3) / (2/3) = 1, 1/4, 0 -> [0.05, 0.5]:
+    # 0.05 + 0.45 * (1, 0.25, 0) = 0.5, 0.1625, 0.05.
+    margins = dynamic_margins([1, 16, 81], form="rescaled", m_min=0.05, m_max=0.5)
+    np.testing.assert_allclose(margins.numpy(), [0.5, 0.1625, 0.05], rtol=1e-6)
+    # the psinger/kaggle-landmark-recognition-2020-solution formula, written out: sqrt(1 / sqrt(n)) min-max
+    # scaled times arcface_m_x plus arcface_m_y
+    n = np.array([2.0, 7.0, 30.0, 1000.0])
+    tmp = np.sqrt(1 / np.sqrt(n))
+    theirs = (tmp - tmp.min()) / (tmp.max() - tmp.min()) * 0.45 + 0.05
+    np.testing.assert_allclose(dynamic_margins(n, form="rescaled").numpy(), theirs, rtol=1e-6)
+    # equal counts: every class gets m_max; power form unchanged: 0.5 * 1000^-0.25 + 0.05 = 0.1389
+    np.testing.assert_allclose(dynamic_margins([5, 5], form="rescaled", m_max=0.4).numpy(), [0.4, 0.4])
+    assert dynamic_margins([1000]).item() == pytest.approx(0.5 * 1000**-0.25 + 0.05, rel=1e-6)
+    with pytest.raises(ValueError, match="margin_form='cube'"):
+        dynamic_margins([1, 2], form="cube")
+    with pytest.raises(ValueError, match="margin_min=0.6 > margin_max=0.5"):
+        dynamic_margins([1, 2], form="rescaled", m_min=0.6, m_max=0.5)
+
+
+def test_margins_from_config_reads_the_form():
+    from common.config import EmbedderConfig
+    from common.lib.heads import margins_from_config
+
+    cfg = EmbedderConfig(dynamic_margin=True, margin_form="rescaled", margin_min=0.1, margin_max=0.3).to_dict()
+    np.testing.assert_allclose(margins_from_config([1, 16, 81], cfg).numpy(), [0.3, 0.15, 0.1], rtol=1e-6)
+    old = {k: v for k, v in cfg.items() if k not in ("margin_form", "margin_min", "margin_max")}
+    np.testing.assert_allclose(margins_from_config([1, 16], old).numpy(), [0.55, 0.30], rtol=1e-6)

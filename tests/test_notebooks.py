@@ -49,6 +49,12 @@ def test_chain_writes_every_contracted_file(run_dirs):
         assert injected, f"{nb}: the executed record must keep the injected parameters"
         assert '"nbtest"' in injected[0].source
     assert (exp / "01_crop" / "boxes.csv").exists()
+    # the sample-boxes figure is kept as a PNG, although ultralytics switched matplotlib's backend while training
+    crop_record = nbformat.read(exp / "01_crop_images.ipynb", as_version=4)
+    outputs = [o for c in crop_record.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "01: no image/png output in the record"
+    assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") for o in outputs
+                   if "image/png" not in o.get("data", {}))
     for fold in (0, 1):
         assert (exp / "02_embedder" / f"fold{fold}" / "model.pt").exists()
         for split in ("train", "test"):

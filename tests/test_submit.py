@@ -143,11 +143,20 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         "map5": pytest.approx((1 + 1 + 1 + 1 + 0.25) / 5),  # t5's A at rank 4 -> 1/4
         "map5_known": pytest.approx((1 + 1 + 1 + 0.25) / 4), "map5_new": pytest.approx(1.0),
         "n": 5, "n_known": 4, "n_new": 1, "top1": pytest.approx(0.8),
+        # new_individual first for every image, out of fold: the sweep's 1.0 row -> (4 * 0.5 + 1) / 5
+        "oof_map5_all_new": pytest.approx(0.6), "all_new_chosen": False,
+        "n_labelled": 5, "n_unlabelled": 0,
+        # the best threshold on the test itself: at or below cos50 = .643 t5's A ranks 3rd (1/3), not 4th
+        "test_best_threshold": pytest.approx(0.0), "test_map5_best": pytest.approx((4 + 1 / 3) / 5),
+        "test_map5_all_new": pytest.approx((0.5 + 0.5 + 0.5 + 1 + 0.25) / 5),
+        "oof_true_new_share": pytest.approx(0.2),  # c1 of 5 out-of-fold queries
     }
+    estimate = result.metrics.pop("test_new_share_estimate")
+    assert 0.0 <= estimate <= 1.0
     assert result.metrics == expected
-    assert store.read_json(paths.exp_dir(EXP) / "metrics.json") == expected
+    assert store.read_json(paths.exp_dir(EXP) / "metrics.json") == {**expected, "test_new_share_estimate": estimate}
     out = paths.stage_dir(EXP, "04")
-    assert store.read_json(out / "metrics.json") == expected
+    assert store.read_json(out / "metrics.json") == {**expected, "test_new_share_estimate": estimate}
     for name in ("oof_scores.csv", "oof_truth.csv", "threshold_sweep.csv", "test_scores.csv", "_done.json"):
         assert (out / name).exists(), name
     truth_csv = pd.read_csv(out / "oof_truth.csv")
@@ -225,3 +234,32 @@ def test_hide_individuals_reaches_the_target_share():
     assert everything == {"a", "b", "c"}
     # deterministic for a seed
     assert submit.hide_individuals(valid, gallery, 0.6, seed=3) == submit.hide_individuals(valid, gallery, 0.6, seed=3)
+
+
+def test_test_csv_covering_part_of_the_test_set_is_scored_on_labelled_images_only(tmp_path):
+    comp = make_comp(tmp_path / "part")
+    partial = {"t1.png": "A", "t4.png": "D"}  # 2 of the 5 test images are labelled
+    pd.DataFrame({"image": list(partial), "individual_id": list(partial.values())}).to_csv(
+        comp.root / "test.csv", index=False)
+    comp = load_competition(comp.root, check_pixels=False)
+    make_experiment(comp)
+    metrics = submit.run_retrieval(cfg_for(), comp).metrics
+    # threshold 0.82: t1 "A new_individual C B" (1), t4 "new_individual A C B" (1); the others are not scored
+    assert metrics["n"] == 2 and metrics["n_labelled"] == 2 and metrics["n_unlabelled"] == 3
+    assert metrics["map5"] == pytest.approx(1.0)
+    assert metrics["n_known"] == 1 and metrics["n_new"] == 1
+
+
+def test_threshold_never_below_all_new_out_of_fold(comp):
+    make_experiment(comp)
+    # a grid whose only thresholds are 0.0 and 0.1: c1 (new, A at cos35) ranks new_individual second -> 4.5/5 = 0.9;
+    # all new_individual scores 0.6, so the grid's best wins
+    result = submit.run_retrieval(cfg_for(threshold_max=0.1, threshold_step=0.1), comp)
+    assert result.threshold == pytest.approx(0.0) and not result.metrics["all_new_chosen"]
+    # with test_new_share=1 only the new queries count: all-new scores 1 (c1 right) and beats every threshold <= 0.1
+    forced = submit.run_retrieval(cfg_for(threshold_max=0.1, threshold_step=0.1, test_new_share=1.0, force=True),
+                                  comp)
+    assert forced.threshold == submit.ALL_NEW and forced.metrics["all_new_chosen"]
+    assert forced.metrics["oof_objective"] == pytest.approx(1.0)
+    assert forced.metrics["oof_objective_all_new"] == pytest.approx(1.0)
+    assert (forced.submission["predictions"].str.split().str[0] == NEW).all()

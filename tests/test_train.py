@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("isolated")
 def tiny_cfg(comp, **overrides) -> EmbedderConfig:
     values = dict(data=str(comp.root), exp="t", backbone="mobilenetv3_small_050", pretrained="none",
                   image_size=32, embedding_dim=16, epochs=2, batch_size=4, n_folds=2, folds="0",
-                  device="cpu", warmup_epochs=0.5, amp=False, use_crops=True)
+                  device="cpu", warmup_epochs=0.5, amp=False, use_crops=True,
+                  oof_new_share=0.0)  # every individual trained on; tests/test_openset.py covers the open-set split
     return EmbedderConfig(**{**values, **overrides})
 
 
@@ -74,7 +75,8 @@ def forbid(monkeypatch, name: str) -> None:
 def test_prepare_folds_writes_a_valid_table(comp):
     cfg = tiny_cfg(comp, n_folds=3)
     table = train_embedder.prepare_folds(cfg, comp)
-    assert list(table.columns) == ["image", "individual_id", "species", "fold"]
+    assert list(table.columns) == ["image", "individual_id", "species", "fold", "new_fold"]
+    assert (table["new_fold"] == -1).all()  # oof_new_share=0: nobody is left out
     assert table["image"].tolist() == comp.train["image"].tolist()  # every image, in train.csv order
     assert sorted(table["fold"].unique()) == [0, 1, 2]
     sizes = table["fold"].value_counts()

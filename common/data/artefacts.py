@@ -60,6 +60,10 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     """A fold's training and validation rows with a ``path`` column (stage 01's crops when ``cfg.use_crops``
     and they exist, else the full images), and whether crops were used. Shared by stages 02 and 05.
 
+    When the fold table has a ``new_fold`` column (stage 02's open-set validation), the individuals treated as
+    new in ``fold`` are left out of its training part: the fold's model never sees them, as the test's new
+    individuals are never seen. Their validation images stay.
+
     Args:
         cfg: a config with ``exp`` and ``use_crops`` (:class:`~common.config.EmbedderConfig` or
             :class:`~common.config.ClassifierConfig`).
@@ -71,6 +75,8 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     used_crops = cfg.use_crops and crops_available(cfg.exp)
     table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
     fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
+    if "new_fold" in fit.columns:
+        fit = fit[fit["new_fold"] != fold].reset_index(drop=True)
     return fit, valid, used_crops
 
 
@@ -95,11 +101,12 @@ def assign_folds(table: pd.DataFrame, label_column: str, cfg: EmbedderConfig | C
 def read_folds(exp: str, stage: str = "02") -> pd.DataFrame:
     """Read the ``folds.csv`` of stage ``stage`` (``02``: ``image, individual_id, species, fold``, written by
     :func:`common.stages.train_embedder.prepare_folds`; ``05``: ``image, label, fold``, written by
-    :func:`common.engine.classifier.prepare_folds`): every column text but the integer ``fold``."""
+    :func:`common.engine.classifier.prepare_folds`): every column text but the integers ``fold`` and, in stage
+    02's table, ``new_fold`` (the fold that treats the image's individual as new; -1: none)."""
     hint = {"02": "run stage 02 (train embedder) first", "05": "run stage 05 (classifier) first"}.get(stage, "")
     path = paths.find_stage_dir(exp, stage, "folds.csv", hint=hint) / "folds.csv"
     table = pd.read_csv(path, dtype=str)
-    return table.astype({"fold": "int64"})
+    return table.astype({c: "int64" for c in ("fold", "new_fold") if c in table.columns})
 
 
 def embeddings_dir(exp: str, fold: int) -> Path:

@@ -37,7 +37,7 @@ from common.engine import fit as engine
 from common.engine.fit import Task
 from common.engine.predict import forward_images
 from common.lib.averaging import ModelEma, average_checkpoints, select_checkpoints
-from common.lib.heads import dynamic_margins
+from common.lib.heads import margins_from_config
 from common.lib.losses import build_criterion, distillation_loss, mix_hard_soft, to_soft_targets
 from common.lib.metrics import classification_report
 from common.lib.mixing import BatchMixer
@@ -54,8 +54,7 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Classifi
     cfg = meta["config"]
     margins = None
     if cfg["head"] != "linear" and cfg["dynamic_margin"]:
-        margins = dynamic_margins(np.maximum(meta["class_counts"], 1), cfg["margin_a"], cfg["margin_p"],
-                                  cfg["margin_b"])
+        margins = margins_from_config(np.maximum(meta["class_counts"], 1), cfg)
     return ClassifierModel(cfg["backbone"], len(meta["classes"]),
                            pretrained=cfg["pretrained"] if pretrained is None else pretrained,
                            head=cfg["head"], dropout=cfg["dropout"], arc_s=cfg["arc_s"], arc_m=cfg["arc_m"],

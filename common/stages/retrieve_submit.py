@@ -2,7 +2,13 @@
 
 Out of fold: for fold ``k``, fold ``k``'s model embeds everything; the gallery is the training part
 (folds != k) and the queries are fold ``k``'s images. A query whose individual is absent from the gallery is
-a ``new_individual`` by construction, so the threshold is tuned on the same situation the test set poses.
+a ``new_individual`` by construction. The individuals stage 02 left out of fold ``k``'s training (the fold
+table's ``new_fold``) are also left out of its gallery, so they are strangers to the model as well, as the
+test's new individuals are. The threshold maximises out-of-fold MAP@5 (re-weighted to ``test_new_share`` when
+given), and is never one that scores below ``new_individual`` first for every image; ``metrics.json`` reports
+both, the test's new share estimated from its own top-1 scores beside the out-of-fold share, and, when
+``test.csv`` labels test images (all or some), the test MAP@5 on those and the best threshold on the test
+itself (how well the out-of-fold threshold transfers).
 
 Test: the gallery is every training image, the queries the test images. With ``fold_merge=mean`` each fold
 scores the test images on its own and the per-individual scores are averaged; with ``concat`` the fold
@@ -30,7 +36,7 @@ from common.config import EnsembleConfig, RetrievalConfig
 from common.core import paths, store
 from common.data.artefacts import load_fold_embeddings, read_folds
 from common.data.competition import Competition
-from common.lib import metrics, retrieval
+from common.lib import metrics, openset, retrieval
 
 
 @dataclasses.dataclass
@@ -91,7 +97,10 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
     """
     row = pd.Series(np.arange(len(images)), index=images)
     fit, valid = table[table["fold"] != fold], table[table["fold"] == fold]
-    hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
+    if "new_fold" in table.columns:  # stage 02 left these out of the fold's training: strangers to its model
+        hidden = set(table.loc[table["new_fold"] == fold, "individual_id"].astype(str))
+    else:
+        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
     fit = fit[~fit["individual_id"].isin(hidden)]
     scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
                                    k=cfg.knn_k)
@@ -134,10 +143,21 @@ def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float,
     return hidden
 
 
+ALL_NEW = 2.0  # above every cosine score: new_individual first for every image
+
+
 def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[float, pd.DataFrame]:
-    """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0)."""
+    """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0).
+
+    The sweep ends with the row ``threshold = 2`` (:data:`ALL_NEW`: ``new_individual`` first for every image).
+    Its ``objective`` column is MAP@5 out of fold, or, with ``test_new_share >= 0``, MAP@5 re-weighted to that
+    share of new queries (:func:`common.lib.openset.share_sweep`). The tuned threshold maximises it, and is
+    never one that scores below the all-``new_individual`` row: then that row is chosen.
+    """
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
-    best, sweep = retrieval.tune_threshold(scores, truth, grid)
+    _, sweep = retrieval.tune_threshold(scores, truth, [*grid, ALL_NEW])
+    sweep["objective"] = sweep["map5"] if cfg.test_new_share < 0 else openset.share_sweep(sweep, cfg.test_new_share)
+    best = float(sweep["threshold"].iloc[int(np.argmax(sweep["objective"].to_numpy()))])  # ties: the lowest
     return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
 
 
@@ -206,13 +226,15 @@ def average_fold_scores(neighbours: list[tuple[np.ndarray, np.ndarray]], labels:
 
 
 def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, threshold: float,
-          sweep: pd.DataFrame, folds: list[int] | None = None) -> dict:
-    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5, and test MAP@5 with truth.
+          sweep: pd.DataFrame, folds: list[int] | None = None, test_table: pd.DataFrame | None = None) -> dict:
+    """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5 beside the all-``new_individual``
+    answer's, and, when ``test.csv`` labels test images, test MAP@5 on those (:func:`score_labelled`).
 
     ``folds`` are the folds actually used (:func:`available_folds`); default: the requested ones.
     """
     first = submission["predictions"].str.split().str[0]
     best_row = sweep.iloc[(sweep["threshold"] - threshold).abs().argmin()]
+    all_new = sweep[sweep["threshold"] >= ALL_NEW]
     out = {
         "exp": cfg.exp,
         "threshold": float(threshold),
@@ -223,12 +245,62 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
         "fold_merge": cfg.fold_merge,
         "n_test": len(submission),
     }
+    if len(all_new):
+        out["oof_map5_all_new"] = float(all_new["map5"].iloc[0])  # new_individual first for every image
+        out["all_new_chosen"] = bool(threshold >= ALL_NEW)
+    if "objective" in sweep and cfg.test_new_share >= 0:
+        out["test_new_share_given"] = cfg.test_new_share
+        out["oof_objective"] = float(best_row["objective"])
+        if len(all_new):
+            out["oof_objective_all_new"] = float(all_new["objective"].iloc[0])
     if comp.truth is not None:
-        truth = comp.truth.set_index("image")["individual_id"].reindex(submission["image"])
-        report = metrics.map5_report(truth.tolist(), submission["predictions"].str.split().tolist(),
-                                     comp.known_individuals, cfg.new_label)
-        out.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()})
+        out.update(score_labelled(cfg, comp, submission, test_table))
+    return _json_safe(out)
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def score_labelled(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame,
+                   test_table: pd.DataFrame | None = None) -> dict:
+    """Test MAP@5 (overall, known, new) on the test images that ``test.csv`` labels, which may be only part of
+    the test set; with the test's scores, also the best threshold chosen on the test itself (a measurement of
+    how well the out-of-fold threshold transfers: ``test_best_threshold``, ``test_map5_best``).
+
+    Args:
+        cfg: the stage's config (``new_label``, threshold grid).
+        comp: the competition; ``comp.truth`` must not be ``None``.
+        submission: ``image, predictions``.
+        test_table: the test's ``image, individual_id, score`` table, or ``None``.
+    """
+    truth = comp.truth.assign(image=comp.truth["image"].astype(str)).drop_duplicates("image")
+    truth = truth[truth["image"].isin(set(submission["image"].astype(str)))]
+    labelled = submission[submission["image"].astype(str).isin(set(truth["image"]))]
+    labels = truth.set_index("image")["individual_id"].astype(str).reindex(labelled["image"].astype(str))
+    report = metrics.map5_report(labels.tolist(), labelled["predictions"].str.split().tolist(),
+                                 comp.known_individuals, cfg.new_label)
+    out = {**report, "n_labelled": len(labelled), "n_unlabelled": len(submission) - len(labelled)}
+    if test_table is not None and len(labelled):
+        known = {str(x) for x in comp.known_individuals}
+        mapped = {i: (t if t in known else cfg.new_label) for i, t in labels.items()}
+        grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
+        part = test_table[test_table["image"].astype(str).isin(mapped)]
+        best, sweep = retrieval.tune_threshold(part, mapped, [*grid, ALL_NEW])
+        out.update({"test_best_threshold": best, "test_map5_best": float(sweep["map5"].max()),
+                    "test_map5_all_new": float(sweep["map5"].iloc[-1])})
     return out
+
+
+def new_share_estimate(oof: pd.DataFrame, truth: pd.Series, test: pd.DataFrame, new_label: str) -> dict:
+    """The test's share of new individuals estimated from its top-1 scores
+    (:func:`common.lib.openset.estimate_new_share`), beside the out-of-fold share."""
+    images = truth.index.astype(str)
+    top = openset.top1_scores(oof, images)
+    is_new = (truth.astype(str) == new_label).to_numpy()
+    estimate = openset.estimate_new_share(top[~is_new], top[is_new], openset.top1_scores(test, test["image"].unique()))
+    return _json_safe({"oof_true_new_share": float(is_new.mean()) if len(is_new) else float("nan"),
+                       "test_new_share_estimate": estimate})
 
 
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
@@ -243,7 +315,9 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
         threshold, sweep = tune(cfg, oof, truth)
     test = test_scores(cfg, comp, folds)
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
-    result_metrics = score(cfg, comp, submission, threshold, sweep, folds)
+    result_metrics = score(cfg, comp, submission, threshold, sweep, folds, test)
+    if not cfg.inference_only:
+        result_metrics.update(new_share_estimate(oof, truth, test, cfg.new_label))
     if not cfg.inference_only:
         store.write_csv(out / "oof_scores.csv", oof)
         store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())

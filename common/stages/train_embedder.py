@@ -8,17 +8,29 @@ import pandas as pd
 from common.config import EmbedderConfig
 from common.core import distributed, paths, store
 from common.data.artefacts import assign_folds
-from common.data.competition import Competition
+from common.data.competition import Competition, DataError, split_fold
 from common.engine import launch
 from common.engine.embedder import fold_dir, train_fold
+from common.lib.openset import choose_new_individuals
 
 
 def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
-    """Fold table ``image, individual_id, species, fold`` (written to ``02_embedder/folds.csv``).
+    """Fold table ``image, individual_id, species, fold, new_fold`` (written to ``02_embedder/folds.csv``).
 
-    Validates that every requested fold has training and validation images before any training starts.
+    ``new_fold`` is the fold in which the image's individual is treated as new (-1: none), chosen with
+    :func:`common.lib.openset.choose_new_individuals` so that about ``oof_new_share`` of each fold's images
+    are of individuals that fold's model never sees: :func:`common.data.artefacts.fold_split` leaves them out
+    of its training, and stage 04 out of its gallery. Validates that every requested fold has training and
+    validation images before any training starts.
     """
     table = assign_folds(comp.train[["image", "individual_id", "species"]], "individual_id", cfg)
+    table["new_fold"] = choose_new_individuals(table["individual_id"], table["fold"].to_numpy(), cfg.oof_new_share,
+                                               cfg.seed)
+    for k in cfg.fold_list():
+        fit, _ = split_fold(table, table["fold"].to_numpy(), k)
+        if fit[fit["new_fold"] != k].empty:
+            raise DataError(f"fold {k}: every training image belongs to an individual treated as new; "
+                            f"lower oof_new_share={cfg.oof_new_share}")
     store.write_csv(paths.stage_dir(cfg.exp, "02") / "folds.csv", table)
     return table
 

@@ -1,0 +1,223 @@
+"""Benchmark: Happywhale-shaped open-set re-identification on real sets, stages 01-04 through the runner.
+
+One command per set (``../shared/datasets``, never copied into the repository):
+
+    HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset --dataset dogfaces \\
+        --params params/cpu.yaml --seeds 0 -p epochs=2 --record
+
+* ``dogfaces``: ``images/<dog>/<file>.jpg`` (649 dogs, aligned faces, no boxes);
+* ``nyala``: ``images/<id>/<file>.jpg`` (58 individuals, 729 full-frame photos, no boxes);
+* ``lion``: ``{train,val}/<lion>/<file>.png`` pooled (94 lions, 740 crops).
+
+The split is deterministic (``--split-seed``): about 20% of the individuals are held out entirely (all their
+images are test images of new individuals); of the others with three or more images, one image of about half
+of them is a known test image; everything else is training. The competition folder (``train.csv``,
+``test.csv`` with the truth, ``sample_submission.csv``) is written under ``working/bench/reid_openset/``, then
+``common.cli.pipeline.run`` runs stages 01-04 with the parameters file and ``-p`` overrides, once per
+training seed (``--seeds``). Reported: test MAP@5 overall, on known and on new individuals (stage 04's
+``metrics.json``), the threshold and the best threshold chosen on the test itself; beside them two
+baselines on the same split: ``new_individual`` alone for every image (MAP@5 = the share of new test
+images), and untrained ImageNet features (EfficientNet-Lite0, average-pooled, full images, the run's image
+size) with the threshold chosen on the test itself (optimistic for the baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
+from common.config import load_params, parse_cli_value  # noqa: E402
+from common.core import paths  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "datasets"
+NEW = "new_individual"
+
+
+def list_images(dataset: str, shared: Path = SHARED) -> pd.DataFrame:
+    """``source, image, individual_id`` for every image of ``dataset`` (sorted, deterministic)."""
+    root = shared / dataset
+    if dataset in ("dogfaces", "nyala"):
+        folders = [root / "images"]
+    elif dataset == "lion":
+        folders = [root / "train", root / "val"]
+    else:
+        raise SystemExit(f"--dataset {dataset}: use dogfaces, nyala or lion")
+    rows = []
+    for base in folders:
+        if not base.is_dir():
+            raise SystemExit(f"{base}: not found (the shared datasets folder sits beside the checkout)")
+        for ind in sorted(p for p in base.iterdir() if p.is_dir()):
+            for f in sorted(ind.iterdir()):
+                if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                    rows.append((str(f), f"{ind.name}__{f.name}", ind.name))
+    return pd.DataFrame(rows, columns=["source", "image", "individual_id"])
+
+
+def open_set_split(table: pd.DataFrame, seed: int, new_share: float = 0.2) -> pd.Series:
+    """``train`` / ``test`` per row: ~``new_share`` of the individuals wholly test (new); one image of about
+    half of the other individuals with >= 3 images is a known test image."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(table["individual_id"].unique())
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n_new = round(new_share * len(ids))
+    new = set(order[:n_new])
+    counts = table["individual_id"].value_counts()
+    eligible = [i for i in order[n_new:] if counts[i] >= 3]
+    known_test = set(eligible[: len(eligible) // 2])
+    split = pd.Series("train", index=table.index)
+    split[table["individual_id"].isin(new)] = "test"
+    for ind in sorted(known_test):
+        rows = table.index[table["individual_id"] == ind]
+        split[rows[rng.integers(len(rows))]] = "test"
+    return split
+
+
+def write_competition(table: pd.DataFrame, split: pd.Series, out: Path) -> Path:
+    """The competition folder: images, ``train.csv``, ``test.csv`` (truth), ``sample_submission.csv``."""
+    if (out / "test.csv").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in ("train", "test"):
+        (tmp / f"{part}_images").mkdir(parents=True)
+        rows = table[split == part]
+        for src, image in zip(rows["source"], rows["image"], strict=True):
+            shutil.copyfile(src, tmp / f"{part}_images" / image)
+    train, test = table[split == "train"], table[split == "test"]
+    train.assign(species="animal")[["image", "species", "individual_id"]].to_csv(tmp / "train.csv", index=False)
+    test[["image", "individual_id"]].to_csv(tmp / "test.csv", index=False)
+    test[["image"]].assign(predictions=NEW).to_csv(tmp / "sample_submission.csv", index=False)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def untrained_baseline(comp_dir: Path, image_size: int, thresholds: np.ndarray) -> dict:
+    """Untrained ImageNet features (average-pooled EfficientNet-Lite0), threshold chosen on the test."""
+    import timm
+    import torch
+    from PIL import Image
+
+    from common.core.weights import OFFLINE_WEIGHTS
+    from common.lib import metrics, retrieval
+
+    w = OFFLINE_WEIGHTS["tf_efficientnet_lite0"]
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    w.loader(model)
+    model.eval()
+
+    def embed(folder: Path, names: list[str]) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(names), 32):
+                arr = np.stack([np.asarray(Image.open(folder / n).convert("RGB").resize((image_size, image_size)),
+                                           dtype=np.float32) / 255.0 for n in names[i : i + 32]])
+                x = (torch.from_numpy(arr).permute(0, 3, 1, 2) - 0.5) / 0.5
+                out.append(model(x).numpy())
+        return retrieval.l2_normalize(np.concatenate(out).astype(np.float32))
+
+    train = pd.read_csv(comp_dir / "train.csv", dtype=str)
+    test = pd.read_csv(comp_dir / "test.csv", dtype=str)
+    g = embed(comp_dir / "train_images", train["image"].tolist())
+    q = embed(comp_dir / "test_images", test["image"].tolist())
+    scores, idx = retrieval.search(g, q, k=50)
+    table = retrieval.individual_scores(scores, idx, train["individual_id"].to_numpy(), test["image"])
+    known = set(train["individual_id"])
+    truth = {i: (t if t in known else NEW) for i, t in zip(test["image"], test["individual_id"], strict=True)}
+    best, sweep = retrieval.tune_threshold(table, truth, thresholds)
+    pred = retrieval.predict(table, best, k=5, new_label=NEW, images=test["image"])
+    report = metrics.map5_report(test["individual_id"].tolist(), pred["predictions"].str.split().tolist(), known, NEW)
+    return {"map5": report["map5"], "map5_known": report["map5_known"], "map5_new": report["map5_new"],
+            "threshold": best}
+
+
+def fmt(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=["dogfaces", "nyala", "lion"])
+    ap.add_argument("--params", default="params/cpu.yaml")
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated")
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the untrained ImageNet baseline")
+    ap.add_argument("--record", action="store_true", help="append the section to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    load = os.getloadavg()[0]
+    from common.cli import pipeline
+
+    table = list_images(args.dataset)
+    split = open_set_split(table, args.split_seed)
+    comp_dir = write_competition(table, split, paths.working_dir() / "bench" / "reid_openset"
+                                 / f"{args.dataset}-split{args.split_seed}")
+    test = table[split == "test"]
+    known_ids = set(table.loc[split == "train", "individual_id"])
+    new_share = float((~test["individual_id"].isin(known_ids)).mean())
+    params = load_params(ROOT / args.params) if args.params else {}
+    for item in args.p:
+        key, _, value = item.partition("=")
+        params[key] = parse_cli_value(value)
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        exp = f"bench-openset-{args.dataset}-s{seed}"
+        run_params = {**params, "data": str(comp_dir), "exp": exp, "seed": seed}
+        t0 = time.perf_counter()
+        metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
+        runs.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
+        print(f"seed {seed}: MAP@5 {metrics['map5']:.3f} known {metrics.get('map5_known')} new "
+              f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
+    image_size = int(params.get("image_size", 128))
+    base = None if args.no_baseline else untrained_baseline(comp_dir, image_size, np.round(np.arange(0, 1.0001, 0.02), 6))
+    lines = [
+        "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it |",
+        "|---|---|---|---|---|---|---|",
+        f"| pipeline ({len(runs)} seed(s): mean ± sd) | {fmt([r['map5'] for r in runs])} | "
+        f"{fmt([r.get('map5_known') for r in runs])} | {fmt([r.get('map5_new') for r in runs])} | "
+        f"{fmt([r['threshold'] for r in runs])} | {fmt([r.get('test_best_threshold') for r in runs])} | "
+        f"{fmt([r.get('test_map5_best') for r in runs])} |",
+        f"| new_individual alone for every image | {new_share:.3f} | 0.000 | 1.000 | - | - | - |",
+    ]
+    if base:
+        lines.append(f"| untrained ImageNet features, threshold chosen on the test | {base['map5']:.3f} | "
+                     f"{base['map5_known']:.3f} | {base['map5_new']:.3f} | {base['threshold']:.2f} | - | - |")
+    extra = ", ".join(f"seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
+                      f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
+                      f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "
+                      f"{r.get('test_new_share_estimate') or float('nan'):.2f}, crops: {r.get('crop_method', '?')}, "
+                      f"{r['minutes']:.1f} min" for r in runs)
+    cmd = "HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    text = (
+        f"\n## Open-set re-identification on {args.dataset}: stages 01-04 through the runner\n\n"
+        f"- command: `{cmd}` (from the repository root)\n- date: {utc_stamp()}\n"
+        f"- machine: {torch_machine_line('cpu', load)}\n"
+        f"- split (seed {args.split_seed}): {int((split == 'train').sum())} train images of {len(known_ids)} "
+        f"individuals; {len(test)} test images, {new_share:.1%} of new individuals\n"
+        f"- parameters: `{args.params}` with {args.p or 'no overrides'}\n- runs: {extra}\n\n" + "\n".join(lines) + "\n"
+    )
+    print(text)
+    if args.record:
+        append_section(ROOT / "bench" / "RESULTS.md", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Open-set validation: a fold's new individuals are left out of its training (stage 02's fold table and
+``fold_split``), the test's new share estimated from its scores, and sweeps re-weighted to a share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import isolate_dirs
+
+from common.config import EmbedderConfig
+from common.data.artefacts import fold_split
+from common.data.competition import load_competition
+from common.data.demo import make_demo
+from common.lib import openset
+from common.stages.train_embedder import prepare_folds
+
+
+def test_choose_new_individuals_by_hand():
+    # fold 0 holds 4 images: A (2 images, also in fold 1), B (1, also in fold 1), C (1, only in fold 0: new
+    # anyway). share 0.5 -> 2 of 4 must be new: C gives 1, so one of A, B is chosen (both in the other fold).
+    ids = ["A", "A", "B", "C", "A", "B", "D", "D"]
+    folds = [0, 0, 0, 0, 1, 1, 1, 1]
+    new_fold = openset.choose_new_individuals(ids, folds, 0.5, seed=0)
+    chosen0 = {i for i, f in zip(ids, new_fold, strict=True) if f == 0}
+    assert chosen0 in ({"A"}, {"B"})
+    # an individual is new in one fold at most, and every one of its images carries that fold
+    for ind in set(ids):
+        assert len({f for i, f in zip(ids, new_fold, strict=True) if i == ind}) == 1
+    assert (openset.choose_new_individuals(ids, folds, 0.0, seed=0) == -1).all()
+    with pytest.raises(ValueError, match="oof_new_share=1.0"):
+        openset.choose_new_individuals(ids, folds, 1.0, seed=0)
+
+
+@pytest.fixture
+def comp(tmp_path, monkeypatch):
+    isolate_dirs(tmp_path, monkeypatch)
+    root = make_demo(tmp_path / "demo_open", n_individuals=14, n_unseen=2, images_per_individual=(3, 6),
+                     image_size=(64, 48), seed=3)
+    return load_competition(root, check_pixels=False)
+
+
+def test_a_folds_new_individuals_are_absent_from_its_training(comp):
+    cfg = EmbedderConfig(data=str(comp.root), exp="open", n_folds=3, folds="all", oof_new_share=0.3)
+    table = prepare_folds(cfg, comp)
+    assert set(table.columns) >= {"image", "individual_id", "fold", "new_fold"}
+    for k in range(3):
+        fit, valid, _ = fold_split(cfg, comp, table, k)
+        new_k = set(table.loc[table["new_fold"] == k, "individual_id"])
+        assert new_k, f"fold {k}: no individual treated as new"
+        assert not new_k & set(fit["individual_id"]), f"fold {k} trains on its new individuals"
+        assert new_k <= set(valid["individual_id"])  # and they are among its queries
+        # about 30% of the fold's queries are strangers to its model (later folds may run short of candidates)
+        share = (~valid["individual_id"].isin(set(fit["individual_id"]))).mean()
+        assert 0.2 <= share <= 0.6, share
+    # the plain split (no new_fold column) trains on every individual of the other folds
+    fit0, _, _ = fold_split(cfg, comp, table.drop(columns="new_fold"), 0)
+    assert set(table.loc[table["new_fold"] == 0, "individual_id"]) <= set(fit0["individual_id"])
+
+
+def test_estimate_new_share_recovers_a_known_mixture():
+    rng = np.random.default_rng(0)
+    known, new = rng.normal(0.8, 0.05, 2000), rng.normal(0.5, 0.08, 2000)
+    for share in (0.2, 0.5):
+        n_new = int(share * 1000)
+        test = np.concatenate([rng.normal(0.5, 0.08, n_new), rng.normal(0.8, 0.05, 1000 - n_new)])
+        assert openset.estimate_new_share(known, new, test) == pytest.approx(share, abs=0.04)
+    assert np.isnan(openset.estimate_new_share(known, np.array([]), known))
+
+
+def test_share_sweep_and_top1_by_hand():
+    sweep = pd.DataFrame({"threshold": [0.1, 0.5], "map5_known": [0.9, 0.6], "map5_new": [0.2, 1.0]})
+    assert openset.share_sweep(sweep, 0.25).tolist() == pytest.approx([0.725, 0.7])
+    table = pd.DataFrame({"image": ["a", "a", "b"], "individual_id": ["X", "Y", "X"], "score": [0.3, 0.7, 0.1]})
+    assert openset.top1_scores(table, ["b", "a", "c"]).tolist() == [0.1, 0.7, -1.0]
+    with pytest.raises(ValueError, match="test_new_share=1.5"):
+        openset.share_sweep(sweep, 1.5)
