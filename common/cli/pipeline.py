@@ -32,6 +32,7 @@ from typing import Any
 
 from common.config import STAGE_CONFIGS, known_params, load_params, parse_cli_value
 from common.core import distributed, paths, store
+from common.data import fingerprint as fp
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -87,10 +88,21 @@ def stage_params(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     return mine
 
 
-def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any]) -> bool:
-    """A stage is fresh when it finished with these parameters after every earlier stage finished (like make)."""
+def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any], say: bool = False) -> bool:
+    """A stage is fresh when it finished with this fingerprint (parameters, data, upstream stages: see
+    :mod:`common.data.fingerprint`) after every earlier stage finished (like make).
+
+    Args:
+        exp: the experiment.
+        stage: the stage.
+        fingerprint: :func:`common.data.fingerprint.stage_fingerprint` of the stage's config.
+        say: print what changed when the stage finished earlier with another fingerprint.
+    """
     marker = paths.stage_dir(exp, stage) / "_done.json"
     if not store.stage_done(marker.parent, fingerprint):
+        if say and marker.exists():
+            changed = fp.changes(fp.recorded(marker.parent), fingerprint)
+            print(f"[{stage}] reruns: changed since its last run: {', '.join(changed)}", flush=True)
         return False
     earlier = [paths.stage_dir(exp, s) / "_done.json" for s in STAGE_CONFIGS if s < stage]
     return all(not m.exists() or m.stat().st_mtime_ns <= marker.stat().st_mtime_ns for m in earlier)
@@ -113,7 +125,7 @@ def run(stages: list[str], params: dict[str, Any], force: bool = False, log_outp
             cfg = STAGE_CONFIGS[stage](**per_stage[stage])
             if force:
                 cfg = type(cfg)(**{**cfg.to_dict(), "force": True})
-            if not force and is_fresh(exp, stage, cfg.fingerprint()):
+            if not force and is_fresh(exp, stage, fp.stage_fingerprint(cfg), say=True):
                 print(f"[{stage}] {nb.name}: finished earlier with the same parameters, skipped (--force reruns)")
                 continue
             declared = pm.inspect_notebook(str(nb))

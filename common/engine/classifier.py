@@ -53,6 +53,7 @@ from common.data.competition import (
     make_folds,
     split_fold,
 )
+from common.data.fingerprint import model_data, upstream
 from common.engine.predict import forward_images
 from common.lib.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.lib.heads import dynamic_margins
@@ -214,6 +215,8 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     """
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
+    params["data_fingerprint"] = model_data(comp.root)  # a model of other data is refused, not reused
+    params["upstream"] = upstream(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
     done = checkpoint.finished_log(out, params, cfg.force)
     if done is not None:
         return done
@@ -235,6 +238,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
             "n_valid": len(valid), "averaged_epochs": avg,
             "final_weights": ("average of epochs " + ",".join(map(str, avg)) if avg
                               else "EMA" if cfg.ema_decay else "last epoch")}
+    meta.update(data_fingerprint=params["data_fingerprint"], upstream=params["upstream"])
     checkpoint.check_resumable(out, params)
     y_fit = np.array([class_index[c] for c in fit["label"]])
     soft = None

@@ -45,6 +45,7 @@ from common.data.competition import (
     ImageDataset,
     build_transforms,
 )
+from common.data.fingerprint import model_data, upstream
 from common.lib.heads import dynamic_margins
 from common.lib.models import EmbeddingModel
 
@@ -130,6 +131,8 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     """
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
+    params["data_fingerprint"] = model_data(comp.root)  # a model of other data is refused, not reused
+    params["upstream"] = upstream(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
     done = checkpoint.finished_log(out, params, cfg.force)
     if done is not None:
         return done
@@ -152,6 +155,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
         "used_crops": used_crops,
         "n_fit": len(fit), "n_valid": len(valid),
     }
+    meta.update(data_fingerprint=params["data_fingerprint"], upstream=params["upstream"])
     checkpoint.check_resumable(out, params)
     if info.is_main:
         store.write_json(out / "config.json", meta)

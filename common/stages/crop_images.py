@@ -29,6 +29,7 @@ import pandas as pd
 from common.config import CropConfig
 from common.core import paths, store
 from common.data.competition import Competition, DataError
+from common.data.fingerprint import stage_fingerprint
 from common.engine import detector as detect
 
 
@@ -77,7 +78,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     if not cfg.crop:
         result = CropResult(pd.DataFrame(), {"note": "crop=False: full images are used"}, dirs, None)
         store.write_json(out / "metrics.json", result.metrics)
-        store.mark_done(out, cfg.fingerprint())
+        store.mark_done(out, stage_fingerprint(cfg))
         return result
     if comp.boxes is None:
         raise DataError(f"{comp.root / 'boxes.csv'} not found: the detector needs boxes to train on "
@@ -114,7 +115,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     store.write_csv(out / "predictions.csv", _split_first(pd.concat(predictions, ignore_index=True)))
     store.write_csv(out / "boxes.csv", boxes)
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(boxes, metrics, dirs, comp.boxes)
 
 
@@ -140,7 +141,7 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
         tables[name] = _split_first(pd.concat([*kept, new], ignore_index=True))
         store.write_csv(out / name, tables[name])
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(tables["boxes.csv"], metrics, dirs, comp.boxes)
 
 
@@ -170,5 +171,5 @@ def _reuse(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     boxes = pd.read_csv(out / "boxes.csv", dtype={"image": str}) if (out / "boxes.csv").exists() else pd.DataFrame()
     metrics = {**(store.read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}),
                "crops_from": cfg.crops_from}
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(boxes, metrics, dirs, comp.boxes)

@@ -40,6 +40,7 @@ import pandas as pd
 from common.config import EnsembleConfig
 from common.core import paths, store
 from common.data.competition import Competition, open_competition
+from common.data.fingerprint import stage_fingerprint
 from common.lib import ensemble, metrics, postprocess
 from common.stages import retrieve_submit as submit
 from common.stages import train_classifier as classify
@@ -327,7 +328,7 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
     result["submission"] = name
     store.write_json(out / "metrics.json", result)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"ensemble": headline(result)})
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return result
 
 

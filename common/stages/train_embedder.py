@@ -12,6 +12,7 @@ from common.data.competition import (
     make_folds,
     split_fold,
 )
+from common.data.fingerprint import stage_fingerprint
 from common.engine import launch
 from common.engine.embedder import fold_dir, train_fold
 
@@ -41,7 +42,7 @@ def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) ->
     cfg = launch.train_elsewhere("02", cfg, paths.stage_dir(cfg.exp, "02"))
     logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
     if distributed.launch_info().is_main:
-        store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
+        store.mark_done(paths.stage_dir(cfg.exp, "02"), stage_fingerprint(cfg))
     return pd.concat(logs, ignore_index=True)
 
 
