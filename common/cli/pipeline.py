@@ -34,7 +34,7 @@ from common.config import STAGE_CONFIGS, known_params, load_params, parse_cli_va
 from common.core import distributed, paths, store
 from common.data import fingerprint as fp
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def notebook_for(stage: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:

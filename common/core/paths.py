@@ -66,7 +66,7 @@ def project_root() -> Path:
     for candidate in (here, *here.parents):
         if _looks_like_root(candidate):
             return candidate
-    package_parent = Path(__file__).resolve().parents[1]
+    package_parent = Path(__file__).resolve().parents[2]
     if _looks_like_root(package_parent):
         return package_parent
     return here
