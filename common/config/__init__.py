@@ -150,6 +150,8 @@ class CropConfig(StageConfig):
             training a detector again: many embedder experiments share one set of crops.
         inference_only: train nothing: predict test boxes with the detector an earlier run of this experiment
             trained (found by experiment name, e.g. in an attached Kaggle dataset) and write test crops only.
+        trust_checkpoint: load detector ``.pt`` files with full unpickling, which can run code hidden in the
+            file; by default they are loaded with ``weights_only`` and a file that needs more is refused.
     """
 
     stage: ClassVar[str] = "01"
@@ -165,6 +167,7 @@ class CropConfig(StageConfig):
     crop_margin: float = 0.1
     crops_from: str = ""
     inference_only: bool = False
+    trust_checkpoint: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
                                     epochs=cfg.detector_epochs, imgsz=cfg.detector_imgsz,
                                     batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
-                                    freeze=cfg.detector_freeze)
+                                    freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
     held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
@@ -102,7 +102,8 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
         names = table["image"].tolist()
         # Low confidence floor: AP needs the low-scoring boxes too; box_conf decides what gets cropped.
         pred = detect.predict_boxes(weights, [dirs[split] / n for n in names], imgsz=cfg.detector_imgsz,
-                                    conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+                                    conf=0.01, batch=cfg.detector_batch, device=cfg.device,
+                                    trust_checkpoint=cfg.trust_checkpoint)
         best = detect.best_boxes(pred, names, cfg.box_conf)
         crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
         predictions.append(pred.assign(split=split))
@@ -127,7 +128,8 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     detect.setup_ultralytics()
     names = comp.test["image"].tolist()
     pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
-                                conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+                                conf=0.01, batch=cfg.detector_batch, device=cfg.device,
+                                    trust_checkpoint=cfg.trust_checkpoint)
     best = detect.best_boxes(pred, names, cfg.box_conf)
     crops = detect.crop_images(best, dirs["test"], out / "crops" / "test", cfg.crop_margin)
     metrics: dict = {"detector": str(weights), "inference_only": True}
