@@ -93,8 +93,8 @@ class StageConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The values that decide a stage's outputs (``force`` and ``num_workers`` do not)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers")}
+        """The values that decide a stage's outputs (``force``, ``num_workers`` and ``trust_checkpoint`` do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers", "trust_checkpoint")}
 
 
 

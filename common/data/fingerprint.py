@@ -121,6 +121,20 @@ def upstream(cfg: Any) -> dict[str, str | None]:
     return {f"{exp}/{stage}": marker_hash(paths.stage_dir(exp, stage)) for exp, stage in sorted(set(reads))}
 
 
+def training_inputs(cfg: Any) -> dict[str, str | None]:
+    """What a fold model of stage 02 or 05 reads besides the competition: stage 01's train crops (names, sizes,
+    times: unchanged crops keep their times when stage 01 reruns) and, for distillation, the teacher's marker.
+
+    Args:
+        cfg: an embedder or classifier config.
+    """
+    crops = paths.stage_dir(cfg.exp, "01") / "crops" / "train"
+    out = {"crops": images_hash(crops) if getattr(cfg, "use_crops", False) else None}
+    if getattr(cfg, "distill_from", ""):
+        out["teacher"] = marker_hash(paths.stage_dir(cfg.distill_from, "05"))
+    return out
+
+
 def stage_fingerprint(cfg: Any) -> dict[str, Any]:
     """A stage's full fingerprint: its parameters, ``data`` and ``upstream`` (see the module docstring).
 

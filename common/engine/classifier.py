@@ -53,7 +53,7 @@ from common.data.competition import (
     make_folds,
     split_fold,
 )
-from common.data.fingerprint import model_data, upstream
+from common.data.fingerprint import model_data, training_inputs
 from common.engine.predict import forward_images
 from common.lib.averaging import ModelEma, average_checkpoints, select_checkpoints
 from common.lib.heads import dynamic_margins
@@ -216,7 +216,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
     params["data_fingerprint"] = model_data(comp.root)  # a model of other data is refused, not reused
-    params["upstream"] = upstream(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
+    params["upstream"] = training_inputs(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
     done = checkpoint.finished_log(out, params, cfg.force)
     if done is not None:
         return done

@@ -45,7 +45,7 @@ from common.data.competition import (
     ImageDataset,
     build_transforms,
 )
-from common.data.fingerprint import model_data, upstream
+from common.data.fingerprint import model_data, training_inputs
 from common.lib.heads import dynamic_margins
 from common.lib.models import EmbeddingModel
 
@@ -132,7 +132,7 @@ def train_fold(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame, fold
     out = fold_dir(cfg.exp, fold)
     params = {k: cfg.to_dict()[k] for k in _MODEL_FIELDS}
     params["data_fingerprint"] = model_data(comp.root)  # a model of other data is refused, not reused
-    params["upstream"] = upstream(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
+    params["upstream"] = training_inputs(cfg)  # stage 01's crops (and a teacher): new crops retrain the fold
     done = checkpoint.finished_log(out, params, cfg.force)
     if done is not None:
         return done

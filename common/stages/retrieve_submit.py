@@ -200,7 +200,8 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
     }
     if comp.truth is not None:
         truth = comp.truth.set_index("image")["individual_id"].reindex(submission["image"])
-        report = metrics.map5_report(truth.tolist(), submission["predictions"].str.split().tolist(),
+        scored = truth.notna().to_numpy()  # only the test images test.csv labels (n counts them)
+        report = metrics.map5_report(truth[scored].tolist(), submission["predictions"][scored].str.split().tolist(),
                                      comp.known_individuals, cfg.new_label)
         out.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()})
     return out
