@@ -41,6 +41,9 @@ class StageConfig:
         num_workers: data-loader worker processes (0 = load in the main process, -1 = sized to the machine:
             its CPU cores shared by the training processes, one left for the main loop, at most 8).
         force: rerun a stage even when its outputs exist with the same parameters.
+        bad_images: ``error`` (stop at the first unreadable image) or ``skip`` (drop unreadable train images,
+            read unreadable test images as a grey placeholder so each keeps its submission row; every skipped
+            image is listed in the notebook and in ``metrics.json``).
     """
 
     stage: ClassVar[str] = ""
@@ -53,6 +56,7 @@ class StageConfig:
     device: str = "auto"
     num_workers: int = 0
     force: bool = False
+    bad_images: str = "error"
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

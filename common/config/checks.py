@@ -116,6 +116,10 @@ CROSS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 ]
 
 
+# parameters that take one of a few words (besides each config's own _CHOICES)
+WORDS: dict[str, tuple[str, ...]] = {"bad_images": ("error", "skip")}
+
+
 def check(cfg: Any) -> None:
     """Raise ``ValueError`` on the first parameter of ``cfg`` outside its :data:`RULES` range or a :data:`CROSS` rule.
 
@@ -128,6 +132,9 @@ def check(cfg: Any) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not allowed.ok(value):
             raise ValueError(f"{name}={value!r}: must be {allowed}")
+    for name, words in WORDS.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in words:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: use one of {list(words)}")
     for names, test, text in CROSS:
         if all(hasattr(cfg, n) for n in names):
             values = [getattr(cfg, n) for n in names]

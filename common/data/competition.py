@@ -59,6 +59,7 @@ class Competition:
     test: pd.DataFrame
     boxes: pd.DataFrame | None
     truth: pd.DataFrame | None
+    skipped: pd.DataFrame | None = None  # bad_images=skip: image, split, reason (common.data.unreadable)
 
     @property
     def known_individuals(self) -> set[str]:
@@ -74,6 +75,9 @@ class Competition:
             "boxes": 0 if self.boxes is None else len(self.boxes),
             "ground truth": "yes" if self.truth is not None else "no",
         }
+        if self.skipped is not None and len(self.skipped):
+            rows["unreadable images skipped"] = ", ".join(f"{i} ({s})" for i, s in
+                                                          zip(self.skipped["image"], self.skipped["split"], strict=True))
         if self.truth is not None:
             unseen = ~self.truth["individual_id"].isin(self.known_individuals)
             rows["test images of unseen individuals"] = f"{unseen.mean():.1%}"
@@ -135,12 +139,28 @@ def _check_boxes_inside(boxes: pd.DataFrame, root: Path, train_images: set[str])
             try:
                 with Image.open(root / folder / image) as im:
                     sizes[image] = im.size
-            except OSError as err:
-                raise DataError(f"{root / 'boxes.csv'}, row {row}: image {image!r} cannot be read ({err})") from err
+            except OSError:  # unreadable: the pixel check reports it (or bad_images=skip skips it)
+                sizes[image] = (np.inf, np.inf)
         w, h = sizes[image]
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             raise DataError(f"{root / 'boxes.csv'}, row {row}: box {[x0, y0, x1, y1]} of image {image!r} lies "
                             f"outside the {w}x{h} image")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used (decoded fully, unlike ``verify()``, so truncated files are caught), or ``None``.
+
+    Args:
+        path: the image file.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width < 2 or im.height < 2:
+                return "image is smaller than 2x2 pixels"
+    except Exception as err:  # PIL raises several types for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def check_images(paths: Sequence[Path], workers: int = 4) -> None:
@@ -151,18 +171,8 @@ def check_images(paths: Sequence[Path], workers: int = 4) -> None:
         workers: decoding threads (PIL releases the GIL while decoding).
     """
 
-    def bad(path: Path) -> str | None:
-        try:
-            with Image.open(path) as im:
-                im.load()  # load(), unlike verify(), decodes the pixels and so catches truncated files
-                if im.width < 2 or im.height < 2:
-                    return "image is smaller than 2x2 pixels"
-        except Exception as err:  # PIL raises several types for bad files
-            return f"{type(err).__name__}: {err}"
-        return None
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for path, problem in zip(paths, pool.map(bad, paths), strict=True):
+        for path, problem in zip(paths, pool.map(image_problem, paths), strict=True):
             if problem:
                 raise DataError(f"{path}: unreadable or truncated image ({problem})")
 

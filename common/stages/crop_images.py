@@ -28,6 +28,7 @@ import pandas as pd
 
 from common.config import CropConfig
 from common.core import paths, store
+from common.data import unreadable
 from common.data.competition import Competition, DataError
 from common.data.fingerprint import stage_fingerprint
 from common.engine import detector as detect
@@ -98,7 +99,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
     predictions, chosen, metrics = [], [], {"detector": str(weights.relative_to(paths.working_dir()))}
-    for split, table in (("train", comp.train), ("test", comp.test)):
+    for split, table in (("train", comp.train), ("test", unreadable.readable(comp.test, comp))):
         names = table["image"].tolist()
         # Low confidence floor: AP needs the low-scoring boxes too; box_conf decides what gets cropped.
         pred = detect.predict_boxes(weights, [dirs[split] / n for n in names], imgsz=cfg.detector_imgsz,
@@ -112,6 +113,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
         if evaluated:
             key = "held-out train" if split == "train" else "test"
             metrics[key] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs[split])
+    unreadable.write_placeholders(comp, out / "crops" / "test")  # bad_images=skip: each test row keeps an image
     boxes = _split_first(pd.concat(chosen, ignore_index=True))
     store.write_csv(out / "predictions.csv", _split_first(pd.concat(predictions, ignore_index=True)))
     store.write_csv(out / "boxes.csv", boxes)
@@ -126,7 +128,8 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     weights = paths.find_stage_dir(cfg.exp, "01", need, hint="inference_only needs the detector of a full "
                                    "stage-01 run of this experiment (crop=True)") / need
     detect.setup_ultralytics()
-    names = comp.test["image"].tolist()
+    names = unreadable.readable(comp.test, comp)["image"].tolist()
+    unreadable.write_placeholders(comp, out / "crops" / "test")
     pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
                                 conf=0.01, batch=cfg.detector_batch, device=cfg.device,
                                     trust_checkpoint=cfg.trust_checkpoint)

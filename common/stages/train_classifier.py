@@ -32,8 +32,9 @@ from common.config import ClassifierConfig
 from common.core import paths, store
 from common.core.runtime import resolve_device
 from common.data.artefacts import crops_available, image_paths
-from common.data.competition import Competition, open_competition
+from common.data.competition import Competition
 from common.data.fingerprint import check_model, stage_fingerprint
+from common.data.unreadable import open_checked
 from common.engine import launch
 from common.engine.classifier import (  # noqa: F401  (re-exported: the stage's API in one place)
     LOG_COLUMNS,
@@ -83,7 +84,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     out = stage_dir(cfg.exp)
     if not cfg.force and store.stage_done(out, stage_fingerprint(cfg)) and (out / "metrics.json").exists():
         return store.read_json(out / "metrics.json")  # finished with these parameters: nothing to redo
-    comp = comp if comp is not None else open_competition(cfg.data)
+    comp = comp if comp is not None else open_checked(cfg)
     if cfg.inference_only:
         return infer_classification(cfg, comp)
     folds = prepare_folds(cfg, comp)
