@@ -279,10 +279,12 @@ def train_detector(
     freeze: int = 0,
     trust_checkpoint: bool = False,
 ) -> Path:
-    """Train (or fine-tune) a YOLO detector into ``out_dir``; resumable, quiet and seeded.
+    """Train (or fine-tune) a YOLO detector into ``out_dir``; quiet and seeded.
 
-    A finished run in ``out_dir`` (``train_done.json``) is returned without retraining; an unfinished one
-    (``weights/last.pt``) is resumed. Either must have been started with the same settings, else this raises.
+    A finished run in ``out_dir`` (``train_done.json``) is returned without retraining (it must have been
+    started with the same settings, else this raises). An unfinished one (killed) is trained again from the
+    start, with a message: ultralytics' resume does not restore the random state, so it would not give the
+    unbroken run's result.
 
     Args:
         data_yaml: from :func:`make_yolo_dataset`.
@@ -320,21 +322,22 @@ def train_detector(
     if state != "finished":
         device = _device(device)
         YOLO = _yolo(trust_checkpoint)
-        if state == "unfinished":
-            with _refusing(last):
-                yolo, kwargs = YOLO(str(last)), {"resume": True}
-        else:  # a fresh start; a checkpoint half-written when the run was killed cannot be resumed
-            if state == "corrupt":
-                warnings.warn(f"{last} is unreadable (killed while saving?): training again from the start",
-                              stacklevel=2)
-            shutil.rmtree(out_dir / "weights", ignore_errors=True)
-            (out_dir / "results.csv").unlink(missing_ok=True)  # ultralytics appends to it
-            store.write_json(params_file, params)
-            with _refusing(model):
-                yolo = YOLO(resolve_detector_model(str(model)))
-            kwargs = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "seed": seed, "deterministic": True}
-            if freeze:
-                kwargs["freeze"] = freeze
+        # A fresh start, also after a kill: ultralytics' resume restores the weights, optimiser and EMA but not
+        # the random state (augmentation, sampling), so a resumed run's losses differ from an unbroken run's
+        # (measured on the tiny demo). Restarting keeps the result the same as an unbroken run's.
+        if state in ("corrupt", "unfinished"):
+            why = "is unreadable (killed while saving?)" if state == "corrupt" else (
+                "is from an interrupted run; ultralytics cannot resume it to the same result as an unbroken run")
+            print(f"{last} {why}: training the detector again from the start", flush=True)
+            warnings.warn(f"{last} {why}: training the detector again from the start", stacklevel=2)
+        shutil.rmtree(out_dir / "weights", ignore_errors=True)
+        (out_dir / "results.csv").unlink(missing_ok=True)  # ultralytics appends to it
+        store.write_json(params_file, params)
+        with _refusing(model):
+            yolo = YOLO(resolve_detector_model(str(model)))
+        kwargs = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "seed": seed, "deterministic": True}
+        if freeze:
+            kwargs["freeze"] = freeze
         bar = progress(total=epochs, desc=f"train {out_dir.name}", unit="epoch")
 
         def on_epoch_end(trainer) -> None:
