@@ -200,3 +200,30 @@ def test_partial_test_csv_scores_only_the_images_it_labels(comp):
     known = c.known_individuals
     expected = sum(1.0 if t in known else 0.5 for t in truth["individual_id"].iloc[:5]) / 5
     assert got["n"] == 5 and got["map5"] == pytest.approx(expected)
+
+
+def test_a_failed_rerun_keeps_the_earlier_record_and_params(comp, monkeypatch):
+    """The executed notebook and params.json of a rerun replace the record only when the stage succeeds."""
+    import papermill
+
+    exp_dir = paths.working_dir() / "rec"
+    record = exp_dir / pipeline.notebook_for("01").name
+    exp_dir.mkdir(parents=True)
+    record.write_text("earlier record")
+    (exp_dir / "params.json").write_text('{"earlier": true}\n')
+
+    def fails(nb, out, **kwargs):
+        Path(out).write_text("failed run")
+        raise RuntimeError("a cell failed")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fails)
+    with pytest.raises(RuntimeError, match="a cell failed"):
+        pipeline.run(["01"], {"data": str(comp), "exp": "rec"})
+    assert record.read_text() == "earlier record" and (exp_dir / "params.json").read_text() == '{"earlier": true}\n'
+    assert record.with_suffix(".failed.ipynb").read_text() == "failed run"
+    assert not (exp_dir / ".lock").exists()
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda nb, out, **kwargs: Path(out).write_text("new"))
+    pipeline.run(["01"], {"data": str(comp), "exp": "rec"})
+    assert record.read_text() == "new" and not record.with_suffix(".failed.ipynb").exists()
+    assert json.loads((exp_dir / "params.json").read_text()) == {"data": str(comp), "exp": "rec"}
