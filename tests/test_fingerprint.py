@@ -47,13 +47,13 @@ def test_data_fingerprint_sees_an_edited_table(tmp_path):
     assert before["boxes.csv"] is None and before["train.csv"] is not None
     (root / "train.csv").write_text("image,species,individual_id\na.jpg,s,y\n")
     after = fp.data_fingerprint(root)
-    assert fp.changes({"data": before}, {"data": after}) == ["data train.csv"]
+    assert fp.changes({"data_files": before}, {"data_files": after}) == ["data_files train.csv"]
 
 
 def test_changes_names_parameters_data_and_upstream():
-    old = {"epochs": 2, "data": {"train.csv": "a"}, "upstream": {"e/01": "x"}}
-    new = {"epochs": 3, "data": {"train.csv": "b"}, "upstream": {"e/01": "y"}}
-    assert fp.changes(old, new) == ["data train.csv", "epochs 2 -> 3", "upstream e/01"]
+    old = {"epochs": 2, "data_files": {"train.csv": "a"}, "upstream": {"e/01": "x"}}
+    new = {"epochs": 3, "data_files": {"train.csv": "b"}, "upstream": {"e/01": "y"}}
+    assert fp.changes(old, new) == ["data_files train.csv", "epochs 2 -> 3", "upstream e/01"]
     assert fp.changes(None, new) == ["no record of an earlier run"]
     assert fp.changes(new, dict(new)) == []
 
@@ -63,7 +63,8 @@ def test_stage_fingerprint_follows_upstream_and_data(isolated):
     cfg = ExtractConfig(data=str(root), exp="e")
     first = fp.stage_fingerprint(cfg)
     assert first["upstream"] == {"e/01": None, "e/02": None}
-    assert first["data"]["train.csv"] == fp.file_hash(root / "train.csv")
+    assert first["data_files"]["train.csv"] == fp.file_hash(root / "train.csv")
+    assert first["data"] == str(root)  # the parameter itself is kept (kaggle.run_params reads it back)
     store.mark_done(paths.stage_dir("e", "02"), {"epochs": 1})
     second = fp.stage_fingerprint(cfg)
     assert second["upstream"]["e/02"] == hashlib.sha256(b'{"epochs": 1}').hexdigest()
@@ -78,7 +79,7 @@ def test_runner_reruns_after_train_csv_edit_and_says_why(isolated, capsys):
     assert pipeline.is_fresh("e", "02", fp.stage_fingerprint(cfg), say=True)
     (root / "train.csv").write_text("image,species,individual_id\na.jpg,s,z\n")
     assert not pipeline.is_fresh("e", "02", fp.stage_fingerprint(cfg), say=True)
-    assert "changed since its last run: data train.csv" in capsys.readouterr().out
+    assert "changed since its last run: data_files train.csv" in capsys.readouterr().out
 
 
 def test_check_model_refuses_other_data(tmp_path):

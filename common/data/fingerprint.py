@@ -3,7 +3,7 @@
 A stage is skipped only when its whole fingerprint matches the one in its ``_done.json`` marker:
 
 * the stage's parameters (:meth:`common.config.StageConfig.fingerprint`);
-* ``data``: a SHA-256 of each competition table (``train.csv``, ``test.csv``, ``boxes.csv``,
+* ``data_files``: a SHA-256 of each competition table (``train.csv``, ``test.csv``, ``boxes.csv``,
   ``sample_submission.csv``; ``None`` when absent) and, per image folder, a hash of every file's name, size and
   modification time (:func:`images_hash`);
 * ``upstream``: a hash of each earlier stage's marker that this stage reads (:data:`UPSTREAM`), so a rerun of
@@ -136,16 +136,19 @@ def training_inputs(cfg: Any) -> dict[str, str | None]:
 
 
 def stage_fingerprint(cfg: Any) -> dict[str, Any]:
-    """A stage's full fingerprint: its parameters, ``data`` and ``upstream`` (see the module docstring).
+    """A stage's full fingerprint: its parameters, ``data_files`` and ``upstream`` (see the module docstring).
+
+    The keys must not be parameter names: ``_done.json`` also tells which parameters a run used
+    (:func:`common.cli.kaggle.run_params`).
 
     Args:
         cfg: a stage config (its ``data`` names the competition folder; a missing one hashes to ``None``).
     """
-    return {**cfg.fingerprint(), "data": data_fingerprint(paths.data_dir(cfg.data)), "upstream": upstream(cfg)}
+    return {**cfg.fingerprint(), "data_files": data_fingerprint(paths.data_dir(cfg.data)), "upstream": upstream(cfg)}
 
 
 def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """What differs between two fingerprints, as short phrases (``"epochs 2 -> 3"``, ``"data train.csv"``).
+    """What differs between two fingerprints, as short phrases (``"epochs 2 -> 3"``, ``"data_files train.csv"``).
 
     Args:
         old: the recorded fingerprint (``None``: nothing recorded).
@@ -161,7 +164,7 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key} {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif key in ("data", "upstream"):
+        elif key in ("data_files", "upstream"):
             out.append(key)
         else:
             out.append(f"{key} {a!r} -> {b!r}")

@@ -77,7 +77,8 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
         weights = paths.find_stage_dir(cfg.exp, "02", f"fold{fold}/model.pt") / f"fold{fold}" / "model.pt"
         check_model(meta, comp.root, weights.parent / "config.json")
         # Reuse only embeddings made by this very model (its bytes) of these images, with the same TTA setting.
-        params = {"tta_flip": cfg.tta_flip, "model_sha256": file_hash(weights), "data": data_fingerprint(comp.root),
+        params = {"tta_flip": cfg.tta_flip, "model_sha256": file_hash(weights),
+                  "data_files": data_fingerprint(comp.root),
                   "upstream": upstream(cfg), **({"splits": "test"} if cfg.inference_only else {})}
         fresh = cfg.force or not store.stage_done(embeddings_dir(cfg.exp, fold), params)
         for split, table in splits:
