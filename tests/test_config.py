@@ -121,7 +121,7 @@ def test_known_params():
     "field, given, expected",
     [
         ("epochs", "3", 3),  # int field from a string (papermill/CLI)
-        ("epochs", " -3 ", -3),  # sign and spaces
+        ("num_workers", " -1 ", -1),  # sign and spaces
         ("epochs", 3.0, 3),  # integral float
         ("lr", 1, 1.0),  # int -> float
         ("lr", "1e-3", 1e-3),  # PyYAML reads 1e-3 as a string
@@ -191,7 +191,7 @@ def test_fold_list_bad(folds):
 
 
 def test_n_folds_at_least_two():
-    with pytest.raises(ValueError, match="n_folds must be >= 2"):
+    with pytest.raises(ValueError, match="n_folds=1: must be >= 2"):
         EmbedderConfig(n_folds=1)
     assert EmbedderConfig(n_folds=2, folds="all").fold_list() == [0, 1]
 

@@ -16,6 +16,7 @@ from common.config import CropConfig
 from common.core import paths, store
 from common.data import artefacts
 from common.data.competition import DataError, load_competition
+from common.data.fingerprint import stage_fingerprint
 from common.engine import detector as detect
 from common.stages import crop_images as crop_stage
 
@@ -54,7 +55,7 @@ def test_crop_false_writes_only_the_marker(comp):
     cfg = CropConfig(data=str(comp.root), exp="nocrop", crop=False)
     result = crop_stage.run_crop(cfg, comp)
     out = paths.stage_dir("nocrop", "01")
-    assert store.stage_done(out, cfg.fingerprint())
+    assert store.stage_done(out, stage_fingerprint(cfg))
     assert store.read_json(out / "metrics.json") == {
         "note": "crop=none: full images are used", "crop_method": "full images (crop=none: full images are used)"}
     assert sorted(p.name for p in out.iterdir()) == ["_done.json", "metrics.json"]  # no crops/, no boxes.csv
@@ -91,7 +92,7 @@ def test_crops_from_links_the_other_experiments_crops(comp):
     assert sorted(p.name for p in (link / "test").iterdir()) == sorted(comp.test["image"])
     assert result.boxes["image"].tolist() == comp.train["image"].tolist()
     assert result.metrics == {"held-out train": {"map50": 0.75}, "crops_from": "src"}
-    assert store.stage_done(out, cfg.fingerprint())
+    assert store.stage_done(out, stage_fingerprint(cfg))
     assert artefacts.crops_available("dst")
     crops = artefacts.image_paths(comp.train, "dst", "train", True)
     assert all(os.path.exists(p) for p in crops) and crops[0].startswith(str(link))

@@ -3,6 +3,7 @@ ultralytics wrapper (common.engine.detector). Expected values are worked out by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -390,3 +391,36 @@ def test_raccoon_converts(tmp_path):
     assert values.shape == (217, 5) and (values[:, 0] == 0).all()
     assert (values[:, 1:] > 0).all() and (values[:, 1:] <= 1).all()
     assert len(list((out / "images" / "val").iterdir())) == 40
+
+
+def test_killed_detector_run_restarts_from_scratch(tmp_path, monkeypatch, capsys):
+    """An unfinished run (a kill) is trained again from the model, never resumed from last.pt: ultralytics'
+    resume does not restore the random state, so it would not match an unbroken run."""
+    built = []
+
+    class FakeYolo:
+        def __init__(self, source):
+            built.append(source)
+
+        def add_callback(self, *args):
+            pass
+
+        def train(self, **kwargs):
+            assert "resume" not in kwargs and kwargs["epochs"] == 2
+            (tmp_path / "run" / "weights").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "run" / "weights" / "best.pt").write_bytes(b"w")
+
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\n")
+    (tmp_path / "run" / "weights").mkdir(parents=True)
+    (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"epoch 1 of 2")
+    (tmp_path / "run" / "results.csv").write_text("epoch,loss\n1,0.5\n")
+    monkeypatch.setattr(detect, "_checkpoint_state", lambda last, trust=False: "unfinished")
+    monkeypatch.setattr(detect, "_yolo", lambda trust=False: FakeYolo)
+    monkeypatch.setattr(detect, "_quiet", lambda yolo: contextlib.nullcontext())
+    with pytest.warns(UserWarning, match="interrupted run.*training the detector again from the start"):
+        detect.train_detector(data, tmp_path / "run", model="yolov8n.yaml", epochs=2, imgsz=64, batch=2,
+                              device="cpu")
+    assert built == ["yolov8n.yaml"]  # from the model, not from last.pt
+    assert not (tmp_path / "run" / "results.csv").exists()  # the interrupted run's rows are gone
+    assert "training the detector again from the start" in capsys.readouterr().out

@@ -82,6 +82,9 @@ class FakeTask(engine.Task):
         self.calls: list[str] = []
         self.steps = Steps()
 
+    def data_identity(self, comp):
+        return {}  # synthetic tensors: no competition files to fingerprint
+
     def describe(self, comp, fit):
         self.calls.append("describe")
         return {"classes": ["a", "b", "c"], "class_counts": [4, 4, 4]}

@@ -276,6 +276,8 @@ def test_bundle_layout(tiny_run):
         nb = json.loads((bundle / "kernels" / slug / meta["code_file"]).read_text())
         injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
         text = "".join(injected[0]["source"])
+        install = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+        assert f'\ncode_dataset = "{OWNER}/reid-common"' in install  # installs from its own code dataset only
         assert f'data = "{COMPETITION}"' in text and f'exp = "{EXP}"' in text and "inference_only = True" in text
     single = json.loads((tiny_run["single"] / "kernels" / f"{EXP}-inference" / "kernel-metadata.json").read_text())
     assert single["kernel_sources"] == [] and single["enable_gpu"] is True  # one kernel: nothing to chain
@@ -478,3 +480,30 @@ def test_build_06_attaches_the_members_weights_and_kernels(isolated, monkeypatch
     assert "inference_only = True" in text and 'members = "self,clf-b"' in text and "blend_ratio = 0.5" in text
     assert "inputs" not in text
     assert kaggle.ensemble_members("ens") == {"ens": ["05", "03"], "clf-b": ["05"], "emb-c": ["03"]}
+
+
+@pytest.mark.parametrize("pinned", ["alice/reid-common", "alice/my-code"])
+def test_install_cell_installs_only_from_the_kernels_code_dataset(tmp_path, monkeypatch, pinned):
+    slug = pinned.split("/")[1]
+    # another attached dataset ships a file of the same name, sorted first: it must never be installed from
+    for mount in ("input/aaa-evil", "input/datasets/mallory/" + slug, f"input/datasets/alice/{slug}"):
+        (tmp_path / mount).mkdir(parents=True)
+        (tmp_path / mount / kaggle.INSTALL_LIST).write_text("evil==1.0\n" if "alice" not in mount else "ok==1\n")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd))
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
+    exec(kaggle.pin_code_dataset(install_cell(), pinned), {})
+    (cmd,) = calls
+    assert cmd[cmd.index("-r") + 1] == str(tmp_path / "input/datasets/alice" / slug / kaggle.INSTALL_LIST)
+    calls.clear()
+    exec(kaggle.pin_code_dataset(install_cell(), "bob/not-attached"), {})
+    assert calls == []  # the kernel's code dataset is not attached: nothing else is installed instead
+
+
+def test_pin_code_dataset():
+    cell = 'import os\ncode_dataset = "reid-common"  # note\nprint(code_dataset)\n'
+    assert kaggle.pin_code_dataset(cell, "alice/x") == 'import os\ncode_dataset = "alice/x"  # note\nprint(code_dataset)\n'
+    with pytest.raises(ValueError, match="expected owner/slug"):
+        kaggle.pin_code_dataset(cell, 'a/b"; import evil #')
+    with pytest.raises(ValueError, match="0 `code_dataset"):
+        kaggle.pin_code_dataset("print(1)\n", "alice/x")

@@ -20,6 +20,7 @@ from common.core import paths, store
 from common.core.runtime import seed_everything, warmup_cosine
 from common.data import artefacts
 from common.data.competition import DataError
+from common.data.fingerprint import stage_fingerprint
 from common.engine import embedder as train
 from common.engine import fit as engine
 from common.lib.heads import dynamic_margins
@@ -195,7 +196,7 @@ def test_finished_fold_is_skipped_and_other_params_need_force(comp, monkeypatch)
         pd.testing.assert_frame_equal(again, first)
         # num_workers and force are not model parameters: still skipped
         train.train_fold(dataclasses.replace(cfg, num_workers=1), comp, folds, 0)
-        with pytest.raises(RuntimeError, match="other parameters; use force=True"):
+        with pytest.raises(RuntimeError, match=r"other parameters or data \(changed: lr\); use force=True"):
             train.train_fold(dataclasses.replace(cfg, lr=5e-4), comp, folds, 0)
     assert model_file.stat().st_mtime_ns == before
 
@@ -233,7 +234,7 @@ def test_run_training_all_folds_and_summary(comp):
     folds = train_embedder.prepare_folds(cfg, comp)
     logs = train_embedder.run_training(cfg, comp, folds)
     assert logs.empty and "fold" in logs.columns
-    assert store.stage_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
+    assert store.stage_done(paths.stage_dir(cfg.exp, "02"), stage_fingerprint(cfg))
     summary = train_embedder.fold_summary(cfg.exp, [0, 1])
     assert summary.index.tolist() == [0, 1]
     sizes = folds["fold"].value_counts()

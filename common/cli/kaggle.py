@@ -326,11 +326,32 @@ def build_kernel(out: Path, owner: str, exp: str, stages: list[str], competition
             nb.cells += [c for i, c in enumerate(part.cells) if i != first_code]
     for i, cell in enumerate(nb.cells):
         cell["id"] = str(i)  # unique ids once notebooks are joined
+    install = next(c for c in nb.cells if c.cell_type == "code")
+    install.source = pin_code_dataset(install.source, datasets[0])
     slug = out.name
     nbformat.write(nb, out / f"{slug}.ipynb")
     store.write_json(out / "kernel-metadata.json",
                      kernel_metadata(owner, slug, f"{slug}.ipynb", datasets, competition, kernels, gpu))
     return out
+
+
+CODE_DATASET_LINE = re.compile(r'^code_dataset = "[^"\n]*"', re.M)
+
+
+def pin_code_dataset(source: str, code_dataset: str) -> str:
+    """The install cell's source with ``code_dataset = "<owner>/<slug>"``: the kernel installs from that code
+    dataset only, never from another attached dataset that ships a file named :data:`INSTALL_LIST`.
+
+    Args:
+        source: the install cell (the first code cell of every notebook).
+        code_dataset: ``owner/slug`` of the code dataset (the first of the kernel's ``dataset_sources``).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", code_dataset):
+        raise ValueError(f"code dataset {code_dataset!r}: expected owner/slug")
+    pinned, n = CODE_DATASET_LINE.subn(f'code_dataset = "{code_dataset}"', source)
+    if n != 1:
+        raise ValueError(f"the install cell has {n} `code_dataset = ...` lines, expected one")
+    return pinned
 
 
 def build(exp: str, notebooks: list[str], owner: str, competition: str = "", out: Path | None = None,

@@ -26,10 +26,10 @@ def _config_class(stage: str):
 
 def run_stage(stage: str, config: dict[str, Any]) -> None:
     """Train every requested fold of stage ``stage`` in this process (one of the torchrun processes)."""
-    from common.data import competition as data_mod
+    from common.data.unreadable import open_checked
 
     cfg = _config_class(stage)(**config)
-    comp = data_mod.open_competition(cfg.data)
+    comp = open_checked(cfg)
     if stage == "02":
         train_embedder.run_training(cfg, comp, _folds(stage, cfg, comp, train_embedder.prepare_folds))
     else:

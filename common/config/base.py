@@ -44,6 +44,10 @@ class StageConfig:
                              "its CPU cores shared by the training processes, one left for the main loop, "
                              "at most 8).")
     force: bool = param(False, "rerun the stage even when its outputs exist with the same parameters.")
+    bad_images: str = param("error", "error (stop at the first unreadable image) or skip (drop unreadable train "
+                            "images, read unreadable test images as a grey placeholder so each keeps its "
+                            "submission row; every skipped image is listed in the notebook and metrics.json).",
+                            choices=("error", "skip"))
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -54,6 +58,9 @@ class StageConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r}: use one of {list(choices)}")
+        from common.config.checks import check  # ranges and cross-field rules (a sibling module: no cycle)
+
+        check(self)
 
     # -- the fields ----------------------------------------------------------------------------------------
     @classmethod
@@ -97,7 +104,7 @@ class StageConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The values that decide a stage's outputs (``force`` and ``num_workers`` do not)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers")}
+        return {k: v for k, v in self.to_dict().items() if k not in ("force", "num_workers", "trust_checkpoint")}
 
 
 def document(cls: type[StageConfig]) -> type[StageConfig]:

@@ -112,7 +112,13 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
         path = project_root() / path
     if not path.exists():
         raise FileNotFoundError(f"parameters file {path} not found")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:  # one line naming the file and line, not a scanner traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not a YAML parameters file "
+                         f"({getattr(err, 'problem', None) or type(err).__name__})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a flat mapping of parameter: value")
     loaded = {str(k): v for k, v in loaded.items()}

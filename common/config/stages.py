@@ -41,6 +41,9 @@ class CropConfig(StageConfig):
                             "instead of training a detector again.")
     inference_only: bool = param(False, "train nothing: the detector an earlier run of this experiment trained "
                                  "(found by experiment name, e.g. in a Kaggle dataset) crops the test images.")
+    trust_checkpoint: bool = param(False, "load detector .pt files with full unpickling, which can run code hidden "
+                                   "in the file; by default they load weights-only and a file that needs more is "
+                                   "refused.")
     cam_threshold: float = param(0.2, "CAM boxes: threshold of the min-max scaled map (0.2 in the CAM paper; "
                                  "python -m bench.cam_boxes).")
     cam_imgsz: int = param(224, "CAM boxes: the classifier's input size (pixels).")

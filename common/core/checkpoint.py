@@ -12,6 +12,7 @@ after the last finished epoch), ``log.csv`` (one row per epoch) and, once finish
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,9 @@ def finished_log(out: Path, params: dict[str, Any], force: bool) -> pd.DataFrame
     if store.stage_done(out, params):
         return pd.read_csv(out / "log.csv")
     if store.stage_done(out):
-        raise RuntimeError(f"{out} holds a model trained with other parameters; use force=True to retrain")
+        raise RuntimeError(f"{out} holds a model trained with other parameters or data (changed: "
+                           f"{', '.join(_changed(store.read_json(out / '_done.json').get('params', {}), params))}); "
+                           "use force=True (--force) to retrain")
     return None
 
 
@@ -52,9 +55,19 @@ def check_resumable(out: Path, params: dict[str, Any]) -> None:
     """
     if not (out / "last.pt").exists():
         return
-    old = store.read_json(out / "config.json")["config"]
-    if {k: old.get(k) for k in params} != params:
-        raise RuntimeError(f"{out / 'last.pt'}: checkpoint from other parameters; use force=True to start over")
+    meta = store.read_json(out / "config.json")
+    old = {**meta["config"], **{k: meta[k] for k in ("data_fingerprint", "upstream") if k in meta}}
+    changed = _changed(old, params)
+    if changed:
+        raise RuntimeError(f"{out / 'last.pt'}: checkpoint from other parameters or data (changed: "
+                           f"{', '.join(changed)}); use force=True to start over")
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys of ``new`` whose value differs in ``old`` (compared as JSON)."""
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))
+    old = json.loads(json.dumps(old, sort_keys=True, default=str))
+    return [k for k in sorted(new) if old.get(k) != new[k]]
 
 
 def save_state(out: Path, epoch: int, objects: Mapping[str, Any]) -> None:

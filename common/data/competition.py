@@ -16,6 +16,7 @@ row (1-based data row, as a spreadsheet shows it below the header).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,11 @@ TRAIN_COLUMNS = ("image", "species", "individual_id")
 SUBMISSION_COLUMNS = ("image", "predictions")
 BOX_COLUMNS = ("image", "xmin", "ymin", "xmax", "ymax")
 TRUTH_COLUMNS = ("image", "individual_id")
+
+
+# Columns that hold ids: a value that reads as missing, or with spaces around it, is refused (never a class).
+ID_COLUMNS = ("image", "species", "individual_id")
+MISSING_WORDS = {"nan", "none", "null", "<na>"}
 
 
 class DataError(ValueError):
@@ -53,6 +59,7 @@ class Competition:
     test: pd.DataFrame
     boxes: pd.DataFrame | None
     truth: pd.DataFrame | None
+    skipped: pd.DataFrame | None = None  # bad_images=skip: image, split, reason (common.data.unreadable)
 
     @property
     def known_individuals(self) -> set[str]:
@@ -68,6 +75,9 @@ class Competition:
             "boxes": 0 if self.boxes is None else len(self.boxes),
             "ground truth": "yes" if self.truth is not None else "no",
         }
+        if self.skipped is not None and len(self.skipped):
+            rows["unreadable images skipped"] = ", ".join(f"{i} ({s})" for i, s in
+                                                          zip(self.skipped["image"], self.skipped["split"], strict=True))
         if self.truth is not None:
             unseen = ~self.truth["individual_id"].isin(self.known_individuals)
             rows["test images of unseen individuals"] = f"{unseen.mean():.1%}"
@@ -90,6 +100,15 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         if blank.any():
             row = int(np.flatnonzero(blank.to_numpy())[0]) + 1
             raise DataError(f"{path}, row {row}: empty value in column {col!r}")
+    for col in (c for c in columns if c in ID_COLUMNS):
+        values = df[col]
+        bad = (values != values.str.strip()) | values.str.strip().str.lower().isin(MISSING_WORDS)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
+            value = values.iloc[row - 1]
+            why = "spaces around the id" if value != value.strip() else "reads as a missing value"
+            raise DataError(f"{path}, row {row}: {col} {value!r}: {why} ({int(bad.sum())} such row(s) in "
+                            f"{col!r}); fix the file: ids are used exactly as written")
     if "image" in columns and columns != BOX_COLUMNS:
         dup = df["image"].duplicated()
         if dup.any():
@@ -111,6 +130,39 @@ def _check_files_exist(df: pd.DataFrame, folder: Path, table: Path) -> None:
         )
 
 
+def _check_boxes_inside(boxes: pd.DataFrame, root: Path, train_images: set[str]) -> None:
+    """Raise naming ``boxes.csv`` and its 1-based row when a box lies outside its image (header read only)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for row, (image, x0, y0, x1, y1) in enumerate(boxes[["image", *BOX_COLUMNS[1:]]].itertuples(index=False), 1):
+        if image not in sizes:
+            folder = "train_images" if image in train_images else "test_images"
+            try:
+                with Image.open(root / folder / image) as im:
+                    sizes[image] = im.size
+            except OSError:  # unreadable: the pixel check reports it (or bad_images=skip skips it)
+                sizes[image] = (np.inf, np.inf)
+        w, h = sizes[image]
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise DataError(f"{root / 'boxes.csv'}, row {row}: box {[x0, y0, x1, y1]} of image {image!r} lies "
+                            f"outside the {w}x{h} image")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used (decoded fully, unlike ``verify()``, so truncated files are caught), or ``None``.
+
+    Args:
+        path: the image file.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width < 2 or im.height < 2:
+                return "image is smaller than 2x2 pixels"
+    except Exception as err:  # PIL raises several types for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def check_images(paths: Sequence[Path], workers: int = 4) -> None:
     """Decode every image fully; raise naming the first unreadable or truncated one.
 
@@ -119,18 +171,8 @@ def check_images(paths: Sequence[Path], workers: int = 4) -> None:
         workers: decoding threads (PIL releases the GIL while decoding).
     """
 
-    def bad(path: Path) -> str | None:
-        try:
-            with Image.open(path) as im:
-                im.load()  # load(), unlike verify(), decodes the pixels and so catches truncated files
-                if im.width < 2 or im.height < 2:
-                    return "image is smaller than 2x2 pixels"
-        except Exception as err:  # PIL raises several types for bad files
-            return f"{type(err).__name__}: {err}"
-        return None
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for path, problem in zip(paths, pool.map(bad, paths), strict=True):
+        for path, problem in zip(paths, pool.map(image_problem, paths), strict=True):
             if problem:
                 raise DataError(f"{path}: unreadable or truncated image ({problem})")
 
@@ -181,6 +223,14 @@ def load_competition(root: str | Path, check_pixels: bool = True) -> Competition
         if flat.any():
             row = int(np.flatnonzero(flat.to_numpy())[0]) + 1
             raise DataError(f"{root / 'boxes.csv'}, row {row}: box has xmax<=xmin or ymax<=ymin")
+        _check_boxes_inside(boxes, root, set(train["image"]))
+
+    overlap = test["image"].isin(set(train["image"]))
+    if overlap.any():  # reported, not refused: a test image seen in training inflates every score
+        row = int(np.flatnonzero(overlap.to_numpy())[0]) + 1
+        source = sub_csv.name if sub_csv.exists() else "test_images/"
+        warnings.warn(f"{root / source}, row {row}: test image {test['image'].iloc[row - 1]!r} is also in "
+                      f"train.csv ({int(overlap.sum())} test image(s) in all)", stacklevel=2)
 
     truth = None
     if (root / "test.csv").exists():

@@ -418,15 +418,15 @@ def ensure_demo(data_dir: str | os.PathLike) -> Path:
     """Generate the demo on first use: ``inputs/demo`` (and ``inputs/demo_tiny``) need no download.
 
     Args:
-        data_dir: a competition folder. If it does not exist (or is empty) and its name starts with ``demo``,
-            it is generated: with the preset of that name in ``PRESETS`` (``demo_tiny`` -> ``TINY_DEMO``),
-            else with :func:`make_demo`'s defaults. Any other folder is returned untouched.
+        data_dir: a competition folder. If it does not exist (or is empty) and its name is one of ``PRESETS``
+            (``demo``, ``demo_tiny``), it is generated with that preset. Any other folder is returned untouched
+            (a missing one is reported by the caller: ``demo2`` or ``demo-tiny`` generate nothing).
 
     Returns:
         ``data_dir`` as a ``Path``.
     """
     data_dir = Path(data_dir)
     empty = data_dir.is_dir() and not any(data_dir.iterdir())
-    if (not data_dir.exists() or empty) and data_dir.name.startswith("demo"):
+    if (not data_dir.exists() or empty) and data_dir.name in PRESETS:  # exact names: no typo makes a demo
         make_demo(data_dir, **PRESETS.get(data_dir.name, {}))
     return data_dir

@@ -118,14 +118,58 @@ def setup_ultralytics(config_dir: Path | None = None) -> Path:
     return config_dir
 
 
-def _yolo():
+def _yolo(trust_checkpoint: bool = False):
+    """``ultralytics.YOLO``, with checkpoints loaded safely unless ``trust_checkpoint`` (see :func:`safe_load`)."""
     setup_ultralytics()
     omp = os.environ.get("OMP_NUM_THREADS")
     from ultralytics import YOLO
 
     if omp is None:  # ultralytics' import sets it to 1 for every OpenMP library loaded later (faiss ...)
         os.environ.pop("OMP_NUM_THREADS", None)
+    safe_load(not trust_checkpoint)
+    from ultralytics.utils import SETTINGS
+
+    # The runner logs each stage itself (common.core.tracking); ultralytics' own MLflow (and other) callbacks
+    # would otherwise write an mlruns/ folder next to the notebook on every detector run.
+    off = {k: False for k in ("mlflow", "tensorboard", "wandb", "clearml", "comet", "dvc", "neptune", "raytune")
+           if SETTINGS.get(k)}
+    if off:
+        SETTINGS.update(off)
     return YOLO
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A detector checkpoint holds objects that only full unpickling could rebuild (and that could run code)."""
+
+
+def safe_load(on: bool = True) -> None:
+    """Make ultralytics load every ``.pt`` with ``torch.load(weights_only=True)`` and its allow-list of model
+    classes (its ``ULTRALYTICS_SAFE_LOAD`` switch), so a crafted checkpoint cannot run code while loading.
+
+    Args:
+        on: ``False`` restores full unpickling (``trust_checkpoint=True``: only for files you made yourself).
+    """
+    import ultralytics.nn.tasks as tasks
+
+    tasks.SAFE_LOAD = bool(on)
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1" if on else "0"  # subprocesses (DDP training) read it at import
+
+
+@contextmanager
+def _refusing(weights: str | Path) -> Iterator[None]:
+    """Turn ultralytics' refusal of a checkpoint's pickled objects into a clear error naming the file."""
+    import pickle
+
+    try:
+        yield
+    except (TypeError, pickle.UnpicklingError) as err:
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) or "outside the supported" in text or "weights_only" in text:
+            raise UntrustedCheckpointError(
+                f"{weights}: refused to load: the checkpoint holds objects that only full unpickling could "
+                "rebuild, which can run arbitrary code. If you made this file yourself, pass "
+                "trust_checkpoint=true") from err
+        raise
 
 
 @contextmanager
@@ -242,11 +286,14 @@ def train_detector(
     device: str = "auto",
     seed: int = 0,
     freeze: int = 0,
+    trust_checkpoint: bool = False,
 ) -> Path:
-    """Train (or fine-tune) a YOLO detector into ``out_dir``; resumable, quiet and seeded.
+    """Train (or fine-tune) a YOLO detector into ``out_dir``; quiet and seeded.
 
-    A finished run in ``out_dir`` (``train_done.json``) is returned without retraining; an unfinished one
-    (``weights/last.pt``) is resumed. Either must have been started with the same settings, else this raises.
+    A finished run in ``out_dir`` (``train_done.json``) is returned without retraining (it must have been
+    started with the same settings, else this raises). An unfinished one (killed) is trained again from the
+    start, with a message: ultralytics' resume does not restore the random state, so it would not give the
+    unbroken run's result.
 
     Args:
         data_yaml: from :func:`make_yolo_dataset`.
@@ -259,6 +306,8 @@ def train_detector(
         seed: ultralytics seed (with ``deterministic=True``).
         freeze: freeze the first N layers (10 = the YOLOv8 backbone): a short fine-tune of a pretrained detector
             on a small set is faster (no backbone gradients) and overfits less.
+        trust_checkpoint: load ``.pt`` files with full unpickling (default: ``weights_only``; see
+            :func:`safe_load`).
 
     Returns:
         Path of the best weights (``weights/best.pt``).
@@ -277,24 +326,27 @@ def train_detector(
             diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new): "
                              "delete the folder or choose another out_dir")
-    _yolo()  # unpickling a checkpoint imports ultralytics: set it up first
-    state = "finished" if done_file.exists() else _checkpoint_state(last)
+    _yolo(trust_checkpoint)  # unpickling a checkpoint imports ultralytics: set it up first
+    state = "finished" if done_file.exists() else _checkpoint_state(last, trust_checkpoint)
     if state != "finished":
         device = _device(device)
-        YOLO = _yolo()
-        if state == "unfinished":
-            yolo, kwargs = YOLO(str(last)), {"resume": True}
-        else:  # a fresh start; a checkpoint half-written when the run was killed cannot be resumed
-            if state == "corrupt":
-                warnings.warn(f"{last} is unreadable (killed while saving?): training again from the start",
-                              stacklevel=2)
-            shutil.rmtree(out_dir / "weights", ignore_errors=True)
-            (out_dir / "results.csv").unlink(missing_ok=True)  # ultralytics appends to it
-            store.write_json(params_file, params)
+        YOLO = _yolo(trust_checkpoint)
+        # A fresh start, also after a kill: ultralytics' resume restores the weights, optimiser and EMA but not
+        # the random state (augmentation, sampling), so a resumed run's losses differ from an unbroken run's
+        # (measured on the tiny demo). Restarting keeps the result the same as an unbroken run's.
+        if state in ("corrupt", "unfinished"):
+            why = "is unreadable (killed while saving?)" if state == "corrupt" else (
+                "is from an interrupted run; ultralytics cannot resume it to the same result as an unbroken run")
+            print(f"{last} {why}: training the detector again from the start", flush=True)
+            warnings.warn(f"{last} {why}: training the detector again from the start", stacklevel=2)
+        shutil.rmtree(out_dir / "weights", ignore_errors=True)
+        (out_dir / "results.csv").unlink(missing_ok=True)  # ultralytics appends to it
+        store.write_json(params_file, params)
+        with _refusing(model):
             yolo = YOLO(resolve_detector_model(str(model)))
-            kwargs = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "seed": seed, "deterministic": True}
-            if freeze:
-                kwargs["freeze"] = freeze
+        kwargs = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "seed": seed, "deterministic": True}
+        if freeze:
+            kwargs["freeze"] = freeze
         bar = progress(total=epochs, desc=f"train {out_dir.name}", unit="epoch")
 
         def on_epoch_end(trainer) -> None:
@@ -315,16 +367,19 @@ def train_detector(
     return best
 
 
-def _checkpoint_state(last: Path) -> str:
+def _checkpoint_state(last: Path, trust_checkpoint: bool = False) -> str:
     """``missing``, ``corrupt``, ``finished`` (ultralytics' ``strip_optimizer`` sets ``epoch = -1``) or
-    ``unfinished``."""
+    ``unfinished``; a checkpoint that cannot be loaded safely raises :class:`UntrustedCheckpointError`."""
     if not last.exists():
         return "missing"
-    import torch
+    from ultralytics.nn.tasks import torch_safe_load
 
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # ultralytics' own pickled checkpoint
-    except Exception:  # truncated zip, EOFError, unpickling errors: all mean "cannot resume"
+        with _refusing(last):
+            ckpt, _ = torch_safe_load(str(last), safe_only=not trust_checkpoint)
+    except UntrustedCheckpointError:
+        raise
+    except Exception:  # truncated zip, EOFError: "cannot resume"
         return "corrupt"
     return "finished" if ckpt.get("epoch", -1) == -1 else "unfinished"
 
@@ -339,6 +394,7 @@ def predict_boxes(
     max_det: int = 10,
     classes: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
+    trust_checkpoint: bool = False,
 ) -> pd.DataFrame:
     """Run the detector over images and return every box it keeps.
 
@@ -353,6 +409,7 @@ def predict_boxes(
         classes: keep only these class indices (e.g. COCO's animals, :data:`COCO_ANIMALS`, for a zero-shot
             COCO model); ``None`` keeps every class.
         prompts: text prompts of an open-vocabulary model (YOLO-World: ``set_classes``); ``None`` for others.
+        trust_checkpoint: load ``weights`` with full unpickling (default: ``weights_only``; see :func:`safe_load`).
 
     Returns:
         Columns ``image`` (file name), ``xmin, ymin, xmax, ymax`` (pixels of the original image), ``conf``;
@@ -365,7 +422,8 @@ def predict_boxes(
     for p in images:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: image not found")
-    model = _yolo()(str(weights))
+    with _refusing(weights):
+        model = _yolo(trust_checkpoint)(str(weights))
     if prompts:
         model.set_classes(list(prompts))
     device = _device(device)

@@ -49,6 +49,7 @@ from common.core.runtime import (
 from common.core.weights import backbone_normalization
 from common.data.artefacts import fold_split
 from common.data.competition import Competition
+from common.data.fingerprint import model_data, training_inputs
 
 StateDict = dict[str, torch.Tensor]
 
@@ -93,6 +94,16 @@ class Task:
         return fold_dir(self.cfg.exp, self.stage, fold)
 
     # ------------------------------------------------------------------------------------------ set-up hooks
+    def data_identity(self, comp: Competition) -> dict[str, Any]:
+        """What a fold was trained on besides its parameters: the competition's train table and image names and
+        sizes (``data_fingerprint``) and the earlier stages' outputs it read (``upstream``: crops, a teacher).
+        Stored with the fold; a finished or half-trained fold of other data is refused, not reused.
+
+        Args:
+            comp: the validated competition.
+        """
+        return {"data_fingerprint": model_data(comp.root), "upstream": training_inputs(self.cfg)}
+
     def describe(self, comp: Competition, fit: pd.DataFrame) -> dict[str, Any]:
         """The fold's classes (``classes``, ``class_counts``) and anything else the model needs, written to
         ``config.json``; also loads what training needs besides the images (it may raise before the model is
@@ -250,6 +261,8 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     out = task.fold_dir(fold)
     config = cfg.to_dict()
     params = {k: config[k] for k in task.model_fields}
+    identity = task.data_identity(comp)  # a model of other data (or other crops, another teacher) is not reused
+    params.update(identity)
     done = checkpoint.finished_log(out, params, cfg.force)
     if done is not None:
         return done
@@ -264,6 +277,7 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
     meta = {"config": config, "fold": fold, **task.describe(comp, fit_rows), "mean": list(mean), "std": list(std),
             "used_crops": used_crops, "n_fit": len(fit_rows), "n_valid": len(valid_rows)}
+    meta.update(identity)
     if info.is_main:
         store.write_json(out / "config.json", meta)
 

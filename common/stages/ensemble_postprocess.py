@@ -39,7 +39,9 @@ import pandas as pd
 
 from common.config import EnsembleConfig
 from common.core import paths, store
-from common.data.competition import Competition, open_competition
+from common.data.competition import Competition
+from common.data.fingerprint import stage_fingerprint
+from common.data.unreadable import open_checked
 from common.lib import ensemble, metrics, postprocess
 from common.stages import retrieve_submit as submit
 from common.stages import train_classifier as classify
@@ -275,7 +277,7 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
     from common.stages import ensemble_retrieval
     from common.stages import soup as soup_stage
 
-    comp = comp if comp is not None else open_competition(cfg.data)
+    comp = comp if comp is not None else open_checked(cfg)
     out = stage_dir(cfg.exp)
     names = cfg.member_list("members")
     if not names and not cfg.member_list("embed_members"):
@@ -321,7 +323,7 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
     result["submission"] = name
     store.write_json(out / "metrics.json", result)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"ensemble": headline(result)})
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return result
 
 

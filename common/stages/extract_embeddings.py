@@ -20,6 +20,7 @@ from common.core import paths, store
 from common.core.runtime import resolve_device
 from common.data.artefacts import _embeddings_file, embeddings_dir, image_paths, load_fold_embeddings
 from common.data.competition import Competition
+from common.data.fingerprint import check_model, data_fingerprint, file_hash, stage_fingerprint, upstream
 from common.engine.embedder import load_embedder
 from common.engine.predict import forward_images
 
@@ -74,9 +75,11 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
         model, meta = load_embedder(cfg.exp, fold, device)
         tcfg = meta["config"]
         weights = paths.find_stage_dir(cfg.exp, "02", f"fold{fold}/model.pt") / f"fold{fold}" / "model.pt"
-        # Reuse only embeddings made by this very model file with the same TTA setting.
-        params = {"tta_flip": cfg.tta_flip, "model_mtime_ns": weights.stat().st_mtime_ns,
-                  "model_bytes": weights.stat().st_size, **({"splits": "test"} if cfg.inference_only else {})}
+        check_model(meta, comp.root, weights.parent / "config.json")
+        # Reuse only embeddings made by this very model (its bytes) of these images, with the same TTA setting.
+        params = {"tta_flip": cfg.tta_flip, "model_sha256": file_hash(weights),
+                  "data_files": data_fingerprint(comp.root),
+                  "upstream": upstream(cfg), **({"splits": "test"} if cfg.inference_only else {})}
         fresh = cfg.force or not store.stage_done(embeddings_dir(cfg.exp, fold), params)
         for split, table in splits:
             target = embeddings_dir(cfg.exp, fold) / f"{split}.npz"
@@ -94,7 +97,7 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
             rows.append({"fold": fold, "split": "train", "file": str(gallery), "rows": len(comp.train),
                          "dim": int(tcfg["embedding_dim"]), "reused": True})
         store.mark_done(embeddings_dir(cfg.exp, fold), params)
-    store.mark_done(paths.stage_dir(cfg.exp, "03"), cfg.fingerprint())
+    store.mark_done(paths.stage_dir(cfg.exp, "03"), stage_fingerprint(cfg))
     return pd.DataFrame(rows)
 
 

@@ -36,6 +36,7 @@ from common.config import EnsembleConfig, RetrievalConfig
 from common.core import paths, store
 from common.data.artefacts import load_fold_embeddings, read_folds
 from common.data.competition import Competition
+from common.data.fingerprint import stage_fingerprint
 from common.lib import metrics, openset, retrieval
 
 
@@ -327,7 +328,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     store.write_json(out / "metrics.json", result_metrics)
     # Keep other stages' keys (stage 05 writes "classifier"); stage 04's own keys are replaced.
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", result_metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return RetrievalResult(oof, truth, sweep, threshold, test, submission, result_metrics)
 
 

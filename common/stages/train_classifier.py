@@ -32,7 +32,9 @@ from common.config import ClassifierConfig
 from common.core import paths, store
 from common.core.runtime import resolve_device
 from common.data.artefacts import crops_available, image_paths
-from common.data.competition import Competition, open_competition
+from common.data.competition import Competition
+from common.data.fingerprint import check_model, stage_fingerprint
+from common.data.unreadable import open_checked
 from common.engine import launch
 from common.engine.classifier import (  # noqa: F401  (re-exported: the stage's API in one place)
     LOG_COLUMNS,
@@ -80,9 +82,9 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         The metrics written to ``05_classifier/metrics.json``.
     """
     out = stage_dir(cfg.exp)
-    if not cfg.force and store.stage_done(out, cfg.fingerprint()) and (out / "metrics.json").exists():
+    if not cfg.force and store.stage_done(out, stage_fingerprint(cfg)) and (out / "metrics.json").exists():
         return store.read_json(out / "metrics.json")  # finished with these parameters: nothing to redo
-    comp = comp if comp is not None else open_competition(cfg.data)
+    comp = comp if comp is not None else open_checked(cfg)
     if cfg.inference_only:
         return infer_classification(cfg, comp)
     folds = prepare_folds(cfg, comp)
@@ -151,7 +153,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         store.write_csv(paths.submission_path(f"{cfg.exp}-classifier"), sub)
     store.write_json(out / "metrics.json", metrics)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"classifier": headline(metrics)})
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return metrics
 
 
@@ -168,6 +170,8 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     classes, counts = info["classes"], info["counts"]
     device = resolve_device(cfg.device)
     models = [(k, *load_classifier(cfg.exp, k, device)) for k in cfg.fold_list()]  # all found before any work
+    for k, _, meta in models:
+        check_model(meta, comp.root, f"{cfg.exp} stage 05 fold{k}/config.json")
     if models[0][2]["classes"] != classes:  # the logits' order is the trained model's
         raise ValueError(f"{where}: its classes are not those fold {models[0][0]}'s model was trained on: this "
                          f"competition's train.csv differs from the one the run of {cfg.exp!r} used")
@@ -200,7 +204,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     if paths.on_kaggle():
         store.write_csv(paths.working_dir() / "submission.csv", sub)
     store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, cfg.fingerprint())
+    store.mark_done(out, stage_fingerprint(cfg))
     return metrics
 
 

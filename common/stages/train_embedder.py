@@ -9,6 +9,7 @@ from common.config import EmbedderConfig
 from common.core import distributed, paths, store
 from common.data.artefacts import assign_folds
 from common.data.competition import Competition, DataError, split_fold
+from common.data.fingerprint import stage_fingerprint
 from common.engine import launch
 from common.engine.embedder import fold_dir, train_fold
 from common.lib.openset import choose_new_individuals
@@ -44,7 +45,7 @@ def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) ->
     cfg = launch.train_elsewhere("02", cfg, paths.stage_dir(cfg.exp, "02"))
     logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
     if distributed.launch_info().is_main:
-        store.mark_done(paths.stage_dir(cfg.exp, "02"), cfg.fingerprint())
+        store.mark_done(paths.stage_dir(cfg.exp, "02"), stage_fingerprint(cfg))
     return pd.concat(logs, ignore_index=True)
 
 
