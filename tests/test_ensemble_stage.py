@@ -231,7 +231,7 @@ def test_clear_errors(comp, tmp_path):
 
 
 def test_members_keep_the_out_of_fold_images_they_share_and_weight_by_balanced_accuracy():
-    from common.stages.ensemble_postprocess import Member, _keep_oof, member_weights
+    from common.stages.ensemble_members import Member, _keep_oof, member_weights
 
     def member(exp, images, labels, preds):
         probs = np.eye(2, dtype=np.float32)[preds]
