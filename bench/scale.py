@@ -78,7 +78,7 @@ def run_child(stage: str, spec_file: str) -> None:
     """One stage in this process (the parent measures it); writes the loader timings next to ``spec_file``."""
     from common.config import STAGE_CONFIGS
     from common.core import distributed
-    from common.data.competition import competition as data_mod
+    from common.data import competition as data_mod
 
     plain = distributed.epoch_loader
     distributed.epoch_loader = lambda *a, **k: _TimedLoader(plain(*a, **k))

@@ -11,7 +11,7 @@ import pytest
 
 from common.cli import batch, report, sweep
 from common.core import paths, store
-from common.data.competition import demo
+from common.data import demo
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_experiments.ipynb"

@@ -130,7 +130,7 @@ def test_norm_eval_freezes_batchnorm_statistics():
 def ddp_runs(tmp_path_factory):
     """Stage 02 and stage 05 trained once in this process and once by 2 torchrun processes (gloo, CPU)."""
     from common.config import ClassifierConfig, EmbedderConfig
-    from common.data.competition import competition as data_mod
+    from common.data import competition as data_mod
     from common.stages import train_classifier as classify
 
     work = tmp_path_factory.mktemp("ddp")
@@ -260,7 +260,7 @@ def test_two_nodes_train_the_embedder_like_one_process(ddp_runs):
     import threading
 
     from common.config import EmbedderConfig
-    from common.data.competition import competition as data_mod
+    from common.data import competition as data_mod
     from common.engine import embedder as train
 
     work = ddp_runs["work"]
