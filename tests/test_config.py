@@ -35,7 +35,7 @@ def test_defaults():
     assert EmbedderConfig.defaults() == emb.to_dict()
     assert RetrievalConfig().fold_merge == "mean"
     assert [cls.stage for cls in STAGE_CONFIGS.values()] == sorted(STAGE_CONFIGS)  # 01, 02, ... in order
-    assert list(STAGE_CONFIGS)[:5] == ["01", "02", "03", "04", "05"]
+    assert list(STAGE_CONFIGS)[:6] == ["00", "01", "02", "03", "04", "05"]
 
 
 def test_fingerprint_ignores_force_and_workers():

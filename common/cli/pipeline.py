@@ -33,7 +33,7 @@ from typing import Any
 from common.config import STAGE_CONFIGS, known_params, load_params, parse_cli_value
 from common.core import distributed, paths, store
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # common/cli/ -> the repository root
 
 
 def notebook_for(stage: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:

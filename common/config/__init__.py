@@ -632,7 +632,10 @@ class EnsembleConfig(StageConfig):
         return {**super().fingerprint(), "inputs": inputs}
 
 
+from common.config.pretrain import PretrainConfig  # noqa: E402  (stage 00, its own module; needs StageConfig)
+
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "00": PretrainConfig,
     "01": CropConfig,
     "02": EmbedderConfig,
     "03": ExtractConfig,

@@ -108,9 +108,11 @@ def feature_channels(backbone: nn.Module, in_chans: int = 3) -> int:
             out = backbone(x)
     finally:
         backbone.train(was_training)
+    if out.ndim == 3:  # a ViT's tokens (N, L, C): the classifier averages them (GeM needs feature maps)
+        return int(out.shape[2])
     if out.ndim != 4:
         raise ValueError(
-            f"the backbone must return (N, C, H, W) feature maps for GeM; got {tuple(out.shape)}"
+            f"the backbone must return (N, C, H, W) feature maps or (N, L, C) tokens; got {tuple(out.shape)}"
         )
     return int(out.shape[1])
 
@@ -269,8 +271,9 @@ class ClassifierModel(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(N, num_features)``."""
-        return self.backbone(x).mean(dim=(2, 3))
+        """Pooled backbone features ``(N, num_features)`` (mean over space, or over a ViT's tokens)."""
+        out = self.backbone(x)
+        return out.mean(dim=1) if out.ndim == 3 else out.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
