@@ -25,6 +25,7 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/grocery.py --record
 
+``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -229,6 +230,31 @@ def noise_rows(args, base: dict, work: Path) -> list[dict]:
     return rows
 
 
+def ssl_rows(args, base: dict, data: Path, comp, plain: dict) -> list[dict]:
+    """Stage 00 (SimCLR, continued from ImageNet Lite0, on train + val images without labels), then the plain
+    base started from it (``pretrained=<stage-00 exp>``), per seed; beside plain (ImageNet Lite0 alone)."""
+    from common.config.pretrain import PretrainConfig
+    from common.stages.pretrain_ssl import neighbour_table, run_pretrain
+
+    values = dict(data=str(data), backbone=base["backbone"], ssl_method=args.ssl_method, ssl_pretrained="auto",
+                  ssl_image_size=base["image_size"], ssl_epochs=args.ssl_epochs, ssl_batch_size=32, ssl_lr=1e-4,
+                  max_images=args.ssl_max_images, device="cpu")
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    ssl = PretrainConfig(**values, exp=f"bench-grocery-ssl-{digest}")
+    print(f"stage 00 ({args.ssl_method}): {ssl.exp}", flush=True)
+    pre = run_pretrain(ssl, comp)
+    knn = neighbour_table(ssl.exp, comp)
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        cfg = make_config("ssl", base, data, {"pretrained": ssl.exp, "seed": seed})
+        print(f"plain from stage 00, seed {seed}: {cfg.exp}", flush=True)
+        runs.append(train(cfg, comp))
+    label = (f"plain from stage 00 ({args.ssl_method}, {args.ssl_epochs} epoch(s) on {pre['images']} train+val "
+             f"images from ImageNet Lite0, loss {pre['first_loss']:.3f} -> {pre['last_loss']:.3f}, "
+             f"{pre['seconds']:.0f} s; train 1-NN acc {knn['knn_before']:.3f} -> {knn['knn_after']:.3f})")
+    return [summarise("ssl", label, runs)]
+
+
 def table_lines(rows: list[dict], n_seeds: int) -> list[str]:
     """The markdown table: mean (spread) over seeds."""
     lines = ["| row | seeds | val acc (spread) | val balanced acc (spread) | val top-5 (spread) | training s/run |",
@@ -248,6 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", metavar="K1,K2", help=f"trick rows: {[v.key for v in VARIANTS]}")
     ap.add_argument("--no-ensemble", action="store_true", help="skip Lite1/Lite2, the ensemble and the soup")
     ap.add_argument("--no-noise", action="store_true", help="skip the label-noise rows")
+    ap.add_argument("--ssl", action="store_true", help="add the stage-00 row (self-supervised, then plain)")
+    ap.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"), help="stage 00's method")
+    ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs")
+    ap.add_argument("--ssl-max-images", type=int, default=0, help="stage 00's image cap (0: all train+val)")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="override a ClassifierConfig field of the base (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -275,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = convert(work, args.shared)
     comp = load_competition(data, check_pixels=False)
     rows, exps = trick_rows(args, base, data, comp)
+    if args.ssl:
+        rows += ssl_rows(args, base, data, comp, rows[0])
     if not args.no_ensemble:
         rows += ensemble_rows(args, base, data, comp, exps)
     if not args.no_noise:

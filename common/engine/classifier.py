@@ -246,7 +246,7 @@ def train_fold(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, fo
     if cfg.aux_column:  # auxiliary head (e.g. coarse classes): one label per training image, by row
         aux_table = label_table(comp, cfg.aux_column).set_index("image")["label"]
         meta["aux_classes"] = sorted(aux_table.unique())
-        aux = torch.as_tensor(aux_table.reindex(fit["image"]).map(
+        aux = torch.tensor(aux_table.reindex(fit["image"]).map(
             {c: i for i, c in enumerate(meta["aux_classes"])}).to_numpy(dtype=np.int64))
     if info.is_main:
         store.write_json(out / "config.json", meta)
