@@ -122,3 +122,9 @@ def test_mae_on_a_tiny_vit_and_refuses_a_cnn(comp):
     assert metrics["images"] == 8 and 0 < metrics["first_loss"] < 10
     model = ClassifierModel("vit_tiny_patch16_224", 3, pretrained="mae")  # stage 05 on the MAE-trained ViT
     assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 3)
+
+
+def test_spread_keeps_evenly_spaced_items():
+    assert pretrain_ssl.spread(list("abcde"), 3) == ["a", "c", "e"]
+    assert pretrain_ssl.spread(list("abcdefghij"), 4) == ["a", "d", "g", "j"]  # positions 0, 3, 6, 9
+    assert pretrain_ssl.spread(list("abc"), 0) == ["a", "b", "c"] == pretrain_ssl.spread(list("abc"), 5)

@@ -50,10 +50,24 @@ def stage_dir(exp: str) -> Path:
     return paths.stage_dir(exp, STAGE)
 
 
+def spread(files: list[str], n: int) -> list[str]:
+    """``n`` of ``files`` evenly spaced over the list (all when ``n`` is 0 or not smaller): a cap that still
+    covers every part of a list sorted by class.
+
+    Args:
+        files: the list.
+        n: how many to keep.
+    """
+    if not n or n >= len(files):
+        return list(files)
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
+
+
 def image_files(cfg: PretrainConfig, comp: Competition) -> list[str]:
-    """Every training image, then (``ssl_use_test``) every test image; the first ``max_images`` when capped."""
+    """Every training image, then (``ssl_use_test``) every test image; ``max_images`` of them evenly spaced
+    when capped."""
     files = list(comp.train["path"]) + (list(comp.test["path"]) if cfg.ssl_use_test else [])
-    return files[: cfg.max_images] if cfg.max_images else files
+    return spread(files, cfg.max_images)
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -296,8 +310,9 @@ def neighbour_table(exp: str, comp: Competition | None = None, k: int = 4) -> di
     meta = store.read_json(stage_dir(exp) / "config.json")
     cfg = PretrainConfig(**meta["config"])
     comp = comp if comp is not None else open_competition(cfg.data)
-    files = list(comp.train["path"])[: cfg.max_images or None]
-    labels = comp.train["individual_id"].to_numpy()[: len(files)]
+    keep = spread(list(range(len(comp.train))), cfg.max_images)
+    files = [comp.train["path"].iloc[i] for i in keep]
+    labels = comp.train["individual_id"].to_numpy()[keep]
     out: dict[str, Any] = {"queries": files[: cfg.n_examples]}
     for name, weights in (("before", cfg.ssl_pretrained), ("after", str(stage_dir(exp) / "backbone.pt"))):
         f = embed(create_backbone(cfg.backbone, weights), files, cfg.ssl_image_size, meta["mean"], meta["std"])
