@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += noise_rows(args, base, work)
     total = time.perf_counter() - t_start
     best = max(rows, key=lambda r: r["accuracy"])
+    n_fit = round((base.get("max_images") or len(comp.train)) * (base["n_folds"] - 1) / base["n_folds"])
     command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/grocery.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     knobs = ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("device", "num_workers", "label_column"))
@@ -325,8 +326,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"- command: `{command.strip()}` (from the repository root)",
         f"- date: {utc_stamp()}; wall time of this call {total:.0f} s (runs already cached are reused, not timed)",
         f"- machine: {torch_machine_line('cpu', load)}",
-        "- data: ../shared/datasets/grocery; train = official train split (2,640 images; each run trains fold 0 "
-        "of 5, ~2,110 images, folds stratified by class); **scored on the official val split (296 images)**",
+        f"- data: ../shared/datasets/grocery; train = official train split ({len(comp.train):,} images"
+        + (f", {base['max_images']} of them drawn (max_images)" if base.get("max_images") else "")
+        + f"; each run trains fold 0 of {base['n_folds']}, ~{n_fit} images, folds stratified by class); "
+        "**scored on the official val split (296 images)**",
         f"- base (plain fine-tuning): {knobs}; every trick row changes one knob; mean over seeds {args.seeds}, "
         "spread = max - min",
         f"- best val accuracy: {best['accuracy']:.4f} ({best['label']}); published fine-grained test accuracy "
