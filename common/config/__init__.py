@@ -207,7 +207,8 @@ class EmbedderConfig(TrainConfig):
 
     Args:
         backbone: any timm model name.
-        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none`` or a path.
+        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none``, a path, or the
+            name of an experiment whose stage 00 finished (its self-supervised backbone).
         image_size: square input size (pixels).
         embedding_dim: size of the embedding after the neck.
         epochs: training epochs per fold.
@@ -338,7 +339,8 @@ class ClassifierConfig(TrainConfig):
     Args:
         label_column: the ``train.csv`` column that holds the class (``individual_id`` or any other column).
         backbone: any timm model name (``mobilenetv3_small_100``, ``ghostnet_100`` for the speed side).
-        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none`` or a path.
+        pretrained: ``auto`` (offline-known weights, else timm's when online), ``timm``, ``none``, a path, or the
+            name of an experiment whose stage 00 finished (its self-supervised backbone).
         image_size: square input size (pixels).
         epochs: training epochs per fold.
         batch_size: images per step.
