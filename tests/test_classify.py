@@ -286,3 +286,25 @@ def test_finished_stage_is_not_predicted_again(comp, monkeypatch):
     assert classify.run_classification(cfg, comp) == first
     with pytest.raises(pytest.fail.Exception, match="must not predict again"):
         classify.run_classification(dataclasses.replace(cfg, tta_flip=False), comp)  # other parameters: redo
+
+
+def test_aux_head_learns_another_column_and_changes_training(comp):
+    plain = tiny_cfg(comp, exp="noaux", epochs=1)
+    aux = tiny_cfg(comp, exp="aux", epochs=1, aux_column="species", aux_weight=0.5)
+    for cfg in (plain, aux):
+        classify.run_classification(cfg, comp)
+    meta = store.read_json(classify_train.fold_dir("aux", 0) / "config.json")
+    assert meta["aux_classes"] == sorted(comp.train["species"].unique())
+    model, _ = classify.load_classifier("aux", 0)
+    assert model.aux_head is not None and model.aux_head.out_features == len(meta["aux_classes"])
+    a = torch.load(classify_train.fold_dir("noaux", 0) / "model.pt", weights_only=True)
+    b = torch.load(classify_train.fold_dir("aux", 0) / "model.pt", weights_only=True)
+    # Same seed and data: the only difference is the auxiliary loss term, whose gradient reaches the backbone.
+    key = next(k for k in a if k.startswith("backbone.") and a[k].is_floating_point())
+    assert not torch.equal(a[key], b[key])
+    with pytest.raises(ValueError, match="aux_column with CutMix"):
+        classify_train.train_fold(tiny_cfg(comp, exp="auxmix", aux_column="species", cutmix_alpha=1.0), comp,
+                                  classify.prepare_folds(tiny_cfg(comp, exp="auxmix"), comp), 0)
+    with pytest.raises(DataError, match="no column 'nope'"):
+        classify_train.train_fold(tiny_cfg(comp, exp="auxbad", aux_column="nope"), comp,
+                                  classify.prepare_folds(tiny_cfg(comp, exp="auxbad"), comp), 0)

@@ -35,7 +35,7 @@ def test_defaults():
     assert EmbedderConfig.defaults() == emb.to_dict()
     assert RetrievalConfig().fold_merge == "mean"
     assert [cls.stage for cls in STAGE_CONFIGS.values()] == sorted(STAGE_CONFIGS)  # 01, 02, ... in order
-    assert list(STAGE_CONFIGS)[:5] == ["01", "02", "03", "04", "05"]
+    assert list(STAGE_CONFIGS)[:6] == ["00", "01", "02", "03", "04", "05"]
 
 
 def test_fingerprint_ignores_force_and_workers():
@@ -267,7 +267,7 @@ def test_model_fields_are_the_old_hand_written_lists():
 
     margin_form = ("margin_form", "margin_min", "margin_max")  # added after the hand-written lists (issue 12)
     OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share")
-    OLD_CLASSIFIER = (*OLD_CLASSIFIER_MODEL_FIELDS, *margin_form)
+    OLD_CLASSIFIER = (*OLD_CLASSIFIER_MODEL_FIELDS, *margin_form, "aux_column", "aux_weight", "freeze_blocks")
     for cls, old in ((EmbedderConfig, OLD_EMBEDDER), (ClassifierConfig, OLD_CLASSIFIER)):
         got = cls.model_fields()
         assert len(got) == len(set(got)) and set(got) == set(old), (cls.__name__, set(got) ^ set(old))

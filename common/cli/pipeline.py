@@ -51,6 +51,8 @@ def parse_stages(text: str) -> list[str]:
     out: list[str] = []
     for part in text.split(","):
         part = part.strip()
+        if not part:  # "".zfill(2) would read as stage "00"
+            raise ValueError(f"--stages {text!r}: unknown stage {part!r}; known: {known}")
         if "-" in part:
             lo, hi = (p.strip().zfill(2) for p in part.split("-", 1))
             if lo not in known or hi not in known or known.index(lo) > known.index(hi):

@@ -33,6 +33,7 @@ from common.config.params import (
     parse_cli_value,
     split_key,
 )
+from common.config.pretrain import PretrainConfig
 from common.config.stages import (
     STAGE_CONFIGS,
     ClassifierConfig,
@@ -45,6 +46,6 @@ from common.config.stages import (
 
 __all__ = [
     "NOTEBOOK_ONLY_PARAMS", "STAGE_CONFIGS", "ClassifierConfig", "CropConfig", "EmbedderConfig", "EnsembleConfig",
-    "ExtractConfig", "FoldConfig", "RetrievalConfig", "StageConfig", "SweepFields", "TrainConfig", "check_key",
+    "ExtractConfig", "FoldConfig", "PretrainConfig", "RetrievalConfig", "StageConfig", "SweepFields", "TrainConfig", "check_key",
     "for_stage", "known_params", "load_params", "param", "parse_cli_value", "split_key",
 ]

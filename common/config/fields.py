@@ -50,8 +50,9 @@ class TrainConfig(FoldConfig):
     """Fields of the training stages (02, 05): network, optimisation, ArcFace, augmentation, processes."""
 
     backbone: str = param("tf_efficientnet_lite0", "any timm model name.", model=True)
-    pretrained: str = param("auto", "auto (offline-known weights, else timm's when online), timm, none or a "
-                            "weights file.", model=True)
+    pretrained: str = param("auto", "auto (offline-known weights, else timm's when online), timm, none, a "
+                            "weights file, or the name of an experiment whose stage 00 finished (its "
+                            "self-supervised backbone).", model=True)
     image_size: int = param(128, "square input size (pixels).", model=True)
     epochs: int = param(6, "training epochs per fold.", model=True)
     batch_size: int = param(32, "images per step (the global batch when nproc > 1).", model=True)

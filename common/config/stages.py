@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from common.config import params as _params
 from common.config.base import StageConfig, document, param
 from common.config.fields import FoldConfig, SweepFields, TrainConfig
+from common.config.pretrain import PretrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,11 @@ class ClassifierConfig(TrainConfig):
                               "KL term).", model=True, choices=("mix", "kd"))
     distill_weight: float = param(0.2, "weight of the soft targets (2:8 soft:hard by default).", model=True)
     distill_temperature: float = param(1.0, "temperature of the kd term.", model=True)
+    aux_column: str = param("", "a train.csv column (a coarse class, species) learnt by an auxiliary linear head on "
+                            "the same features, like the embedder's species head (empty: off).", model=True)
+    aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
+    freeze_blocks: int = param(0, "freeze the backbone's stem and first N blocks (0: train everything).",
+                               model=True)
     tta_flip: bool = param(True, "average the logits of the image and of its horizontal flip at prediction.")
     inference_only: bool = param(False, "train nothing: the fold models of an earlier full run of this "
                                  "experiment (found by experiment name) predict the test images only.")
@@ -300,4 +306,4 @@ class EnsembleConfig(SweepFields, StageConfig):
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = _params.register(
-    *map(document, (CropConfig, EmbedderConfig, ExtractConfig, RetrievalConfig, ClassifierConfig, EnsembleConfig)))
+    *map(document, (PretrainConfig, CropConfig, EmbedderConfig, ExtractConfig, RetrievalConfig, ClassifierConfig, EnsembleConfig)))

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 STAGES: dict[str, str] = {
+    "00": "00_pretrain",
     "01": "01_crop",
     "02": "02_embedder",
     "03": "03_embeddings",
@@ -133,7 +134,7 @@ def exp_dir(exp: str) -> Path:
 
 
 def stage_dir(exp: str, stage: str) -> Path:
-    """``working/<exp>/<stage folder>``; ``stage`` is ``"01"``..``"06"`` or a folder name."""
+    """``working/<exp>/<stage folder>``; ``stage`` is ``"00"``..``"06"`` or a folder name."""
     name = STAGES.get(stage, stage)
     return exp_dir(exp) / name
 

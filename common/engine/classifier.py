@@ -58,7 +58,8 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Classifi
     return ClassifierModel(cfg["backbone"], len(meta["classes"]),
                            pretrained=cfg["pretrained"] if pretrained is None else pretrained,
                            head=cfg["head"], dropout=cfg["dropout"], arc_s=cfg["arc_s"], arc_m=cfg["arc_m"],
-                           arc_k=cfg["arc_k"], margins=margins)
+                           arc_k=cfg["arc_k"], margins=margins, n_aux=len(meta.get("aux_classes", [])),
+                           freeze_blocks=cfg.get("freeze_blocks", 0))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -172,6 +173,7 @@ class ClassifierTask(Task):
         self.avg = averaged_epochs(cfg)
         self.ema: ModelEma | None = None
         self.soft: torch.Tensor | None = None
+        self.aux: torch.Tensor | None = None  # auxiliary-head labels of the training rows (aux_column)
         self.sampler: ClassBalancedSampler | None = None
 
     def describe(self, comp: Competition, fit: pd.DataFrame) -> dict[str, Any]:
@@ -187,9 +189,17 @@ class ClassifierTask(Task):
                              "use distill_mode=mix (its soft targets are mixed with the images)")
         if cfg.distill_from:  # read before the model is built: a missing teacher fails in a second
             self.soft = torch.from_numpy(teacher_targets(cfg, list(fit["image"]), classes))
+        extra: dict[str, Any] = {}
+        if cfg.aux_column:  # auxiliary head (e.g. coarse classes): one label per training image, by row
+            if self.mixer.enabled:
+                raise ValueError("aux_column with CutMix/Mixup is not supported: the auxiliary labels are not mixed")
+            aux_table = label_table(comp, cfg.aux_column).set_index("image")["label"]
+            extra["aux_classes"] = sorted(aux_table.unique())
+            self.aux = torch.tensor(aux_table.reindex(fit["image"]).map(
+                {c: i for i, c in enumerate(extra["aux_classes"])}).to_numpy(dtype=np.int64))
         return {"classes": classes, "class_counts": self.counts.tolist(), "averaged_epochs": self.avg,
                 "final_weights": ("average of epochs " + ",".join(map(str, self.avg)) if self.avg
-                                  else "EMA" if cfg.ema_decay else "last epoch")}
+                                  else "EMA" if cfg.ema_decay else "last epoch"), **extra}
 
     def build_model(self, meta: dict[str, Any]) -> ClassifierModel:
         return build_model(meta)  # the module function, looked up at call time (tests replace it)
@@ -233,8 +243,13 @@ class ClassifierTask(Task):
         # ArcFace heads put the margin on the dominant class of a mixed target.
         margin_labels = target.argmax(1) if target.ndim == 2 else y
         with amp_context(x.device, cfg.amp):
-            logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None)
+            logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None,
+                                 **({"return_aux": True} if self.aux is not None else {}))
+        if self.aux is not None:  # auxiliary head: one cross-entropy term on its classes
+            logits, aux_logits = logits
         loss = self.criterion(logits.float(), target)
+        if self.aux is not None:
+            loss = loss + cfg.aux_weight * F.cross_entropy(aux_logits.float(), self.aux[batch["index"]].to(x.device))
         if soft is not None and cfg.distill_mode == "kd":
             kd = distillation_loss(logits, soft[batch["index"]].to(x.device), cfg.distill_temperature)
             loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd

@@ -108,9 +108,11 @@ def feature_channels(backbone: nn.Module, in_chans: int = 3) -> int:
             out = backbone(x)
     finally:
         backbone.train(was_training)
+    if out.ndim == 3:  # a ViT's tokens (N, L, C): the classifier averages them (GeM needs feature maps)
+        return int(out.shape[2])
     if out.ndim != 4:
         raise ValueError(
-            f"the backbone must return (N, C, H, W) feature maps for GeM; got {tuple(out.shape)}"
+            f"the backbone must return (N, C, H, W) feature maps or (N, L, C) tokens; got {tuple(out.shape)}"
         )
     return int(out.shape[1])
 
@@ -233,11 +235,17 @@ class ClassifierModel(nn.Module):
         arc_k: sub-centres per class (``subcenter``).
         margins: optional per-class margins ``(n_classes,)``, e.g. from :func:`~common.lib.heads.dynamic_margins`.
         in_chans: input channels.
+        n_aux: classes of an auxiliary linear head on the same features (e.g. coarse classes, as the
+            embedder's species head); 0 for none. ``forward(..., return_aux=True)`` returns its logits too.
+        freeze_blocks: freeze the stem and the first N blocks of the backbone (weights fixed, BatchNorm in eval
+            mode): faster training on small data and CPUs. Needs a timm model with ``blocks`` (EfficientNet,
+            MobileNet, ViT...).
     """
 
     def __init__(self, backbone: str, n_classes: int, pretrained: str = "auto", head: str = "linear",
                  dropout: float = 0.0, arc_s: float = 30.0, arc_m: float = 0.5, arc_k: int = 1,
-                 margins: torch.Tensor | None = None, in_chans: int = 3) -> None:
+                 margins: torch.Tensor | None = None, in_chans: int = 3, n_aux: int = 0,
+                 freeze_blocks: int = 0) -> None:
         super().__init__()
         if head not in ("linear", "arcface", "subcenter"):
             raise ValueError(f"ClassifierModel: head={head!r}: use linear, arcface or subcenter")
@@ -250,22 +258,63 @@ class ClassifierModel(nn.Module):
         else:
             self.head = ArcMarginProduct(self.num_features, n_classes, s=arc_s, m=arc_m, margins=margins,
                                          k=arc_k if head == "subcenter" else 1)
+        self.aux_head = nn.Linear(self.num_features, n_aux) if n_aux > 0 else None
+        self.frozen = frozen_modules(self.backbone, freeze_blocks)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ClassifierModel:
+        """As :meth:`nn.Module.train`, but the frozen part of the backbone stays in eval mode."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(N, num_features)``."""
-        return self.backbone(x).mean(dim=(2, 3))
+        """Pooled backbone features ``(N, num_features)`` (mean over space, or over a ViT's tokens)."""
+        out = self.backbone(x)
+        return out.mean(dim=1) if out.ndim == 3 else out.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits ``(N, n_classes)``; ArcFace heads put their margin on ``labels`` when given."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits ``(N, n_classes)``; ArcFace heads put their margin on ``labels`` when given.
+        With ``return_aux`` (and an auxiliary head), ``(logits, aux_logits)``."""
         f = self.dropout(self.features(x))
-        if self.head_type == "linear":
-            return self.head(f).float()
-        return self.head(f, labels)
+        logits = self.head(f).float() if self.head_type == "linear" else self.head(f, labels)
+        if return_aux:
+            if self.aux_head is None:
+                raise ValueError("ClassifierModel: return_aux=True but the model has no auxiliary head (n_aux=0)")
+            return logits, self.aux_head(f).float()
+        return logits
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The backbone's parameters (base learning rate)."""
         return self.backbone.parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """The head's parameters (``head_lr_mult`` x the base learning rate)."""
-        return self.head.parameters()
+        """The heads' parameters (``head_lr_mult`` x the base learning rate)."""
+        yield from self.head.parameters()
+        if self.aux_head is not None:
+            yield from self.aux_head.parameters()
+
+
+def frozen_modules(backbone: nn.Module, n_blocks: int) -> list[nn.Module]:
+    """The modules frozen by ``freeze_blocks=n_blocks``: every child before ``blocks``, then ``blocks[:n]``.
+
+    Args:
+        backbone: a timm model with a ``blocks`` sequence (EfficientNet, MobileNet, ViT...).
+        n_blocks: how many of its blocks to freeze (0: none).
+    """
+    if n_blocks <= 0:
+        return []
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+        raise ValueError(f"freeze_blocks={n_blocks}: {type(backbone).__name__} has no 'blocks' sequence to freeze")
+    if n_blocks > len(blocks):
+        raise ValueError(f"freeze_blocks={n_blocks}: {type(backbone).__name__} has only {len(blocks)} blocks")
+    stem = []
+    for name, child in backbone.named_children():
+        if name == "blocks":
+            break
+        stem.append(child)
+    return stem + list(blocks[:n_blocks])

@@ -1,0 +1,56 @@
+"""bench/grocery_data.py: the deterministic same-coarse label noise, and the grocery competition layout on the real
+shared set (skipped when ../shared/datasets/grocery is absent).
+
+Known answers: the official lists hold 2,640 train and 296 val images of 81 fine classes in 43 coarse classes;
+the first train line is Golden-Delicious (fine 0, coarse Apple).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.data.competition import load_competition
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+from bench.grocery_data import convert, noisy_labels  # noqa: E402
+
+
+def test_noisy_labels_flip_the_share_within_the_coarse_class_deterministically():
+    fine = ["a1", "a1", "a2", "a2", "a3", "b1", "b1", "b1", "c1", "c2"]
+    coarse = ["A", "A", "A", "A", "A", "B", "B", "B", "C", "C"]
+    out = noisy_labels(fine, coarse, 0.3, seed=0)
+    changed = np.flatnonzero(out != np.array(fine, dtype=object))
+    assert len(changed) == 3  # round(0.3 * 10)
+    for i in changed:
+        assert out[i][0] == fine[i][0]  # same coarse class (the first letter here)
+        assert coarse[i] != "B"  # B has one fine class: its images cannot flip
+    np.testing.assert_array_equal(out, noisy_labels(fine, coarse, 0.3, seed=0))  # deterministic
+    assert (noisy_labels(fine, coarse, 0.0) == np.array(fine, dtype=object)).all()
+    with pytest.raises(ValueError, match="only 7 images"):
+        noisy_labels(fine, coarse, 0.8)  # 8 flips asked, 7 eligible
+
+
+@pytest.mark.shared
+def test_grocery_layout_on_the_real_set(tmp_path):
+    if not (SHARED / "grocery" / "train.txt").is_file():
+        pytest.skip("../shared/datasets/grocery not present")
+    root = convert(tmp_path, SHARED, noise=0.2)
+    comp = load_competition(root, check_pixels=False)
+    assert len(comp.train) == 2640 and len(comp.test) == 296
+    train = pd.read_csv(root / "train.csv")
+    assert train["clean_label"].nunique() == 81 and train["coarse"].nunique() == 43
+    assert train.loc[0, ["clean_label", "coarse"]].tolist() == ["Golden-Delicious", "Apple"]
+    flipped = train["individual_id"] != train["clean_label"]
+    assert flipped.sum() == 528  # round(0.2 * 2640)
+    pairs = train.loc[flipped]
+    coarse_of = dict(zip(train["clean_label"], train["coarse"], strict=False))
+    assert (pairs["individual_id"].map(coarse_of) == pairs["coarse"]).all()  # never leaves its coarse class
+    test = pd.read_csv(root / "test.csv")
+    assert Counter(test["individual_id"]).total() == 296 and set(test["individual_id"]) <= set(train["clean_label"])
