@@ -40,7 +40,7 @@ def test_batch_two_workers_one_failure(tiny, capsys):
     status = {r["exp"]: r["status"] for r in summary["results"]}
     assert status == {ok[0]: "ran", ok[1]: "ran", bad: "failed"}, out
     failed = next(r for r in summary["results"] if r["exp"] == bad)
-    assert failed["notebook"] == str(paths.exp_dir(bad) / "05_train_classifier.ipynb")
+    assert failed["notebook"] == str(paths.exp_dir(bad) / "05_train_classifier.failed.ipynb")
     assert f"failed notebook: {failed['notebook']}" in out and "2 ran, 1 failed" in out
     for exp in ok:
         metrics = store.read_json(paths.exp_dir(exp) / "metrics.json")
@@ -54,7 +54,7 @@ def test_batch_two_workers_one_failure(tiny, capsys):
     # the report shows the three experiments, the failing one as failed
     df = report.report_table()
     assert list(df.index) == sorted([bad, *ok])
-    assert df.loc[bad, "status"] == "failed (05_train_classifier.ipynb)"
+    assert df.loc[bad, "status"] == "failed (05_train_classifier.failed.ipynb)"
     assert df.loc[ok[1], "changed"].startswith("backbone=mobilenetv3_small_050, batch_size=8, data=demo_tiny")
     assert "label_column=species" in df.loc[ok[1], "changed"] and "label_column" not in df.loc[ok[0], "changed"]
     page = report.write_report().read_text()
@@ -65,7 +65,7 @@ def test_batch_two_workers_one_failure(tiny, capsys):
     nb = pm.execute_notebook(str(NOTEBOOK), str(tiny / "compare.ipynb"), cwd=str(NOTEBOOK.parent),
                              parameters={"match": "b-"}, progress_bar=False)
     shown = "".join(o.get("data", {}).get("text/plain", "") for c in nb.cells for o in c.get("outputs", []))
-    assert all(e in shown for e in (bad, *ok)) and "failed (05_train_classifier.ipynb)" in shown
+    assert all(e in shown for e in (bad, *ok)) and "failed (05_train_classifier.failed.ipynb)" in shown
     # resumed: the finished experiments are skipped, the failed one runs (and fails) again
     assert batch.main(args) == 1
     summary = store.read_json(paths.working_dir() / "batches" / "b.json")

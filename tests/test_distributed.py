@@ -143,7 +143,7 @@ def ddp_runs(tmp_path_factory):
     out = {}
     try:
         for n in (1, 2):
-            cfg = EmbedderConfig(exp=f"emb{n}", nproc=n, **common_args)
+            cfg = EmbedderConfig(exp=f"emb{n}", nproc=n, oof_new_share=0, **common_args)
             log = train_embedder.run_training(cfg, comp, train_embedder.prepare_folds(cfg, comp))
             model = torch.load(work / f"emb{n}" / "02_embedder" / "fold0" / "model.pt", weights_only=True)
             ccfg = ClassifierConfig(exp=f"clf{n}", nproc=n, backbone="mobilenetv3_small_050", pretrained="none",
@@ -271,13 +271,13 @@ def test_two_nodes_train_the_embedder_like_one_process(ddp_runs):
         comp = data_mod.open_competition("demo_tiny")
         ep = f"127.0.0.1:{_free_port()}"
         args = dict(exp="emb_nodes", data="demo_tiny", image_size=64, epochs=2, batch_size=8, n_folds=2, folds="0",
-                    norm_eval=True, use_crops=False, device="cpu", nnodes=2, rdzv_endpoint=ep)
+                    norm_eval=True, use_crops=False, device="cpu", nnodes=2, rdzv_endpoint=ep, oof_new_share=0)
         node1_cfg = EmbedderConfig(node_rank=1, **args)
         errors: list[BaseException] = []
 
         def node1() -> None:
             try:
-                distributed.launch("02", node1_cfg.to_dict(), 1, work / "node1", nnodes=2, node_rank=1,
+                launch.launch("02", node1_cfg.to_dict(), 1, work / "node1", nnodes=2, node_rank=1,
                                    rdzv_endpoint=ep)
             except BaseException as err:  # noqa: BLE001 - reported below
                 errors.append(err)
@@ -285,7 +285,7 @@ def test_two_nodes_train_the_embedder_like_one_process(ddp_runs):
         thread = threading.Thread(target=node1)
         thread.start()
         cfg = EmbedderConfig(node_rank=0, **args)
-        log = train.run_training(cfg, comp, train.prepare_folds(cfg, comp))
+        log = train_embedder.run_training(cfg, comp, train_embedder.prepare_folds(cfg, comp))
         thread.join(timeout=300)
         assert not errors, errors
     finally:

@@ -119,7 +119,7 @@ def test_zero_shot_boxes_prompts_or_coco_animals(tmp_path, monkeypatch):
 
     image = tmp_path / "a.jpg"
     Image.new("RGB", (8, 8)).save(image)
-    monkeypatch.setattr(detect, "_yolo", lambda: _FakeYolo)
+    monkeypatch.setattr(detect, "_yolo", lambda trust_checkpoint=False: _FakeYolo)
     monkeypatch.setattr(detect, "resolve_detector_model", lambda name: name)
     _FakeYolo.calls = []
     pred = localise.zero_shot_boxes("yolov8s-worldv2.pt", [image], prompts=["whale", "dolphin"], device="cpu")

@@ -75,3 +75,22 @@ def test_share_sweep_and_top1_by_hand():
     assert openset.top1_scores(table, ["b", "a", "c"]).tolist() == [0.1, 0.7, -1.0]
     with pytest.raises(ValueError, match="test_new_share=1.5"):
         openset.share_sweep(sweep, 1.5)
+
+
+def test_stage_04_hides_individuals_itself_when_stage_02_left_none_out():
+    # A fold table whose new_fold marks nobody (stage 02 with oof_new_share=0) must not leave stage 04 without
+    # simulated strangers: it then hides oof_new_share of the individuals from the gallery itself.
+    from common.config import RetrievalConfig
+    from common.stages.retrieve_submit import fold_oof_scores
+
+    ids = [f"ind{i // 2}" for i in range(40)]  # 20 individuals, 2 images each, one in each fold
+    table = pd.DataFrame({"image": [f"im{i}.jpg" for i in range(40)], "individual_id": ids,
+                          "fold": [i % 2 for i in range(40)], "new_fold": -1})
+    emb = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cfg = RetrievalConfig(exp="x", knn_k=5, oof_new_share=0.5)
+    _, truth, gallery = fold_oof_scores(cfg, emb, table["image"], table, 0)
+    assert (truth == cfg.new_label).mean() >= 0.3 and len(gallery) < 20
+    marked = table.assign(new_fold=[0 if i in ("ind0", "ind1") else -1 for i in ids])
+    _, truth, gallery = fold_oof_scores(cfg, emb, marked["image"], marked, 0)
+    assert set(truth[truth == cfg.new_label].index) == {"im0.jpg", "im2.jpg"} and len(gallery) == 18

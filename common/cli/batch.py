@@ -132,7 +132,8 @@ def plan(params_files: list[str], grid: list[str], shared: list[str], base: str 
 
 
 def failed_notebook(exp: str) -> str:
-    """The executed notebook under ``working/<exp>/`` whose papermill record holds an exception, or ``""``."""
+    """The executed notebook under ``working/<exp>/`` whose papermill record holds an exception (the runner keeps a
+    failed stage's record as ``<notebook>.failed.ipynb``), or ``""``."""
     for record in sorted(paths.exp_dir(exp).glob("*.ipynb")):
         try:
             meta = json.loads(record.read_text())["metadata"].get("papermill", {})
@@ -155,7 +156,7 @@ def run_command(cmd: list[str], log: str, env: dict[str, str] | None = None) -> 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus ``extra``, with this ``common`` importable from any folder."""
     env = {**os.environ, **(extra or {})}
-    package_parent = str(Path(__file__).resolve().parents[1])
+    package_parent = str(Path(__file__).resolve().parents[2])  # <root>/common/cli/batch.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
     return env
 

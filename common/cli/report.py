@@ -5,7 +5,8 @@ Usage::
     python -m common.report                       # prints the table, writes working/report.html
     python -m common.report --match sweep --out /tmp/sweep.html
 
-An experiment is a folder of ``working/`` with a ``params.json`` (the runner writes it). Its row holds the
+An experiment is a folder of ``working/`` with a ``params.json`` (the runner writes it after each stage that
+succeeds) or a failed notebook record (``<notebook>.failed.ipynb``, whose parameters stand in). Its row holds the
 parameters that differ from the stage defaults (:data:`common.config.STAGE_CONFIGS`), the scores of its
 ``metrics.json``, its status (``ok``, ``failed`` when an executed notebook holds an exception, ``pruned`` by a
 sweep) and its time (papermill's durations of the executed notebooks). The HTML page is self-contained (no
@@ -65,9 +66,22 @@ def records(exp_path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def run_params(exp_path: Path) -> dict[str, Any]:
+    """The experiment's merged parameters: ``params.json``, else (a run whose first stage failed writes none) the
+    parameters papermill injected into its failed notebook record."""
+    if (exp_path / "params.json").is_file():
+        return store.read_json(exp_path / "params.json")
+    for record in sorted(exp_path.glob("*.failed.ipynb")):
+        try:
+            return dict(json.loads(record.read_text())["metadata"]["papermill"]["parameters"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return {}
+
+
 def experiment_row(exp_path: Path, defaults: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """One experiment's row of the table."""
-    params = store.read_json(exp_path / "params.json")
+    params = run_params(exp_path)
     recs = records(exp_path)
     metrics_file = exp_path / "metrics.json"
     flat = tracking.flatten(store.read_json(metrics_file)) if metrics_file.exists() else {}
@@ -93,7 +107,8 @@ def experiment_dirs(working: Path | None = None, match: str = "") -> list[Path]:
     root = Path(working) if working else paths.working_dir()
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if (p / "params.json").is_file() and match in p.name)
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and match in p.name and ((p / "params.json").is_file() or any(p.glob("*.failed.ipynb"))))
 
 
 def report_table(working: Path | None = None, match: str = "") -> pd.DataFrame:

@@ -98,9 +98,10 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
     """
     row = pd.Series(np.arange(len(images)), index=images)
     fit, valid = table[table["fold"] != fold], table[table["fold"] == fold]
-    if "new_fold" in table.columns:  # stage 02 left these out of the fold's training: strangers to its model
+    if "new_fold" in table.columns and (table["new_fold"] >= 0).any():
+        # stage 02 left these out of the fold's training: strangers to its model
         hidden = set(table.loc[table["new_fold"] == fold, "individual_id"].astype(str))
-    else:
+    else:  # every individual was trained on (stage 02's oof_new_share=0, or an older fold table): hide some here
         hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
     fit = fit[~fit["individual_id"].isin(hidden)]
     scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
