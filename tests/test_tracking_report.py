@@ -335,3 +335,11 @@ def test_compare_notebook_parameters():
     nb = Path(__file__).resolve().parents[1] / "notebooks" / "compare_experiments.ipynb"
     assert set(pm.inspect_notebook(str(nb))) == {"working", "match", "html_out"}
     assert "report_table" in json.dumps(json.loads(nb.read_text())["cells"])
+
+
+def test_the_example_search_space_loads():
+    from common.cli import sweep
+    from common.config import known_params
+
+    space = sweep.load_space(str(Path(__file__).resolve().parents[1] / "params" / "sweeps" / "embedder.yaml"))
+    assert set(space) <= known_params() and {"lr", "epochs"} <= set(space)

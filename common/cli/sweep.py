@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m common.sweep --space sweep.yaml --params params/debug.yaml --stages 02-04 --n-trials 20
-    python -m common.sweep --space sweep.yaml --stages 05 --n-trials 20 --n-workers 2   # two processes
-    python -m common.sweep --space sweep.yaml --storage postgresql://user:pw@host/db ...  # several machines
+    python -m common.sweep --space params/sweeps/embedder.yaml --params params/debug.yaml --stages 02-04 --n-trials 20
+    python -m common.sweep --space params/sweeps/embedder.yaml --stages 05 --n-trials 20 --n-workers 2   # two processes
+    python -m common.sweep --space params/sweeps/embedder.yaml --storage postgresql://user:pw@host/db ...  # several machines
 
 The search space is a YAML file, one entry per parameter (https://optuna.readthedocs.io/)::
 
