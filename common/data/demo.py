@@ -401,13 +401,31 @@ def _write_demo(root: Path, train: pd.DataFrame, test: pd.DataFrame, seed: int, 
             if ind not in templates:
                 templates[ind] = animal_template(species, ind, seed)
             img, _, box = render_image(image, species, ind, seed, size, templates[ind])
-            if not cv2.imwrite(str(root / folder / image), img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
-                raise OSError(f"cv2.imwrite failed for {root / folder / image}")
+            write_jpeg(root / folder / image, img)
             boxes.append((image, *box))
+    write_tables(root, train, test, boxes)
+
+
+def write_jpeg(path: Path, img: np.ndarray) -> None:
+    """Write one generated image as a JPEG of :data:`JPEG_QUALITY`; raise when OpenCV cannot."""
+    if not cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+        raise OSError(f"cv2.imwrite failed for {path}")
+
+
+def write_tables(root: Path, train: pd.DataFrame, test: pd.DataFrame, boxes: list[tuple]) -> None:
+    """The tables of a generated competition: ``train.csv``, ``test.csv`` (the truth), ``sample_submission.csv``
+    (``new_individual`` and the four most frequent individuals) and ``boxes.csv`` (sorted by image).
+
+    Args:
+        root: the competition folder.
+        train: ``image, species, individual_id`` of the train images.
+        test: ``image, individual_id`` of the test images.
+        boxes: ``(image, xmin, ymin, xmax, ymax)`` of every image.
+    """
     write_csv(root / "train.csv", train[["image", "species", "individual_id"]])
     write_csv(root / "test.csv", test[["image", "individual_id"]])
-    counts = train["individual_id"].value_counts()
-    top4 = sorted(counts.index, key=lambda i: (-counts[i], i))[:4]
+    counts = train["individual_id"].value_counts()  # most frequent first, ties by id (vectorised: 15k+ ids)
+    top4 = counts.rename_axis("i").reset_index(name="n").sort_values(["n", "i"], ascending=[False, True])["i"][:4]
     write_csv(root / "sample_submission.csv",
               pd.DataFrame({"image": test["image"], "predictions": " ".join(["new_individual", *top4])}))
     box_df = pd.DataFrame(boxes, columns=["image", "xmin", "ymin", "xmax", "ymax"])

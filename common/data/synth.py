@@ -35,16 +35,16 @@ import argparse
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from common.core.store import atomic_dir, read_json, write_csv, write_json
+from common.core.store import atomic_dir, read_json, write_json
 from common.data.demo import (
-    JPEG_QUALITY,
     SPECIES,
     animal_template,
     render_image,
+    write_jpeg,
+    write_tables,
 )
 
 GENERATOR_VERSION = 1
@@ -147,17 +147,9 @@ def _write(root: Path, train: pd.DataFrame, test: pd.DataFrame, seed: int, size:
         if ind != current:  # images grouped by individual: one template in memory at a time
             current, template = ind, _template(species, ind, seed)
         img, _, box = render_image(image, species, ind, seed, size, template)
-        if not cv2.imwrite(str(root / folder / image), img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
-            raise OSError(f"cv2.imwrite failed for {root / folder / image}")
+        write_jpeg(root / folder / image, img)
         boxes.append((image, *box))
-    write_csv(root / "train.csv", train[["image", "species", "individual_id"]])
-    write_csv(root / "test.csv", test[["image", "individual_id"]])
-    counts = train["individual_id"].value_counts()
-    top4 = counts.rename_axis("i").reset_index(name="n").sort_values(["n", "i"], ascending=[False, True])["i"][:4]
-    write_csv(root / "sample_submission.csv",
-              pd.DataFrame({"image": test["image"], "predictions": " ".join(["new_individual", *top4])}))
-    box_df = pd.DataFrame(boxes, columns=["image", "xmin", "ymin", "xmax", "ymax"])
-    write_csv(root / "boxes.csv", box_df.sort_values("image", ignore_index=True))
+    write_tables(root, train, test, boxes)
 
 
 def make_synth(out_dir: str | os.PathLike, n_images: int, image_size: tuple[int, int] = (96, 72), seed: int = 0,
