@@ -109,22 +109,26 @@ def run_crop(cfg: CropConfig, comp: Competition) -> CropResult:
                         "(crop=auto finds boxes without labels; crop=none uses full images; or "
                         "crops_from=<an experiment that has crops>)")
 
-    detect.setup_ultralytics()
     train_boxes = comp.boxes[comp.boxes["image"].isin(set(comp.train["image"]))]
     if train_boxes.empty:
         raise DataError(f"{comp.root / 'boxes.csv'}: no box belongs to a train image")
-    data_yaml = detect.make_yolo_dataset(train_boxes, dirs["train"], out / "yolo", cfg.detector_val_fraction,
-                                         cfg.seed)
-    weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
-                                    epochs=cfg.detector_epochs, imgsz=cfg.detector_imgsz,
-                                    batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
-                                    freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
+    weights = _train_yolo(cfg, out, dirs, train_boxes, cfg.detector_epochs)
     held_out = pd.read_csv(out / "yolo" / "split.csv", dtype=str)
     held_out = held_out.loc[held_out["split"] == "val", "image"].tolist()
 
     metrics = {"crop_method": f"detector {cfg.detector_model} trained on boxes.csv",
                "detector": str(weights.relative_to(paths.working_dir()))}
     return _predict_and_crop(cfg, out, dirs, comp, weights, held_out, metrics)
+
+
+def _train_yolo(cfg: CropConfig, out: Path, dirs: dict[str, Path], boxes: pd.DataFrame, epochs: int) -> Path:
+    """Train (or resume) the YOLO detector of ``out/detector`` on ``boxes`` of train images (labelled boxes, or a
+    first pass's pseudo-boxes); returns its best weights."""
+    detect.setup_ultralytics()
+    data_yaml = detect.make_yolo_dataset(boxes, dirs["train"], out / "yolo", cfg.detector_val_fraction, cfg.seed)
+    return detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model, epochs=epochs,
+                                 imgsz=cfg.detector_imgsz, batch=cfg.detector_batch, device=cfg.device,
+                                 seed=cfg.seed, freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
 
 
 def _predict_and_crop(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition, weights: Path,
@@ -195,23 +199,17 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
     metrics: dict = {"tried": tried} if tried else {}
     pseudo = first["train"][~first["train"]["fallback"]]
     if cfg.pseudo_box_epochs > 0 and len(pseudo) >= 4:  # self-training: a YOLO detector on the pseudo-boxes
-        detect.setup_ultralytics()
-        data_yaml = detect.make_yolo_dataset(pseudo, dirs["train"], out / "yolo", cfg.detector_val_fraction,
-                                             cfg.seed)
-        weights = detect.train_detector(data_yaml, out / "detector", model=cfg.detector_model,
-                                        epochs=cfg.pseudo_box_epochs, imgsz=cfg.detector_imgsz,
-                                        batch=cfg.detector_batch, device=cfg.device, seed=cfg.seed,
-                                        freeze=cfg.detector_freeze, trust_checkpoint=cfg.trust_checkpoint)
+        weights = _train_yolo(cfg, out, dirs, pseudo, cfg.pseudo_box_epochs)
         store.write_csv(out / "pseudo_boxes.csv", pseudo)
         metrics |= {"crop_method": f"{method}, then YOLO {cfg.detector_model} self-trained on {len(pseudo)} "
                                    "of its boxes", "detector": str(weights.relative_to(paths.working_dir()))}
         return _predict_and_crop(cfg, out, dirs, comp, weights, [], metrics)
-    chosen = []
+    chosen, boxed = [], set() if comp.boxes is None else set(comp.boxes["image"])
     for split, best in first.items():
         metrics[f"{split}_fallback_share"] = float(best["fallback"].mean()) if len(best) else float("nan")
         crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
         chosen.append(crops.assign(split=split))
-        truth_images = [] if comp.boxes is None else [n for n in best["image"] if n in set(comp.boxes["image"])]
+        truth_images = [n for n in best["image"] if n in boxed]
         if truth_images:  # crop=cam on a competition with boxes: score the boxes found without them
             metrics[split] = detect.evaluate_boxes(pred[split], comp.boxes, truth_images, cfg.box_conf, dirs[split])
     unreadable.write_placeholders(comp, out / "crops" / "test")  # bad_images=skip: each test row keeps an image
@@ -237,11 +235,12 @@ def _infer(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition)
     unreadable.write_placeholders(comp, out / "crops" / "test")
     pred = detect.predict_boxes(weights, [dirs["test"] / n for n in names], imgsz=cfg.detector_imgsz,
                                 conf=0.01, batch=cfg.detector_batch, device=cfg.device,
-                                    trust_checkpoint=cfg.trust_checkpoint)
+                                trust_checkpoint=cfg.trust_checkpoint)
     best = detect.best_boxes(pred, names, cfg.box_conf)
     crops = detect.crop_images(best, dirs["test"], out / "crops" / "test", cfg.crop_margin)
     metrics: dict = {"detector": str(weights), "inference_only": True}
-    evaluated = [] if comp.boxes is None else [n for n in names if n in set(comp.boxes["image"])]
+    boxed = set() if comp.boxes is None else set(comp.boxes["image"])
+    evaluated = [n for n in names if n in boxed]
     if evaluated:
         metrics["test"] = detect.evaluate_boxes(pred, comp.boxes, evaluated, cfg.box_conf, dirs["test"])
     tables = {}
