@@ -24,6 +24,7 @@ size) with the threshold chosen on the test itself (optimistic for the baseline)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     ap.add_argument("--no-baseline", action="store_true", help="skip the untrained ImageNet baseline")
     ap.add_argument("--record", action="store_true", help="append the section to bench/RESULTS.md")
+    ap.add_argument("--tag", default="", help="suffix of the experiment names (keeps configurations apart)")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
     from common.cli import pipeline
@@ -178,10 +180,13 @@ def main(argv: list[str] | None = None) -> None:
         params[key] = parse_cli_value(value)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        exp = f"bench-openset-{args.dataset}-s{seed}"
+        exp = f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-s{seed}"
         run_params = {**params, "data": str(comp_dir), "exp": exp, "seed": seed}
         t0 = time.perf_counter()
         metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
+        crop_file = paths.stage_dir(exp, "01") / "metrics.json"
+        if crop_file.exists():  # stage 01 writes its method to its own metrics.json, not the experiment's
+            metrics.setdefault("crop_method", json.loads(crop_file.read_text()).get("crop_method", "?"))
         runs.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
         print(f"seed {seed}: MAP@5 {metrics['map5']:.3f} known {metrics.get('map5_known')} new "
               f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     extra = ", ".join(f"seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
                       f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "
-                      f"{r.get('test_new_share_estimate') or float('nan'):.2f}, crops: {r.get('crop_method', '?')}, "
+                      f"{r.get('test_new_share_estimate') or float('nan'):.2f}, threshold tuned for the "
+                      f"{r.get('tuned_for_new_share_source', 'oof')} share, crops: {r.get('crop_method', '?')}, "
                       f"{r['minutes']:.1f} min" for r in runs)
     cmd = "HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -266,7 +266,7 @@ def test_model_fields_are_the_old_hand_written_lists():
     from common.engine import classifier, embedder
 
     margin_form = ("margin_form", "margin_min", "margin_max")  # added after the hand-written lists (issue 12)
-    OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share")
+    OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share", "freeze_blocks")  # both: issue 12
     OLD_CLASSIFIER = (*OLD_CLASSIFIER_MODEL_FIELDS, *margin_form, "aux_column", "aux_weight", "freeze_blocks")
     for cls, old in ((EmbedderConfig, OLD_EMBEDDER), (ClassifierConfig, OLD_CLASSIFIER)):
         got = cls.model_fields()
@@ -280,7 +280,8 @@ def test_shared_training_fields_are_declared_once():
     from common.config import ClassifierConfig, EnsembleConfig, SweepFields, TrainConfig
 
     shared = set(TrainConfig.field_names()) - set(FoldConfig.field_names())
-    assert len(shared) == 34  # the 23 fields stages 02 and 05 had each, 3 margin-form ones, and 8 process/speed/multi-node ones
+    # the 23 fields stages 02 and 05 had each, 3 margin-form ones, 8 process/speed/multi-node ones, freeze_blocks
+    assert len(shared) == 35
     for cls in (EmbedderConfig, ClassifierConfig, RetrievalConfig, EnsembleConfig):
         own = set(vars(cls)["__annotations__"]) - {"stage"}
         redeclared = own & (set(TrainConfig.field_names()) | set(SweepFields.__dataclass_fields__))

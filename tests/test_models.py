@@ -154,3 +154,22 @@ def test_classifier_aux_head_and_frozen_blocks():
         frozen_modules(model.backbone, 8)
     with pytest.raises(ValueError, match="no auxiliary head"):
         ClassifierModel("tf_efficientnet_lite0", 5, pretrained="none")(x, return_aux=True)
+
+
+def test_embedder_frozen_blocks_keep_weights_and_statistics():
+    from common.lib.models import EmbeddingModel
+
+    model = EmbeddingModel("tf_efficientnet_lite0", "none", 16, n_classes=4, freeze_blocks=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0.", "backbone.blocks.2."))
+                   for n in trainable)
+    assert any(n.startswith("backbone.blocks.3.") for n in trainable) and "neck.2.weight" in trainable
+    model.train()
+    assert not model.backbone.blocks[2].training and model.backbone.blocks[3].training and model.neck.training
+    before = {k: v.clone() for k, v in model.backbone.blocks[1].state_dict().items()}
+    out = model(torch.randn(4, 3, 64, 64), labels=torch.tensor([0, 1, 2, 3]))
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).zero_grad()
+    out["logits"].logsumexp(1).mean().backward()
+    assert model.backbone.blocks[1][0].conv_dw.weight.grad is None
+    for k, v in model.backbone.blocks[1].state_dict().items():  # running statistics unchanged too
+        torch.testing.assert_close(v, before[k])

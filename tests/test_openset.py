@@ -94,3 +94,22 @@ def test_stage_04_hides_individuals_itself_when_stage_02_left_none_out():
     marked = table.assign(new_fold=[0 if i in ("ind0", "ind1") else -1 for i in ids])
     _, truth, gallery = fold_oof_scores(cfg, emb, marked["image"], marked, 0)
     assert set(truth[truth == cfg.new_label].index) == {"im0.jpg", "im2.jpg"} and len(gallery) == 18
+
+
+def test_estimate_reliable_needs_enough_queries_on_every_side():
+    assert openset.estimate_reliable(20, 20, 50)
+    assert not openset.estimate_reliable(19, 20, 50)
+    assert not openset.estimate_reliable(20, 19, 50)
+    assert not openset.estimate_reliable(20, 20, 49)
+
+
+def test_share_for_tuning_given_then_estimated_then_oof():
+    from common.config import RetrievalConfig
+    from common.stages.retrieve_submit import share_for_tuning
+
+    good = {"test_new_share_estimate": 0.6, "estimate_reliable": True}
+    assert share_for_tuning(RetrievalConfig(test_new_share=0.3), good) == (0.3, "given")
+    assert share_for_tuning(RetrievalConfig(), good) == (0.6, "estimated")
+    assert share_for_tuning(RetrievalConfig(estimate_test_share=False), good) == (None, "oof")
+    assert share_for_tuning(RetrievalConfig(), {**good, "estimate_reliable": False}) == (None, "oof")
+    assert share_for_tuning(RetrievalConfig(), {**good, "test_new_share_estimate": None}) == (None, "oof")

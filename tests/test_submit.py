@@ -150,6 +150,8 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         "test_best_threshold": pytest.approx(0.0), "test_map5_best": pytest.approx((4 + 1 / 3) / 5),
         "test_map5_all_new": pytest.approx((0.5 + 0.5 + 0.5 + 1 + 0.25) / 5),
         "oof_true_new_share": pytest.approx(0.2),  # c1 of 5 out-of-fold queries
+        # 4 known and 1 new out-of-fold queries, 5 test queries: too few to trust the estimate
+        "estimate_reliable": False, "tuned_for_new_share": None, "tuned_for_new_share_source": "oof",
     }
     estimate = result.metrics.pop("test_new_share_estimate")
     assert 0.0 <= estimate <= 1.0
@@ -263,3 +265,19 @@ def test_threshold_never_below_all_new_out_of_fold(comp):
     assert forced.metrics["oof_objective"] == pytest.approx(1.0)
     assert forced.metrics["oof_objective_all_new"] == pytest.approx(1.0)
     assert (forced.submission["predictions"].str.split().str[0] == NEW).all()
+
+
+def test_tune_reweights_the_sweep_to_the_share_passed(comp):
+    make_experiment(comp)
+    oof, truth = submit.oof_scores(cfg_for(), comp, [0, 1])
+    plain, sweep = submit.tune(cfg_for(), oof, truth)
+    assert plain == pytest.approx(0.82) and sweep["objective"].equals(sweep["map5"])
+    # share 1: only c1 (new) counts; it is right from 0.82 up, and all-new too: the lowest best threshold wins
+    all_new_only, sweep1 = submit.tune(cfg_for(), oof, truth, share=1.0)
+    assert all_new_only == pytest.approx(0.82)
+    assert sweep1["objective"].to_numpy() == pytest.approx(sweep1["map5_new"].fillna(0).to_numpy())
+    # share 0: only the four known queries count; they are right at every threshold up to cos10: 0.0 wins
+    known_only, _ = submit.tune(cfg_for(), oof, truth, share=0.0)
+    assert known_only == pytest.approx(0.0)
+    # the share passed wins over test_new_share; NaN falls back to it
+    assert submit.tune(cfg_for(test_new_share=0.0), oof, truth, share=float("nan"))[0] == pytest.approx(0.0)

@@ -79,6 +79,9 @@ class TrainConfig(FoldConfig):
     margin_min: float = param(0.05, "rescaled dynamic margins: the margin of the most frequent class.", model=True)
     margin_max: float = param(0.5, "rescaled dynamic margins: the margin of the rarest class.", model=True)
     label_smoothing: float = param(0.0, "label smoothing of the cross-entropy targets.", model=True)
+    freeze_blocks: int = param(0, "freeze the backbone's stem and first N blocks (0: train everything): keeps "
+                               "the pretrained low-level features and trains faster on small data and CPUs.",
+                               model=True)
     rrc_scale_min: float = param(0.7, "smallest area share of the random resized crop (1: no crop; lower "
                                  "values train on parts of the animal).", model=True)
     hflip: bool = param(True, "random horizontal flip in training (off when markings are side-specific).",

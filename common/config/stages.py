@@ -109,6 +109,9 @@ class RetrievalConfig(SweepFields, FoldConfig):
     test_new_share: float = param(-1.0, "expected share of new individuals in the test (negative: unknown); when "
                                   "given, the threshold maximises share * map5_new + (1 - share) * map5_known out "
                                   "of fold.")
+    estimate_test_share: bool = param(True, "when test_new_share is not given, tune the threshold for the test's "
+                                      "share of new individuals estimated from its own top-1 scores (no labels "
+                                      "needed); false: for the out-of-fold share as it is.")
     n_examples: int = param(6, "query rows shown in the retrieval-examples figure.")
     inference_only: bool = param(False, "tune nothing: use the threshold an earlier full run of this "
                                  "experiment stored (unless new_threshold is 0 or more), search the test images only.")
@@ -158,8 +161,6 @@ class ClassifierConfig(TrainConfig):
     aux_column: str = param("", "a train.csv column (a coarse class, species) learnt by an auxiliary linear head on "
                             "the same features, like the embedder's species head (empty: off).", model=True)
     aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
-    freeze_blocks: int = param(0, "freeze the backbone's stem and first N blocks (0: train everything).",
-                               model=True)
     tta_flip: bool = param(True, "average the logits of the image and of its horizontal flip at prediction.")
     inference_only: bool = param(False, "train nothing: the fold models of an earlier full run of this "
                                  "experiment (found by experiment name) predict the test images only.")

@@ -118,6 +118,7 @@ def build_model(meta: dict[str, Any], pretrained: str | None = None) -> Embeddin
         arc_easy_margin=cfg["arc_easy_margin"],
         arc_k=cfg["arc_k"],
         margins=margins,
+        freeze_blocks=cfg.get("freeze_blocks", 0),  # older fold configs have no such key
     )
 
 

@@ -142,6 +142,8 @@ class EmbeddingModel(nn.Module):
             :func:`~common.lib.heads.dynamic_margins`).
         arc_ls_eps: label smoothing in the individual head.
         in_chans: input channels.
+        freeze_blocks: freeze the stem and the first N blocks of the backbone (weights fixed, BatchNorm in eval
+            mode), as :class:`ClassifierModel`.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class EmbeddingModel(nn.Module):
         margins: torch.Tensor | None = None,
         arc_ls_eps: float = 0.0,
         in_chans: int = 3,
+        freeze_blocks: int = 0,
     ) -> None:
         super().__init__()
         if n_species < 0:
@@ -183,6 +186,16 @@ class EmbeddingModel(nn.Module):
             embedding_dim, n_classes, margins=margins, k=arc_k, ls_eps=arc_ls_eps, **arc
         )
         self.species_head = ArcMarginProduct(embedding_dim, n_species, **arc) if n_species > 0 else None
+        self.frozen = frozen_modules(self.backbone, freeze_blocks)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        """As :meth:`nn.Module.train`, but the frozen part of the backbone stays in eval mode."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(N, in_chans, H, W)`` -> embeddings ``(N, embedding_dim)``, not normalised."""

@@ -105,6 +105,23 @@ def estimate_new_share(known: np.ndarray, new: np.ndarray, test: np.ndarray, bin
     return pi
 
 
+MIN_OOF_QUERIES = 20  # out-of-fold known and new queries, each, for a usable estimate
+MIN_TEST_QUERIES = 50  # test queries, for a usable estimate
+
+
+def estimate_reliable(n_known: int, n_new: int, n_test: int) -> bool:
+    """Whether :func:`estimate_new_share` has enough scores to be trusted over the out-of-fold share: at least
+    :data:`MIN_OOF_QUERIES` out-of-fold queries on each side and :data:`MIN_TEST_QUERIES` test queries (its
+    histograms are 20 bins; with fewer scores one query moves the estimate by several points).
+
+    Args:
+        n_known: out-of-fold queries of known individuals.
+        n_new: out-of-fold queries of new individuals.
+        n_test: test queries.
+    """
+    return n_known >= MIN_OOF_QUERIES and n_new >= MIN_OOF_QUERIES and n_test >= MIN_TEST_QUERIES
+
+
 def share_sweep(sweep: pd.DataFrame, share: float) -> pd.Series:
     """MAP@5 of each threshold of a sweep if ``share`` of the queries were new: ``share * map5_new +
     (1 - share) * map5_known`` (a missing side counts 0).

@@ -4,9 +4,11 @@ Out of fold: for fold ``k``, fold ``k``'s model embeds everything; the gallery i
 (folds != k) and the queries are fold ``k``'s images. A query whose individual is absent from the gallery is
 a ``new_individual`` by construction. The individuals stage 02 left out of fold ``k``'s training (the fold
 table's ``new_fold``) are also left out of its gallery, so they are strangers to the model as well, as the
-test's new individuals are. The threshold maximises out-of-fold MAP@5 (re-weighted to ``test_new_share`` when
-given), and is never one that scores below ``new_individual`` first for every image; ``metrics.json`` reports
-both, the test's new share estimated from its own top-1 scores beside the out-of-fold share, and, when
+test's new individuals are. The threshold maximises out-of-fold MAP@5 re-weighted to the test's share of new
+individuals: ``test_new_share`` when given, else (``estimate_test_share``, the default) that share estimated
+from the test's own top-1 scores against the out-of-fold known and new score distributions, else the out-of-fold
+share as it is. It is never one that scores below ``new_individual`` first for every image; ``metrics.json``
+reports both, the estimated share beside the out-of-fold share and the share used, and, when
 ``test.csv`` labels test images (all or some), the test MAP@5 on those and the best threshold on the test
 itself (how well the out-of-fold threshold transfers).
 
@@ -148,17 +150,21 @@ def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float,
 ALL_NEW = 2.0  # above every cosine score: new_individual first for every image
 
 
-def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series) -> tuple[float, pd.DataFrame]:
+def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series,
+         share: float | None = None) -> tuple[float, pd.DataFrame]:
     """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0).
 
     The sweep ends with the row ``threshold = 2`` (:data:`ALL_NEW`: ``new_individual`` first for every image).
-    Its ``objective`` column is MAP@5 out of fold, or, with ``test_new_share >= 0``, MAP@5 re-weighted to that
-    share of new queries (:func:`common.lib.openset.share_sweep`). The tuned threshold maximises it, and is
-    never one that scores below the all-``new_individual`` row: then that row is chosen.
+    Its ``objective`` column is MAP@5 out of fold, or, with a share of new test queries (``share``, else
+    ``test_new_share`` when >= 0), MAP@5 re-weighted to that share (:func:`common.lib.openset.share_sweep`). The
+    tuned threshold maximises it, and is never one that scores below the all-``new_individual`` row: then that
+    row is chosen.
     """
+    if share is None or not math.isfinite(share):
+        share = cfg.test_new_share if cfg.test_new_share >= 0 else None
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
     _, sweep = retrieval.tune_threshold(scores, truth, [*grid, ALL_NEW])
-    sweep["objective"] = sweep["map5"] if cfg.test_new_share < 0 else openset.share_sweep(sweep, cfg.test_new_share)
+    sweep["objective"] = sweep["map5"] if share is None else openset.share_sweep(sweep, share)
     best = float(sweep["threshold"].iloc[int(np.argmax(sweep["objective"].to_numpy()))])  # ties: the lowest
     return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
 
@@ -252,6 +258,7 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
         out["all_new_chosen"] = bool(threshold >= ALL_NEW)
     if "objective" in sweep and cfg.test_new_share >= 0:
         out["test_new_share_given"] = cfg.test_new_share
+    if "objective" in sweep and not sweep["objective"].equals(sweep["map5"]):
         out["oof_objective"] = float(best_row["objective"])
         if len(all_new):
             out["oof_objective_all_new"] = float(all_new["objective"].iloc[0])
@@ -300,27 +307,46 @@ def new_share_estimate(oof: pd.DataFrame, truth: pd.Series, test: pd.DataFrame, 
     images = truth.index.astype(str)
     top = openset.top1_scores(oof, images)
     is_new = (truth.astype(str) == new_label).to_numpy()
-    estimate = openset.estimate_new_share(top[~is_new], top[is_new], openset.top1_scores(test, test["image"].unique()))
+    test_top = openset.top1_scores(test, test["image"].unique())
+    estimate = openset.estimate_new_share(top[~is_new], top[is_new], test_top)
     return _json_safe({"oof_true_new_share": float(is_new.mean()) if len(is_new) else float("nan"),
-                       "test_new_share_estimate": estimate})
+                       "test_new_share_estimate": estimate,
+                       "estimate_reliable": openset.estimate_reliable(int((~is_new).sum()), int(is_new.sum()),
+                                                                      len(test_top))})
+
+
+def share_for_tuning(cfg: RetrievalConfig, shares: dict) -> tuple[float | None, str]:
+    """The share of new test queries the threshold is tuned for, and where it came from: ``given``
+    (``test_new_share >= 0``), ``estimated`` (the test's own top-1 scores, :func:`new_share_estimate`, with
+    ``estimate_test_share``), or ``oof`` (``None``: the out-of-fold share as it is; also when there are too few
+    queries for the estimate, :func:`common.lib.openset.estimate_reliable`).
+    """
+    if cfg.test_new_share >= 0:
+        return cfg.test_new_share, "given"
+    estimate = shares.get("test_new_share_estimate")
+    if cfg.estimate_test_share and shares.get("estimate_reliable") and estimate is not None and math.isfinite(estimate):
+        return float(estimate), "estimated"
+    return None, "oof"
 
 
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
     folds = available_folds(cfg)
     out = paths.stage_dir(cfg.exp, "04")
+    test = test_scores(cfg, comp, folds)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
         oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
     else:
         oof, truth = oof_scores(cfg, comp, folds)
-        threshold, sweep = tune(cfg, oof, truth)
-    test = test_scores(cfg, comp, folds)
+        shares = new_share_estimate(oof, truth, test, cfg.new_label)
+        share, source = share_for_tuning(cfg, shares)
+        threshold, sweep = tune(cfg, oof, truth, share)
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
     result_metrics = score(cfg, comp, submission, threshold, sweep, folds, test)
     if not cfg.inference_only:
-        result_metrics.update(new_share_estimate(oof, truth, test, cfg.new_label))
-    if not cfg.inference_only:
+        result_metrics.update({**shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source})
+        result_metrics = _json_safe(result_metrics)
         store.write_csv(out / "oof_scores.csv", oof)
         store.write_csv(out / "oof_truth.csv", truth.rename_axis("image").rename("individual_id").reset_index())
     store.write_csv(out / "threshold_sweep.csv", sweep)
