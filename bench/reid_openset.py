@@ -17,8 +17,10 @@ of them is a known test image; everything else is training. The competition fold
 training seed (``--seeds``). Reported: test MAP@5 overall, on known and on new individuals (stage 04's
 ``metrics.json``), the threshold and the best threshold chosen on the test itself; beside them two
 baselines on the same split: ``new_individual`` alone for every image (MAP@5 = the share of new test
-images), and untrained ImageNet features (EfficientNet-Lite0, average-pooled, full images, the run's image
-size) with the threshold chosen on the test itself (optimistic for the baseline).
+images); untrained ImageNet features through the same pipeline (``epochs=0``: the same crops, GeM and an
+untrained neck, the same label-free threshold tuning); and untrained ImageNet features (EfficientNet-Lite0,
+average-pooled, full images, the run's image size) with the threshold chosen on the test itself (optimistic for
+that baseline).
 """
 
 from __future__ import annotations
@@ -66,19 +68,33 @@ def list_images(dataset: str, shared: Path = SHARED) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["source", "image", "individual_id"])
 
 
-def open_set_split(table: pd.DataFrame, seed: int, new_share: float = 0.2) -> pd.Series:
-    """``train`` / ``test`` per row: ~``new_share`` of the individuals wholly test (new); one image of about
-    half of the other individuals with >= 3 images is a known test image."""
+def open_set_split(table: pd.DataFrame, seed: int, new_share: float = 0.2,
+                   known_share: float | None = None) -> pd.Series:
+    """``train`` / ``test`` per row: ~``new_share`` of the individuals wholly test (new). Known test images:
+    by default one image of about half of the other individuals with >= 3 images; with ``known_share``, each
+    image of every other individual with >= 2 images goes to the test with that probability, one image at least
+    staying in train (sets with many images per individual then get a test with many known queries, as a
+    competition's has)."""
     rng = np.random.default_rng(seed)
     ids = sorted(table["individual_id"].unique())
     order = [ids[i] for i in rng.permutation(len(ids))]
     n_new = round(new_share * len(ids))
     new = set(order[:n_new])
     counts = table["individual_id"].value_counts()
-    eligible = [i for i in order[n_new:] if counts[i] >= 3]
-    known_test = set(eligible[: len(eligible) // 2])
     split = pd.Series("train", index=table.index)
     split[table["individual_id"].isin(new)] = "test"
+    if known_share is not None:
+        for ind in sorted(order[n_new:]):
+            rows = table.index[table["individual_id"] == ind].to_numpy()
+            if len(rows) < 2:
+                continue
+            drawn = rows[rng.random(len(rows)) < known_share]
+            if len(drawn) == len(rows):  # keep one image in the gallery
+                drawn = drawn[1:]
+            split[drawn] = "test"
+        return split
+    eligible = [i for i in order[n_new:] if counts[i] >= 3]
+    known_test = set(eligible[: len(eligible) // 2])
     for ind in sorted(known_test):
         rows = table.index[table["individual_id"] == ind]
         split[rows[rng.integers(len(rows))]] = "test"
@@ -159,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params/cpu.yaml")
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--known-share", type=float, default=None,
+                    help="share of each known individual's images drawn into the test (default: one image of "
+                         "half of the individuals with >= 3 images)")
     ap.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     ap.add_argument("--no-baseline", action="store_true", help="skip the untrained ImageNet baseline")
     ap.add_argument("--record", action="store_true", help="append the section to bench/RESULTS.md")
@@ -168,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     from common.cli import pipeline
 
     table = list_images(args.dataset)
-    split = open_set_split(table, args.split_seed)
+    split = open_set_split(table, args.split_seed, known_share=args.known_share)
+    suffix = "" if args.known_share is None else f"-known{args.known_share:g}"
     comp_dir = write_competition(table, split, paths.working_dir() / "bench" / "reid_openset"
-                                 / f"{args.dataset}-split{args.split_seed}")
+                                 / f"{args.dataset}-split{args.split_seed}{suffix}")
     test = table[split == "test"]
     known_ids = set(table.loc[split == "train", "individual_id"])
     new_share = float((~test["individual_id"].isin(known_ids)).mean())
@@ -192,6 +212,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
     image_size = int(params.get("image_size", 128))
     base = None if args.no_baseline else untrained_baseline(comp_dir, image_size, np.round(np.arange(0, 1.0001, 0.02), 6))
+    same = None
+    if not args.no_baseline:  # the same pipeline, crops and label-free threshold, with no training (epochs=0)
+        first = runs[0]["seed"]
+        same = pipeline.run(["01", "02", "03", "04"], {
+            **params, "data": str(comp_dir), "exp": f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}"
+            f"-untrained", "seed": first, "epochs": 0,
+            "crops_from": f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-s{first}"},
+            log_output=False)
     lines = [
         "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it |",
         "|---|---|---|---|---|---|---|",
@@ -201,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{fmt([r.get('test_map5_best') for r in runs])} |",
         f"| new_individual alone for every image | {new_share:.3f} | 0.000 | 1.000 | - | - | - |",
     ]
+    if same:
+        lines.append(f"| untrained (epochs=0) through the same pipeline: ImageNet backbone, GeM, untrained neck, "
+                     f"the same threshold tuning | {same['map5']:.3f} | {same['map5_known']:.3f} | "
+                     f"{same['map5_new']:.3f} | {same['threshold']:.2f} | {same.get('test_best_threshold', 0):.2f} | "
+                     f"{same.get('test_map5_best', 0):.3f} |")
     if base:
         lines.append(f"| untrained ImageNet features, threshold chosen on the test | {base['map5']:.3f} | "
                      f"{base['map5_known']:.3f} | {base['map5_new']:.3f} | {base['threshold']:.2f} | - | - |")
@@ -216,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\n## Open-set re-identification on {args.dataset}: stages 01-04 through the runner\n\n"
         f"- command: `{cmd}` (from the repository root)\n- date: {utc_stamp()}\n"
         f"- machine: {torch_machine_line('cpu', load)}\n"
-        f"- split (seed {args.split_seed}): {int((split == 'train').sum())} train images of {len(known_ids)} "
+        f"- split (seed {args.split_seed}{', known share ' + format(args.known_share, 'g') if args.known_share is not None else ''}): {int((split == 'train').sum())} train images of {len(known_ids)} "
         f"individuals; {len(test)} test images, {new_share:.1%} of new individuals\n"
         f"- parameters: `{args.params}` with {args.p or 'no overrides'}\n- runs: {extra}\n\n" + "\n".join(lines) + "\n"
     )

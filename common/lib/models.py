@@ -117,7 +117,27 @@ def feature_channels(backbone: nn.Module, in_chans: int = 3) -> int:
     return int(out.shape[1])
 
 
-class EmbeddingModel(nn.Module):
+class FrozenBlocks(nn.Module):
+    """A model whose ``backbone`` can have its stem and first blocks frozen (:func:`frozen_modules`): their
+    weights get no gradient and their BatchNorm layers stay in eval mode, also after ``.train()``."""
+
+    frozen: list[nn.Module]
+
+    def freeze_blocks(self, n_blocks: int) -> None:
+        """Freeze the stem and the first ``n_blocks`` blocks of ``self.backbone`` (0: nothing)."""
+        self.frozen = frozen_modules(self.backbone, n_blocks)
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenBlocks:
+        """As :meth:`nn.Module.train`, but the frozen part of the backbone stays in eval mode."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+
+class EmbeddingModel(FrozenBlocks):
     """Backbone -> GeM -> neck (BN, Dropout, Linear, BN) -> embedding, with ArcFace logits for training.
 
     The embedding is not normalised (normalise it for cosine retrieval). ``logits`` come from an
@@ -186,16 +206,7 @@ class EmbeddingModel(nn.Module):
             embedding_dim, n_classes, margins=margins, k=arc_k, ls_eps=arc_ls_eps, **arc
         )
         self.species_head = ArcMarginProduct(embedding_dim, n_species, **arc) if n_species > 0 else None
-        self.frozen = frozen_modules(self.backbone, freeze_blocks)
-        for module in self.frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> EmbeddingModel:
-        """As :meth:`nn.Module.train`, but the frozen part of the backbone stays in eval mode."""
-        super().train(mode)
-        for module in self.frozen:
-            module.eval()
-        return self
+        self.freeze_blocks(freeze_blocks)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(N, in_chans, H, W)`` -> embeddings ``(N, embedding_dim)``, not normalised."""
@@ -233,7 +244,7 @@ class EmbeddingModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- the classifier
-class ClassifierModel(nn.Module):
+class ClassifierModel(FrozenBlocks):
     """A timm backbone, average pooling, dropout and a classification head.
 
     Args:
@@ -272,16 +283,7 @@ class ClassifierModel(nn.Module):
             self.head = ArcMarginProduct(self.num_features, n_classes, s=arc_s, m=arc_m, margins=margins,
                                          k=arc_k if head == "subcenter" else 1)
         self.aux_head = nn.Linear(self.num_features, n_aux) if n_aux > 0 else None
-        self.frozen = frozen_modules(self.backbone, freeze_blocks)
-        for module in self.frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ClassifierModel:
-        """As :meth:`nn.Module.train`, but the frozen part of the backbone stays in eval mode."""
-        super().train(mode)
-        for module in self.frozen:
-            module.eval()
-        return self
+        self.freeze_blocks(freeze_blocks)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(N, num_features)`` (mean over space, or over a ViT's tokens)."""
