@@ -26,6 +26,7 @@ that baseline).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -160,6 +161,43 @@ def untrained_baseline(comp_dir: Path, image_size: int, thresholds: np.ndarray) 
             "threshold": best}
 
 
+VARIANTS = {  # stage-04 threshold tuning variants compared on the same embeddings (--variants)
+    "fold gallery, out-of-fold share": dict(oof_gallery="fold", estimate_test_share=False),
+    "fold gallery, estimated test share": dict(oof_gallery="fold", estimate_test_share=True),
+    "leave-one-out gallery, out-of-fold share": dict(oof_gallery="all", estimate_test_share=False),
+    "leave-one-out gallery, estimated test share": dict(oof_gallery="all", estimate_test_share=True),
+}
+
+
+def stage04_variants(exp: str, comp_dir: Path, seed: int) -> dict[str, dict]:
+    """Test MAP@5 of each :data:`VARIANTS` threshold tuning on ``exp``'s stage-03 embeddings (nothing written),
+    plus the true test share as ``test_new_share`` (an oracle, for reference)."""
+    from common.config import RetrievalConfig
+    from common.data.competition import load_competition
+    from common.lib import retrieval
+    from common.stages import retrieve_submit as submit
+
+    comp = load_competition(comp_dir, check_pixels=False)
+    base = RetrievalConfig(exp=exp, seed=seed, data=str(comp_dir))
+    folds = submit.available_folds(base)
+    test = submit.test_scores(base, comp, folds)
+    known = comp.known_individuals
+    true_share = float((~comp.truth["individual_id"].isin(known)).mean())
+    out = {}
+    for name, over in [*VARIANTS.items(), ("leave-one-out gallery, true test share (oracle)",
+                                           dict(oof_gallery="all", test_new_share=true_share))]:
+        cfg = dataclasses.replace(base, **over)
+        oof, truth = submit.oof_scores(cfg, comp, folds)
+        shares = submit.new_share_estimate(oof, truth, test, cfg.new_label)
+        share, source = submit.share_for_tuning(cfg, shares)
+        threshold, sweep = submit.tune(cfg, oof, truth, share)
+        pred = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
+        rep = submit.score_labelled(cfg, comp, pred, test)
+        out[name] = {"map5": rep["map5"], "threshold": threshold, "share": share, "source": source,
+                     "best": rep["test_map5_best"], "best_threshold": rep["test_best_threshold"]}
+    return out
+
+
 def fmt(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -181,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="parameter override")
     ap.add_argument("--no-baseline", action="store_true", help="skip the untrained ImageNet baseline")
     ap.add_argument("--record", action="store_true", help="append the section to bench/RESULTS.md")
+    ap.add_argument("--variants", action="store_true",
+                    help="also compare stage 04's threshold-tuning variants on each seed's embeddings")
     ap.add_argument("--tag", default="", help="suffix of the experiment names (keeps configurations apart)")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
@@ -237,6 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     if base:
         lines.append(f"| untrained ImageNet features, threshold chosen on the test | {base['map5']:.3f} | "
                      f"{base['map5_known']:.3f} | {base['map5_new']:.3f} | {base['threshold']:.2f} | - | - |")
+    if args.variants:
+        per_seed = {r["seed"]: stage04_variants(f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}"
+                                                f"-s{r['seed']}", comp_dir, r["seed"]) for r in runs}
+        names = list(next(iter(per_seed.values())))
+        lines += ["", "Stage 04's threshold tuning on the same embeddings (test MAP@5; threshold; share tuned for):", "",
+                  "| tuning | test MAP@5 | threshold | share tuned for |", "|---|---|---|---|"]
+        for name in names:
+            vals = [v[name] for v in per_seed.values()]
+            shares = [v["share"] for v in vals if v["share"] is not None]
+            lines.append(f"| {name} | {fmt([v['map5'] for v in vals])} | {fmt([v['threshold'] for v in vals])} | "
+                         f"{fmt(shares) if shares else 'out-of-fold'} |")
     extra = ", ".join(f"seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
                       f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "

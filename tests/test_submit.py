@@ -281,3 +281,36 @@ def test_tune_reweights_the_sweep_to_the_share_passed(comp):
     assert known_only == pytest.approx(0.0)
     # the share passed wins over test_new_share; NaN falls back to it
     assert submit.tune(cfg_for(test_new_share=0.0), oof, truth, share=float("nan"))[0] == pytest.approx(0.0)
+
+
+def test_leave_self_out_by_hand():
+    angles = [0.0, 10.0, 20.0, 90.0]
+    gallery = np.array([unit(a) for a in angles], np.float32)
+    ids = np.array(["g0", "g1", "g2", "g3"])
+    queries = np.array([unit(0.0), unit(45.0)], np.float32)
+    scores, idx = submit.leave_self_out(gallery, queries, ids, np.array(["g0", "outsider"]), k=2)
+    # g0 is its own best match and is dropped; the outsider (45 deg) keeps its two best, g2 (25) and g1 (35)
+    assert idx.tolist() == [[1, 2], [2, 1]]
+    assert scores[0] == pytest.approx([math.cos(math.radians(10)), math.cos(math.radians(20))], abs=1e-6)
+    assert scores[1] == pytest.approx([math.cos(math.radians(25)), math.cos(math.radians(35))], abs=1e-6)
+
+
+def test_oof_gallery_all_is_every_other_training_image(comp):
+    make_experiment(comp)
+    table = submit.read_folds(EXP)
+    emb = submit.load_fold_embeddings(EXP, 0, "train", comp.train["image"])
+    scores, truth, known = submit.fold_oof_scores(cfg_for(oof_gallery="all"), emb, comp.train["image"], table, 0)
+    got = {(r.image, r.individual_id): r.score for r in scores.itertuples()}
+    cos = lambda d: math.cos(math.radians(d))  # noqa: E731
+    # fold 0's queries a1 (0), c1 (45), b1 (90) against all five images but themselves: fold 0's own images
+    # are gallery too (c1 is a candidate of a1 and b1); c1 has no other image, so it is new
+    assert got == pytest.approx({
+        ("a1.png", "A"): cos(10), ("a1.png", "C"): cos(45), ("a1.png", "B"): cos(90),
+        ("c1.png", "A"): cos(35), ("c1.png", "B"): cos(45),
+        ("b1.png", "B"): cos(10), ("b1.png", "C"): cos(45), ("b1.png", "A"): cos(80),
+    }, abs=1e-6)
+    assert truth.to_dict() == {"a1.png": "A", "c1.png": NEW, "b1.png": "B"}
+    assert known == {"A", "B", "C"}
+    # the default gallery is the other fold only: no C candidates
+    fold_scores, fold_truth, _ = submit.fold_oof_scores(cfg_for(), emb, comp.train["image"], table, 0)
+    assert set(fold_scores["individual_id"]) == {"A", "B"} and fold_truth.to_dict() == truth.to_dict()

@@ -134,6 +134,9 @@ class SweepFields:
     oof_new_share: float = param(0.2, "share of out-of-fold queries made unseen individuals by hiding their "
                                  "individual from the fold's gallery, so the threshold is tuned on a test-like "
                                  "mix (0: only naturally unseen ones).")
+    oof_gallery: str = param("fold", "the out-of-fold gallery: fold (the other folds' images) or all (every other "
+                             "training image, leave-one-out: the test's form, whose gallery is all of train).",
+                             choices=("fold", "all"))
     threshold_min: float = param(0.0, "lowest threshold of the sweep.")
     threshold_max: float = param(1.0, "highest threshold of the sweep.")
     threshold_step: float = param(0.02, "sweep step.")

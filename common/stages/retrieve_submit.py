@@ -105,13 +105,45 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
         hidden = set(table.loc[table["new_fold"] == fold, "individual_id"].astype(str))
     else:  # every individual was trained on (stage 02's oof_new_share=0, or an older fold table): hide some here
         hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, cfg.seed + fold)
-    fit = fit[~fit["individual_id"].isin(hidden)]
-    scores, idx = retrieval.search(emb[row[fit["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
-                                   k=cfg.knn_k)
-    table_k = retrieval.individual_scores(scores, idx, fit["individual_id"].to_numpy(), valid["image"])
-    truth = pd.Series(retrieval.oof_truth(valid["individual_id"], fit["individual_id"], cfg.new_label),
-                      index=valid["image"].astype(str).to_numpy())
-    return table_k, truth, set(fit["individual_id"].astype(str))
+    if getattr(cfg, "oof_gallery", "fold") == "all":  # every other training image, the query itself left out
+        gallery = table[~table["individual_id"].isin(hidden)]
+        scores, idx = leave_self_out(emb[row[gallery["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                     gallery["image"].astype(str).to_numpy(), valid["image"].astype(str).to_numpy(),
+                                     cfg.knn_k)
+        others = gallery["individual_id"].astype(str).value_counts()
+        ids = valid["individual_id"].astype(str)
+        in_gallery = ~ids.isin(hidden)
+        has_other = ids.map(others).fillna(0).to_numpy() - in_gallery.to_numpy() > 0
+        truth = pd.Series(np.where(has_other, ids, cfg.new_label), index=valid["image"].astype(str).to_numpy())
+    else:
+        gallery = fit[~fit["individual_id"].isin(hidden)]
+        scores, idx = retrieval.search(emb[row[gallery["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
+                                       k=cfg.knn_k)
+        truth = pd.Series(retrieval.oof_truth(valid["individual_id"], gallery["individual_id"], cfg.new_label),
+                          index=valid["image"].astype(str).to_numpy())
+    table_k = retrieval.individual_scores(scores, idx, gallery["individual_id"].to_numpy(), valid["image"])
+    return table_k, truth, set(gallery["individual_id"].astype(str))
+
+
+def leave_self_out(gallery: np.ndarray, queries: np.ndarray, gallery_ids: np.ndarray, query_ids: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`retrieval.search` of ``queries`` some of which are gallery rows themselves: each query's own row
+    (same image id) is dropped from its neighbours; a query not in the gallery drops its last neighbour, so every
+    row keeps the same number (``k``, or the gallery size - 1 when smaller).
+
+    Args:
+        gallery: ``(n_gallery, d)`` normalised embeddings.
+        queries: ``(n_queries, d)`` normalised embeddings.
+        gallery_ids: image id of each gallery row.
+        query_ids: image id of each query row.
+        k: neighbours wanted per query.
+    """
+    scores, idx = retrieval.search(gallery, queries, k=k + 1)
+    is_self = (idx >= 0) & (gallery_ids[np.clip(idx, 0, None)] == query_ids[:, None])
+    keep = ~is_self
+    keep[~is_self.any(axis=1), -1] = False
+    width = idx.shape[1] - 1
+    return scores[keep].reshape(len(idx), width), idx[keep].reshape(len(idx), width)
 
 
 def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float, seed: int) -> set[str]:
