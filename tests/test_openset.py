@@ -96,11 +96,41 @@ def test_stage_04_hides_individuals_itself_when_stage_02_left_none_out():
     assert set(truth[truth == cfg.new_label].index) == {"im0.jpg", "im2.jpg"} and len(gallery) == 18
 
 
-def test_estimate_reliable_needs_enough_queries_on_every_side():
+def test_estimate_reliable_needs_enough_queries_on_every_side_and_separation():
     assert openset.estimate_reliable(20, 20, 50)
     assert not openset.estimate_reliable(19, 20, 50)
     assert not openset.estimate_reliable(20, 19, 50)
     assert not openset.estimate_reliable(20, 20, 49)
+    assert openset.estimate_reliable(20, 20, 50, auc=0.65)
+    assert not openset.estimate_reliable(20, 20, 50, auc=0.64)
+    assert not openset.estimate_reliable(20, 20, 50, auc=float("nan"))
+
+
+def test_separation_by_hand_and_against_sklearn():
+    # known 0.9, 0.5; new 0.5, 0.1: pairs (k > n) = (.9,.5) (.9,.1) (.5,.1) = 3, one tie (.5,.5) = 0.5 -> 3.5 / 4
+    assert openset.separation(np.array([0.9, 0.5]), np.array([0.5, 0.1])) == pytest.approx(0.875)
+    assert openset.separation(np.array([0.1]), np.array([0.9])) == 0.0
+    assert np.isnan(openset.separation(np.array([]), np.array([0.9])))
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    known, new = rng.normal(0.7, 0.1, 300).round(2), rng.normal(0.6, 0.1, 200).round(2)  # rounded: many ties
+    labels = np.r_[np.ones(300), np.zeros(200)]
+    assert openset.separation(known, new) == pytest.approx(roc_auc_score(labels, np.r_[known, new]))
+
+
+def test_kernel_density_matches_scipy_and_integrates_to_one():
+    from scipy.stats import gaussian_kde
+
+    rng = np.random.default_rng(2)
+    sample = rng.normal(0.5, 0.1, 400)
+    grid = np.linspace(-0.5, 1.5, 4001)
+    dens = openset.kernel_density(sample, grid)
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-3)
+    iqr = np.subtract(*np.percentile(sample, [75, 25])) / 1.34
+    h = 0.9 * min(np.std(sample), iqr) * 400 ** -0.2
+    ref = gaussian_kde(sample, bw_method=h / np.std(sample, ddof=1))(grid)
+    assert dens == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
 def test_share_for_tuning_given_then_estimated_then_oof():

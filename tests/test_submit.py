@@ -151,7 +151,8 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         "test_map5_all_new": pytest.approx((0.5 + 0.5 + 0.5 + 1 + 0.25) / 5),
         "oof_true_new_share": pytest.approx(0.2),  # c1 of 5 out-of-fold queries
         # 4 known and 1 new out-of-fold queries, 5 test queries: too few to trust the estimate
-        "estimate_reliable": False, "tuned_for_new_share": None, "tuned_for_new_share_source": "oof",
+        # the four known queries' top-1 is cos10, c1's (new) cos35: perfectly separated
+        "estimate_reliable": False, "oof_known_new_auc": pytest.approx(1.0), "tuned_for_new_share": None, "tuned_for_new_share_source": "oof",
     }
     estimate = result.metrics.pop("test_new_share_estimate")
     assert 0.0 <= estimate <= 1.0

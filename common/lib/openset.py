@@ -6,8 +6,9 @@ share of new individuals estimated from its own scores, and thresholds tuned for
   of that fold's training (:func:`common.data.artefacts.fold_split`), so the out-of-fold queries that stage 04
   calls new are strangers to the model too, as the test's new individuals are.
 - :func:`estimate_new_share` fits the test's top-1 score distribution as a mixture of the out-of-fold
-  distributions of known and new queries (EM on the mixing weight only, histogram densities): the share of
-  new individuals in the test, estimated without its labels.
+  distributions of known and new queries (EM on the mixing weight only, kernel densities): the share of
+  new individuals in the test, estimated without its labels; :func:`separation` says whether the two
+  distributions differ enough for that.
 - :func:`share_sweep` re-weights an out-of-fold threshold sweep to a target share of new queries:
   ``share * map5_new + (1 - share) * map5_known``.
 """
@@ -66,20 +67,20 @@ def top1_scores(table: pd.DataFrame, images: Sequence[str]) -> np.ndarray:
     return best.reindex([str(i) for i in images]).fillna(-1.0).to_numpy(np.float64)
 
 
-def estimate_new_share(known: np.ndarray, new: np.ndarray, test: np.ndarray, bins: int = 20,
-                       iterations: int = 200) -> float:
+def estimate_new_share(known: np.ndarray, new: np.ndarray, test: np.ndarray, iterations: int = 300) -> float:
     """Share of new individuals among test queries, from top-1 scores alone.
 
     The test's top-1 scores are modelled as ``pi * f_new + (1 - pi) * f_known``, with ``f_known`` and ``f_new``
-    the histograms (``bins`` bins over the pooled range, add-one smoothed) of the out-of-fold top-1 scores of
-    known and new queries; ``pi`` is fitted by EM (the components are fixed). It assumes the test's scores
-    behave like the out-of-fold ones (same model, comparable gallery).
+    Gaussian kernel density estimates (Silverman's bandwidth) of the out-of-fold top-1 scores of known and new
+    queries; ``pi`` is fitted by EM (the components are fixed). Kernel densities, unlike histograms, stay smooth
+    with the few dozen new queries of a small fold. It assumes the test's scores behave like the out-of-fold ones
+    (same model, comparable gallery), and it can only be right when the two components differ:
+    :func:`separation` says how much.
 
     Args:
         known: out-of-fold top-1 scores of queries whose individual is in the gallery.
         new: out-of-fold top-1 scores of queries whose individual is not.
         test: top-1 scores of the test queries.
-        bins: histogram bins.
         iterations: EM steps (from ``pi = 0.5``).
 
     Returns:
@@ -88,38 +89,60 @@ def estimate_new_share(known: np.ndarray, new: np.ndarray, test: np.ndarray, bin
     known, new, test = (np.asarray(a, dtype=np.float64) for a in (known, new, test))
     if not (known.size and new.size and test.size):
         return float("nan")
-    pooled = np.concatenate([known, new, test])
-    edges = np.linspace(pooled.min(), pooled.max() + 1e-9, bins + 1)
-
-    def density(x: np.ndarray) -> np.ndarray:
-        counts = np.histogram(x, edges)[0] + 1.0
-        return counts / counts.sum()
-
-    f_known, f_new = density(known), density(new)
-    cell = np.clip(np.searchsorted(edges, test, side="right") - 1, 0, bins - 1)
-    pk, pn = f_known[cell], f_new[cell]
+    p_known, p_new = kernel_density(known, test), kernel_density(new, test)
     pi = 0.5
     for _ in range(iterations):
-        resp = pi * pn / (pi * pn + (1 - pi) * pk)
+        resp = pi * p_new / (pi * p_new + (1 - pi) * p_known)
         pi = float(resp.mean())
     return pi
 
 
+def kernel_density(sample: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Gaussian kernel density of ``sample`` evaluated ``at`` each point, Silverman's rule-of-thumb bandwidth
+    ``0.9 * min(sd, IQR / 1.34) * n^(-1/5)`` (floored at 1e-3, for samples of equal scores), plus 1e-12 so that
+    no density is exactly 0."""
+    sample = np.asarray(sample, dtype=np.float64)
+    spread = np.std(sample)
+    iqr = np.subtract(*np.percentile(sample, [75, 25])) / 1.34
+    if iqr > 0:
+        spread = min(spread, iqr)
+    h = max(0.9 * spread * len(sample) ** -0.2, 1e-3)
+    out = np.empty(len(at))
+    for a in range(0, len(at), 4096):  # bounded memory: 4096 x len(sample) at a time
+        z = (np.asarray(at[a : a + 4096], dtype=np.float64)[:, None] - sample[None, :]) / h
+        out[a : a + 4096] = np.exp(-0.5 * z * z).mean(axis=1) / (h * np.sqrt(2 * np.pi))
+    return out + 1e-12
+
+
+def separation(known: np.ndarray, new: np.ndarray) -> float:
+    """How well top-1 scores tell known from new queries: the probability that a random known query scores
+    above a random new one (ROC AUC; ties count half). 0.5: not at all; 1: perfectly. NaN if a side is empty."""
+    known, new = np.asarray(known, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    if not (known.size and new.size):
+        return float("nan")
+    ranks = pd.Series(np.concatenate([known, new])).rank().to_numpy()  # average ranks for ties
+    return float((ranks[: known.size].sum() - known.size * (known.size + 1) / 2) / (known.size * new.size))
+
+
 MIN_OOF_QUERIES = 20  # out-of-fold known and new queries, each, for a usable estimate
 MIN_TEST_QUERIES = 50  # test queries, for a usable estimate
+MIN_SEPARATION = 0.65  # separation (AUC) of known and new out-of-fold top-1 scores, for a usable estimate
 
 
-def estimate_reliable(n_known: int, n_new: int, n_test: int) -> bool:
-    """Whether :func:`estimate_new_share` has enough scores to be trusted over the out-of-fold share: at least
-    :data:`MIN_OOF_QUERIES` out-of-fold queries on each side and :data:`MIN_TEST_QUERIES` test queries (its
-    histograms are 20 bins; with fewer scores one query moves the estimate by several points).
+def estimate_reliable(n_known: int, n_new: int, n_test: int, auc: float = 1.0) -> bool:
+    """Whether :func:`estimate_new_share` can be trusted over the out-of-fold share: at least
+    :data:`MIN_OOF_QUERIES` out-of-fold queries on each side, :data:`MIN_TEST_QUERIES` test queries, and known
+    and new scores that differ (:func:`separation` at least :data:`MIN_SEPARATION`; when they overlap, as for a
+    model that cannot yet tell the individuals apart, any share fits the test's scores about as well).
 
     Args:
         n_known: out-of-fold queries of known individuals.
         n_new: out-of-fold queries of new individuals.
         n_test: test queries.
+        auc: :func:`separation` of the out-of-fold scores.
     """
-    return n_known >= MIN_OOF_QUERIES and n_new >= MIN_OOF_QUERIES and n_test >= MIN_TEST_QUERIES
+    return (n_known >= MIN_OOF_QUERIES and n_new >= MIN_OOF_QUERIES and n_test >= MIN_TEST_QUERIES
+            and bool(auc >= MIN_SEPARATION))
 
 
 def share_sweep(sweep: pd.DataFrame, share: float) -> pd.Series:

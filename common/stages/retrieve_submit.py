@@ -335,16 +335,19 @@ def score_labelled(cfg: RetrievalConfig, comp: Competition, submission: pd.DataF
 
 def new_share_estimate(oof: pd.DataFrame, truth: pd.Series, test: pd.DataFrame, new_label: str) -> dict:
     """The test's share of new individuals estimated from its top-1 scores
-    (:func:`common.lib.openset.estimate_new_share`), beside the out-of-fold share."""
+    (:func:`common.lib.openset.estimate_new_share`), beside the out-of-fold share, with how well the out-of-fold
+    top-1 scores separate known from new queries (``oof_known_new_auc``: 0.5 is chance) and whether the estimate
+    is usable (:func:`common.lib.openset.estimate_reliable`)."""
     images = truth.index.astype(str)
     top = openset.top1_scores(oof, images)
     is_new = (truth.astype(str) == new_label).to_numpy()
     test_top = openset.top1_scores(test, test["image"].unique())
     estimate = openset.estimate_new_share(top[~is_new], top[is_new], test_top)
+    auc = openset.separation(top[~is_new], top[is_new])
     return _json_safe({"oof_true_new_share": float(is_new.mean()) if len(is_new) else float("nan"),
-                       "test_new_share_estimate": estimate,
+                       "test_new_share_estimate": estimate, "oof_known_new_auc": auc,
                        "estimate_reliable": openset.estimate_reliable(int((~is_new).sum()), int(is_new.sum()),
-                                                                      len(test_top))})
+                                                                      len(test_top), auc)})
 
 
 def share_for_tuning(cfg: RetrievalConfig, shares: dict) -> tuple[float | None, str]:
