@@ -162,10 +162,12 @@ def untrained_baseline(comp_dir: Path, image_size: int, thresholds: np.ndarray) 
 
 
 VARIANTS = {  # stage-04 threshold tuning variants compared on the same embeddings (--variants)
-    "fold gallery, out-of-fold share": dict(oof_gallery="fold", estimate_test_share=False),
-    "fold gallery, estimated test share": dict(oof_gallery="fold", estimate_test_share=True),
-    "leave-one-out gallery, out-of-fold share": dict(oof_gallery="all", estimate_test_share=False),
-    "leave-one-out gallery, estimated test share": dict(oof_gallery="all", estimate_test_share=True),
+    "fold gallery, out-of-fold share": dict(oof_gallery="fold", share_policy="oof"),
+    "fold gallery, minimax over shares 0.1-0.9": dict(oof_gallery="fold", share_policy="minimax"),
+    "fold gallery, estimated share, else minimax (default)": dict(oof_gallery="fold", share_policy="estimate"),
+    "leave-one-out gallery, out-of-fold share": dict(oof_gallery="all", share_policy="oof"),
+    "leave-one-out gallery, minimax over shares 0.1-0.9": dict(oof_gallery="all", share_policy="minimax"),
+    "leave-one-out gallery, estimated share, else minimax": dict(oof_gallery="all", share_policy="estimate"),
 }
 
 
@@ -184,13 +186,13 @@ def stage04_variants(exp: str, comp_dir: Path, seed: int) -> dict[str, dict]:
     known = comp.known_individuals
     true_share = float((~comp.truth["individual_id"].isin(known)).mean())
     out = {}
-    for name, over in [*VARIANTS.items(), ("leave-one-out gallery, true test share (oracle)",
-                                           dict(oof_gallery="all", test_new_share=true_share))]:
+    for name, over in [*VARIANTS.items(), ("fold gallery, true test share (oracle)",
+                                           dict(oof_gallery="fold", test_new_share=true_share))]:
         cfg = dataclasses.replace(base, **over)
         oof, truth = submit.oof_scores(cfg, comp, folds)
         shares = submit.new_share_estimate(oof, truth, test, cfg.new_label)
         share, source = submit.share_for_tuning(cfg, shares)
-        threshold, sweep = submit.tune(cfg, oof, truth, share)
+        threshold, sweep = submit.tune(cfg, oof, truth, share, minimax=source == "minimax")
         pred = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
         rep = submit.score_labelled(cfg, comp, pred, test)
         out[name] = {"map5": rep["map5"], "threshold": threshold, "share": share, "source": source,
@@ -282,12 +284,13 @@ def main(argv: list[str] | None = None) -> None:
                                                 f"-s{r['seed']}", comp_dir, r["seed"]) for r in runs}
         names = list(next(iter(per_seed.values())))
         lines += ["", "Stage 04's threshold tuning on the same embeddings (test MAP@5; threshold; share tuned for):", "",
-                  "| tuning | test MAP@5 | threshold | share tuned for |", "|---|---|---|---|"]
+                  "| tuning | test MAP@5 | threshold | tuned for |", "|---|---|---|---|"]
         for name in names:
             vals = [v[name] for v in per_seed.values()]
             shares = [v["share"] for v in vals if v["share"] is not None]
+            how = ", ".join(sorted({v["source"] for v in vals}))
             lines.append(f"| {name} | {fmt([v['map5'] for v in vals])} | {fmt([v['threshold'] for v in vals])} | "
-                         f"{fmt(shares) if shares else 'out-of-fold'} |")
+                         f"{how}{': ' + fmt(shares) if shares else ''} |")
     extra = ", ".join(f"seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
                       f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "

@@ -139,7 +139,18 @@ def test_share_for_tuning_given_then_estimated_then_oof():
 
     good = {"test_new_share_estimate": 0.6, "estimate_reliable": True}
     assert share_for_tuning(RetrievalConfig(test_new_share=0.3), good) == (0.3, "given")
+    assert share_for_tuning(RetrievalConfig(test_new_share=0.3, share_policy="oof"), good) == (0.3, "given")
     assert share_for_tuning(RetrievalConfig(), good) == (0.6, "estimated")
-    assert share_for_tuning(RetrievalConfig(estimate_test_share=False), good) == (None, "oof")
-    assert share_for_tuning(RetrievalConfig(), {**good, "estimate_reliable": False}) == (None, "oof")
-    assert share_for_tuning(RetrievalConfig(), {**good, "test_new_share_estimate": None}) == (None, "oof")
+    assert share_for_tuning(RetrievalConfig(share_policy="oof"), good) == (None, "oof")
+    assert share_for_tuning(RetrievalConfig(share_policy="minimax"), good) == (None, "minimax")
+    assert share_for_tuning(RetrievalConfig(), {**good, "estimate_reliable": False}) == (None, "minimax")
+    assert share_for_tuning(RetrievalConfig(), {**good, "test_new_share_estimate": None}) == (None, "minimax")
+
+
+def test_max_regret_by_hand():
+    sweep = pd.DataFrame({"threshold": [0.1, 0.2, 0.3], "map5_known": [0.9, 0.6, 0.8], "map5_new": [0.2, 1.0, 0.6]})
+    # share 0.1: objectives .83 .64 .78 -> regrets 0 .19 .05; share 0.9: .27 .96 .62 -> regrets .69 0 .34
+    assert openset.max_regret(sweep).tolist() == pytest.approx([0.69, 0.19, 0.34])
+    assert openset.max_regret(sweep, (0.1, 0.1)).tolist() == pytest.approx([0.0, 0.19, 0.05])
+    with pytest.raises(ValueError, match="minimax shares"):
+        openset.max_regret(sweep, (0.9, 0.1))

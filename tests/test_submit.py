@@ -152,7 +152,9 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         "oof_true_new_share": pytest.approx(0.2),  # c1 of 5 out-of-fold queries
         # 4 known and 1 new out-of-fold queries, 5 test queries: too few to trust the estimate
         # the four known queries' top-1 is cos10, c1's (new) cos35: perfectly separated
-        "estimate_reliable": False, "oof_known_new_auc": pytest.approx(1.0), "tuned_for_new_share": None, "tuned_for_new_share_source": "oof",
+        "estimate_reliable": False, "oof_known_new_auc": pytest.approx(1.0), "tuned_for_new_share": None, "tuned_for_new_share_source": "minimax",
+        # minimax: from 0.82 to 0.98 every query is right, no regret at any share; the lowest of them wins
+        "oof_objective": pytest.approx(0.0), "oof_objective_all_new": pytest.approx(-0.45),
     }
     estimate = result.metrics.pop("test_new_share_estimate")
     assert 0.0 <= estimate <= 1.0
@@ -257,7 +259,7 @@ def test_threshold_never_below_all_new_out_of_fold(comp):
     make_experiment(comp)
     # a grid whose only thresholds are 0.0 and 0.1: c1 (new, A at cos35) ranks new_individual second -> 4.5/5 = 0.9;
     # all new_individual scores 0.6, so the grid's best wins
-    result = submit.run_retrieval(cfg_for(threshold_max=0.1, threshold_step=0.1), comp)
+    result = submit.run_retrieval(cfg_for(threshold_max=0.1, threshold_step=0.1, share_policy="oof"), comp)
     assert result.threshold == pytest.approx(0.0) and not result.metrics["all_new_chosen"]
     # with test_new_share=1 only the new queries count: all-new scores 1 (c1 right) and beats every threshold <= 0.1
     forced = submit.run_retrieval(cfg_for(threshold_max=0.1, threshold_step=0.1, test_new_share=1.0, force=True),

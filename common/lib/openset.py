@@ -156,3 +156,24 @@ def share_sweep(sweep: pd.DataFrame, share: float) -> pd.Series:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"test_new_share={share}: must be in [0, 1] (or negative: not given)")
     return share * sweep["map5_new"].fillna(0.0) + (1 - share) * sweep["map5_known"].fillna(0.0)
+
+
+MINIMAX_SHARES = (0.1, 0.9)  # the test shares of new individuals the minimax threshold guards against
+
+
+def max_regret(sweep: pd.DataFrame, shares: tuple[float, float] = MINIMAX_SHARES) -> pd.Series:
+    """Each threshold's worst loss against the best threshold, over test shares of new individuals in
+    ``shares`` (an interval): ``max over s of [max_t' obj(t', s) - obj(t, s)]`` with ``obj`` :func:`share_sweep`.
+    The threshold that minimises it is the safe choice when the test's share is unknown. ``obj`` is linear in
+    ``s``, so the regret is convex in ``s`` and its maximum is at one end of the interval: two sweeps suffice.
+
+    Args:
+        sweep: :func:`common.lib.retrieval.tune_threshold`'s sweep (``map5_known``, ``map5_new``).
+        shares: the lowest and highest share considered.
+    """
+    lo, hi = shares
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"minimax shares {shares}: need 0 <= low <= high <= 1")
+    regrets = [share_sweep(sweep, s).max() - share_sweep(sweep, s) for s in (lo, hi)]
+    return np.maximum(regrets[0], regrets[1])
+

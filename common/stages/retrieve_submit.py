@@ -5,10 +5,11 @@ Out of fold: for fold ``k``, fold ``k``'s model embeds everything; the gallery i
 a ``new_individual`` by construction. The individuals stage 02 left out of fold ``k``'s training (the fold
 table's ``new_fold``) are also left out of its gallery, so they are strangers to the model as well, as the
 test's new individuals are. The threshold maximises out-of-fold MAP@5 re-weighted to the test's share of new
-individuals: ``test_new_share`` when given, else (``estimate_test_share``, the default) that share estimated
-from the test's own top-1 scores against the out-of-fold known and new score distributions, else the out-of-fold
-share as it is. It is never one that scores below ``new_individual`` first for every image; ``metrics.json``
-reports both, the estimated share beside the out-of-fold share and the share used, and, when
+individuals: ``test_new_share`` when given, else (``share_policy: estimate``, the default) that share estimated
+from the test's own top-1 scores against the out-of-fold known and new score distributions when the estimate is
+usable, else it minimises the worst loss over test shares 0.1-0.9 (``minimax``). It is never one that scores
+below ``new_individual`` first for every image; ``metrics.json`` reports both, the estimated share beside the
+out-of-fold share and how the threshold was tuned, and, when
 ``test.csv`` labels test images (all or some), the test MAP@5 on those and the best threshold on the test
 itself (how well the out-of-fold threshold transfers).
 
@@ -182,21 +183,25 @@ def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float,
 ALL_NEW = 2.0  # above every cosine score: new_individual first for every image
 
 
-def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series,
-         share: float | None = None) -> tuple[float, pd.DataFrame]:
+def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series, share: float | None = None,
+         minimax: bool = False) -> tuple[float, pd.DataFrame]:
     """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0).
 
     The sweep ends with the row ``threshold = 2`` (:data:`ALL_NEW`: ``new_individual`` first for every image).
-    Its ``objective`` column is MAP@5 out of fold, or, with a share of new test queries (``share``, else
-    ``test_new_share`` when >= 0), MAP@5 re-weighted to that share (:func:`common.lib.openset.share_sweep`). The
-    tuned threshold maximises it, and is never one that scores below the all-``new_individual`` row: then that
-    row is chosen.
+    Its ``objective`` column is MAP@5 out of fold; or, with a share of new test queries (``share``, else
+    ``test_new_share`` when >= 0), MAP@5 re-weighted to that share (:func:`common.lib.openset.share_sweep`); or,
+    with ``minimax``, minus the worst loss over test shares 0.1-0.9 (:func:`common.lib.openset.max_regret`). The
+    tuned threshold maximises it (ties: the lowest), and is never one that scores below the
+    all-``new_individual`` row: then that row is chosen.
     """
     if share is None or not math.isfinite(share):
         share = cfg.test_new_share if cfg.test_new_share >= 0 else None
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
     _, sweep = retrieval.tune_threshold(scores, truth, [*grid, ALL_NEW])
-    sweep["objective"] = sweep["map5"] if share is None else openset.share_sweep(sweep, share)
+    if minimax and share is None:
+        sweep["objective"] = -openset.max_regret(sweep)
+    else:
+        sweep["objective"] = sweep["map5"] if share is None else openset.share_sweep(sweep, share)
     best = float(sweep["threshold"].iloc[int(np.argmax(sweep["objective"].to_numpy()))])  # ties: the lowest
     return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
 
@@ -351,17 +356,21 @@ def new_share_estimate(oof: pd.DataFrame, truth: pd.Series, test: pd.DataFrame, 
 
 
 def share_for_tuning(cfg: RetrievalConfig, shares: dict) -> tuple[float | None, str]:
-    """The share of new test queries the threshold is tuned for, and where it came from: ``given``
-    (``test_new_share >= 0``), ``estimated`` (the test's own top-1 scores, :func:`new_share_estimate`, with
-    ``estimate_test_share``), or ``oof`` (``None``: the out-of-fold share as it is; also when there are too few
-    queries for the estimate, :func:`common.lib.openset.estimate_reliable`).
+    """The share of new test queries the threshold is tuned for, and how it was chosen: ``given``
+    (``test_new_share >= 0``); ``estimated`` (``share_policy: estimate`` and a usable estimate from the test's own
+    top-1 scores, :func:`new_share_estimate` and :func:`common.lib.openset.estimate_reliable`); ``minimax``
+    (``None``: no share, the threshold with the smallest worst-case loss over shares 0.1-0.9; ``share_policy:
+    minimax``, or ``estimate`` without a usable estimate); ``oof`` (``None``: the out-of-fold share as it is).
     """
     if cfg.test_new_share >= 0:
         return cfg.test_new_share, "given"
+    if cfg.share_policy == "oof":
+        return None, "oof"
     estimate = shares.get("test_new_share_estimate")
-    if cfg.estimate_test_share and shares.get("estimate_reliable") and estimate is not None and math.isfinite(estimate):
+    if (cfg.share_policy == "estimate" and shares.get("estimate_reliable") and estimate is not None
+            and math.isfinite(estimate)):
         return float(estimate), "estimated"
-    return None, "oof"
+    return None, "minimax"
 
 
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
@@ -376,7 +385,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
         oof, truth = oof_scores(cfg, comp, folds)
         shares = new_share_estimate(oof, truth, test, cfg.new_label)
         share, source = share_for_tuning(cfg, shares)
-        threshold, sweep = tune(cfg, oof, truth, share)
+        threshold, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
     result_metrics = score(cfg, comp, submission, threshold, sweep, folds, test)
     if not cfg.inference_only:
