@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--record", action="store_true", help="append the section to bench/RESULTS.md")
     ap.add_argument("--variants", action="store_true",
                     help="also compare stage 04's threshold-tuning variants on each seed's embeddings")
+    ap.add_argument("--rescore", action="store_true",
+                    help="rerun stage 04 of every (cached) run: after a change to stage 04 itself")
     ap.add_argument("--tag", default="", help="suffix of the experiment names (keeps configurations apart)")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         run_params = {**params, "data": str(comp_dir), "exp": exp, "seed": seed}
         t0 = time.perf_counter()
         metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
+        if args.rescore:  # stage 04 again on the stored embeddings (after a change to stage 04 itself)
+            metrics = pipeline.run(["04"], run_params, force=True, log_output=False)
         crop_file = paths.stage_dir(exp, "01") / "metrics.json"
         if crop_file.exists():  # stage 01 writes its method to its own metrics.json, not the experiment's
             metrics.setdefault("crop_method", json.loads(crop_file.read_text()).get("crop_method", "?"))
@@ -262,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
             f"-untrained", "seed": first, "epochs": 0,
             "crops_from": f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-s{first}"},
             log_output=False)
+        if args.rescore:
+            same = pipeline.run(["04"], {**params, "data": str(comp_dir), "exp": f"bench-openset-{args.dataset}"
+                                         f"{'-' + args.tag if args.tag else ''}-untrained", "seed": first,
+                                         "epochs": 0}, force=True, log_output=False)
     lines = [
         "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it |",
         "|---|---|---|---|---|---|---|",
