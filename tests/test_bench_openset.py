@@ -34,3 +34,23 @@ def test_open_set_split():
     assert (counts[known_test] >= 3).all()
     eligible = [i for i in counts.index if counts[i] >= 3 and i not in new]
     assert len(known_test) == len(eligible) // 2
+
+
+def test_open_set_split_with_a_known_share():
+    bench = _bench()
+    # 40 individuals with 10 images each, 5 singletons
+    rows = [(f"i{k}", f"i{k}_{j}.jpg") for k in range(40) for j in range(10)]
+    rows += [(f"s{k}", f"s{k}.jpg") for k in range(5)]
+    table = pd.DataFrame(rows, columns=["individual_id", "image"])
+    split = bench.open_set_split(table, seed=1, known_share=0.25)
+    assert split.equals(bench.open_set_split(table, seed=1, known_share=0.25))
+    train_ids = set(table.loc[split == "train", "individual_id"])
+    test = table[split == "test"]
+    new = set(test["individual_id"]) - train_ids
+    assert len(new) == 9  # round(0.2 * 45)
+    known = test[test["individual_id"].isin(train_ids)]
+    assert not known["individual_id"].str.startswith("s").any()  # a singleton stays in train (or is new)
+    eligible = table[~table["individual_id"].isin(new) & table["individual_id"].str.startswith("i")]
+    assert 0.18 < len(known) / len(eligible) < 0.32  # about a quarter of their images
+    kept = table[split == "train"]["individual_id"].value_counts()
+    assert (kept.reindex(sorted(set(eligible["individual_id"]))) >= 1).all()  # each keeps a gallery image

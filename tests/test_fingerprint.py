@@ -108,3 +108,21 @@ def test_fold_checkpoint_refuses_other_data_naming_it(tmp_path):
     with pytest.raises(RuntimeError, match=r"last.pt: checkpoint from other parameters or data \(changed: "
                                            r"data_fingerprint\)"):
         checkpoint.check_resumable(tmp_path, {**params, "data_fingerprint": {"train.csv": "b"}})
+
+
+def test_a_stage_00_backbone_is_part_of_the_fingerprint(isolated):
+    root = make_comp(isolated / "comp")
+    cfg = EmbedderConfig(data=str(root), exp="e", pretrained="ssl")
+    assert "ssl/00" not in fp.stage_fingerprint(cfg)["upstream"]  # no stage 00 of "ssl" yet: a hub tag or file
+    assert fp.training_inputs(cfg).get("pretrained") is None
+    folder = paths.stage_dir("ssl", "00")
+    folder.mkdir(parents=True)
+    (folder / "backbone.pt").write_bytes(b"weights v1")
+    store.mark_done(folder, {"epochs": 1})
+    first = fp.stage_fingerprint(cfg)
+    assert first["upstream"]["ssl/00"] == hashlib.sha256(b'{"epochs": 1}').hexdigest()
+    assert fp.training_inputs(cfg)["pretrained"] == hashlib.sha256(b"weights v1").hexdigest()
+    (folder / "backbone.pt").write_bytes(b"weights v2")  # other weights under the same name: the model is stale
+    assert fp.training_inputs(cfg)["pretrained"] == hashlib.sha256(b"weights v2").hexdigest()
+    for name in ("auto", "timm", "none"):
+        assert fp.pretrained_stage(EmbedderConfig(data=str(root), exp="e", pretrained=name)) is None

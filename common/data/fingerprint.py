@@ -104,13 +104,16 @@ def marker_hash(stage_dir: str | os.PathLike) -> str | None:
 def upstream(cfg: Any) -> dict[str, str | None]:
     """Marker hashes of the stages ``cfg``'s stage reads: ``"<exp>/<stage>" -> hash``.
 
-    Besides :data:`UPSTREAM` (this experiment): stage 01's ``crops_from``, stage 05's ``distill_from``, and
-    stage 06's ``members``/``soup_members`` (stage 05) and ``embed_members`` (stage 03).
+    Besides :data:`UPSTREAM` (this experiment): stage 00 of the experiment that ``pretrained`` names (stages 02
+    and 05), stage 01's ``crops_from``, stage 05's ``distill_from``, and stage 06's ``members``/``soup_members``
+    (stage 05) and ``embed_members`` (stage 03).
 
     Args:
         cfg: a stage config.
     """
     reads = [(cfg.exp, s) for s in UPSTREAM.get(cfg.stage, ())]
+    if pretrained_stage(cfg) is not None:
+        reads.append((cfg.pretrained, "00"))
     if getattr(cfg, "crops_from", ""):
         reads.append((cfg.crops_from, "01"))
     if getattr(cfg, "distill_from", ""):
@@ -132,7 +135,21 @@ def training_inputs(cfg: Any) -> dict[str, str | None]:
     out = {"crops": images_hash(crops) if getattr(cfg, "use_crops", False) else None}
     if getattr(cfg, "distill_from", ""):
         out["teacher"] = marker_hash(paths.stage_dir(cfg.distill_from, "05"))
+    backbone = pretrained_stage(cfg)
+    if backbone is not None:  # the self-supervised backbone's bytes, not only the experiment's name
+        out["pretrained"] = file_hash(backbone)
     return out
+
+
+def pretrained_stage(cfg: Any) -> Path | None:
+    """The stage-00 ``backbone.pt`` that ``cfg.pretrained`` names (an experiment whose stage 00 finished), or
+    ``None`` (``auto``, ``timm``, ``none``, a weights file, or no such experiment)."""
+    name = getattr(cfg, "pretrained", "")
+    if not name or name in ("auto", "timm", "none"):
+        return None
+    from common.core.weights import ssl_backbone_file
+
+    return ssl_backbone_file(name)
 
 
 def stage_fingerprint(cfg: Any) -> dict[str, Any]:
