@@ -17,6 +17,11 @@ def test_finished_log_skips_refuses_and_forces(tmp_path):
     assert checkpoint.finished_log(out, {"lr": 1.0}, force=False)["train_loss"].tolist() == [0.5]
     with pytest.raises(RuntimeError, match="other parameters"):
         checkpoint.finished_log(out, {"lr": 2.0}, force=False)
+    # a model field added to the code after the fold finished: at its default the fold is reused, else refused
+    defaults = {"lr": 0.1, "freeze_blocks": 0}
+    assert checkpoint.finished_log(out, {"lr": 1.0, "freeze_blocks": 0}, False, defaults)["train_loss"].tolist() == [0.5]
+    with pytest.raises(RuntimeError, match=r"changed: freeze_blocks\)"):
+        checkpoint.finished_log(out, {"lr": 1.0, "freeze_blocks": 2}, False, defaults)
     assert checkpoint.finished_log(out, {"lr": 2.0}, force=True) is None
     assert not out.exists()  # force deleted the old fold
 
@@ -29,6 +34,9 @@ def test_check_resumable_compares_the_given_fields(tmp_path):
     checkpoint.check_resumable(out, {"lr": 1.0})  # num_workers is not a model field: ignored
     with pytest.raises(RuntimeError, match="last.pt: checkpoint from other parameters"):
         checkpoint.check_resumable(out, {"lr": 3.0})
+    checkpoint.check_resumable(out, {"lr": 1.0, "freeze_blocks": 0}, {"freeze_blocks": 0})  # added at its default
+    with pytest.raises(RuntimeError, match="freeze_blocks"):
+        checkpoint.check_resumable(out, {"lr": 1.0, "freeze_blocks": 0})
 
 
 def test_save_then_resume_restores_every_object_and_trims_the_log(tmp_path):

@@ -189,3 +189,18 @@ def test_update_json_merges_keys_and_rejects_non_objects(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="list.json: expected a JSON object"):
         store.update_json(tmp_path / "list.json", {"a": 1})
+
+
+def test_changed_params_tolerates_a_parameter_added_at_its_default(tmp_path):
+    old = {"epochs": 2, "lr": 0.001}
+    defaults = {"epochs": 6, "lr": 0.001, "freeze_blocks": 0}
+    assert store.changed_params(old, {"epochs": 2, "lr": 0.001}) == []
+    assert store.changed_params(old, {"epochs": 3, "lr": 0.001}) == ["epochs"]
+    # freeze_blocks did not exist when the run was recorded: at its default it is no change, else it is
+    assert store.changed_params(old, {"epochs": 2, "lr": 0.001, "freeze_blocks": 0}, defaults) == []
+    assert store.changed_params(old, {"epochs": 2, "lr": 0.001, "freeze_blocks": 2}, defaults) == ["freeze_blocks"]
+    assert store.changed_params(old, {"epochs": 2, "lr": 0.001, "freeze_blocks": 0}) == ["freeze_blocks"]
+    assert store.changed_params(old, {"epochs": 2}, defaults) == ["lr"]  # a parameter removed is a change
+    store.mark_done(tmp_path, old)
+    assert store.stage_done(tmp_path, {**old, "freeze_blocks": 0}, defaults)
+    assert not store.stage_done(tmp_path, {**old, "freeze_blocks": 0})

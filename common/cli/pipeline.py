@@ -112,7 +112,7 @@ def is_fresh(exp: str, stage: str, fingerprint: dict[str, Any], say: bool = Fals
         say: print what changed when the stage finished earlier with another fingerprint.
     """
     marker = paths.stage_dir(exp, stage) / "_done.json"
-    if not store.stage_done(marker.parent, fingerprint):
+    if not store.stage_done(marker.parent, fingerprint, STAGE_CONFIGS[stage].defaults()):
         if say and marker.exists():
             changed = fp.changes(fp.recorded(marker.parent), fingerprint)
             print(f"[{stage}] reruns: changed since its last run: {', '.join(changed)}", flush=True)

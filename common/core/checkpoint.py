@@ -12,7 +12,6 @@ after the last finished epoch), ``log.csv`` (one row per epoch) and, once finish
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,50 +23,53 @@ import torch
 from common.core import store
 
 
-def finished_log(out: Path, params: dict[str, Any], force: bool) -> pd.DataFrame | None:
+def finished_log(out: Path, params: dict[str, Any], force: bool,
+                 defaults: dict[str, Any] | None = None) -> pd.DataFrame | None:
     """The log of a fold that already finished with ``params``, else ``None`` (train it).
 
     Args:
         out: the fold folder.
         params: the values that decide the trained model.
         force: delete the folder first (retrain from scratch).
+        defaults: the parameters' defaults: one added to the code since the fold finished, at its default,
+            is not a change (:func:`common.core.store.changed_params`).
 
     Raises:
         RuntimeError: the fold finished with other parameters.
     """
     if force and out.exists():
         shutil.rmtree(out)
-    if store.stage_done(out, params):
+    if store.stage_done(out, params, defaults):
         return pd.read_csv(out / "log.csv")
     if store.stage_done(out):
+        old = store.read_json(out / "_done.json").get("params", {})
         raise RuntimeError(f"{out} holds a model trained with other parameters or data (changed: "
-                           f"{', '.join(_changed(store.read_json(out / '_done.json').get('params', {}), params))}); "
-                           "use force=True (--force) to retrain")
+                           f"{', '.join(_changed(old, params, defaults))}); use force=True (--force) to retrain")
     return None
 
 
-def check_resumable(out: Path, params: dict[str, Any]) -> None:
+def check_resumable(out: Path, params: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Refuse a ``last.pt`` written under other parameters (read from the fold's ``config.json``).
 
     Args:
         out: the fold folder.
         params: the values that decide the trained model (their keys are the ones compared).
+        defaults: the parameters' defaults (see :func:`finished_log`).
     """
     if not (out / "last.pt").exists():
         return
     meta = store.read_json(out / "config.json")
     old = {**meta["config"], **{k: meta[k] for k in ("data_fingerprint", "upstream") if k in meta}}
-    changed = _changed(old, params)
+    changed = _changed(old, params, defaults)
     if changed:
         raise RuntimeError(f"{out / 'last.pt'}: checkpoint from other parameters or data (changed: "
                            f"{', '.join(changed)}); use force=True to start over")
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The keys of ``new`` whose value differs in ``old`` (compared as JSON)."""
-    new = json.loads(json.dumps(new, sort_keys=True, default=str))
-    old = json.loads(json.dumps(old, sort_keys=True, default=str))
-    return [k for k in sorted(new) if old.get(k) != new[k]]
+def _changed(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The keys of ``new`` whose value differs in ``old`` (compared as JSON; see
+    :func:`common.core.store.changed_params` for ``defaults``)."""
+    return [k for k in store.changed_params(old, new, defaults) if k in new]
 
 
 def save_state(out: Path, epoch: int, objects: Mapping[str, Any]) -> None:

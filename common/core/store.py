@@ -200,14 +200,48 @@ def check_row_order(found: Sequence[str], expected: Sequence[str], where: str) -
             raise ValueError(f"{where}: row {row} is image {a!r} but {b!r} was expected (row order differs)")
 
 
-def stage_done(stage_dir: str | os.PathLike, params: dict[str, Any] | None = None) -> bool:
-    """True when ``stage_dir/_done.json`` exists and (if given) was written with the same params."""
+def stage_done(stage_dir: str | os.PathLike, params: dict[str, Any] | None = None,
+               defaults: dict[str, Any] | None = None) -> bool:
+    """True when ``stage_dir/_done.json`` exists and (if given) was written with the same params
+    (:func:`changed_params`: a parameter added to the code after the run counts as unchanged at its default).
+
+    Args:
+        stage_dir: the stage (or fold) folder.
+        params: the parameters to compare with the recorded ones; ``None``: any finished run.
+        defaults: the parameters' defaults (``StageConfig.defaults()``).
+    """
     marker = Path(stage_dir) / "_done.json"
     if not marker.exists():
         return False
     if params is None:
         return True
-    return read_json(marker).get("params") == json.loads(json.dumps(params, sort_keys=True, default=str))
+    return not changed_params(read_json(marker).get("params") or {}, params, defaults)
+
+
+def changed_params(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The keys whose value differs between a recorded ``old`` and a current ``new`` set of parameters (compared
+    as JSON), sorted. A key that ``old`` lacks is unchanged when its ``new`` value is its default: a parameter
+    added to the code after the run was recorded, left at the default, does not make every earlier run stale.
+
+    Args:
+        old: the recorded parameters.
+        new: the current ones.
+        defaults: the current parameters' defaults (``None``: none; then every missing key is a change).
+    """
+    def norm(d: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    old, new, defaults = norm(old), norm(new), norm(defaults or {})
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old and key in defaults and new[key] == defaults[key]:
+            continue
+        if old.get(key, _MISSING) != new.get(key, _MISSING):
+            out.append(key)
+    return out
+
+
+_MISSING = object()
 
 
 def mark_done(stage_dir: str | os.PathLike, params: dict[str, Any], **extra: Any) -> Path:

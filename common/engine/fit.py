@@ -263,7 +263,8 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     params = {k: config[k] for k in task.model_fields}
     identity = task.data_identity(comp)  # a model of other data (or other crops, another teacher) is not reused
     params.update(identity)
-    done = checkpoint.finished_log(out, params, cfg.force)
+    defaults = type(cfg).defaults()  # a model field added since a fold finished, left at its default, is no change
+    done = checkpoint.finished_log(out, params, cfg.force, defaults)
     if done is not None:
         return done
 
@@ -273,7 +274,7 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     configure_device(device)
     seed_everything(cfg.seed + fold)
     fit_rows, valid_rows, used_crops = fold_split(cfg, comp, folds, fold)
-    checkpoint.check_resumable(out, params)
+    checkpoint.check_resumable(out, params, defaults)
     mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
     meta = {"config": config, "fold": fold, **task.describe(comp, fit_rows), "mean": list(mean), "std": list(std),
             "used_crops": used_crops, "n_fit": len(fit_rows), "n_valid": len(valid_rows)}

@@ -82,7 +82,8 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         The metrics written to ``05_classifier/metrics.json``.
     """
     out = stage_dir(cfg.exp)
-    if not cfg.force and store.stage_done(out, stage_fingerprint(cfg)) and (out / "metrics.json").exists():
+    if (not cfg.force and store.stage_done(out, stage_fingerprint(cfg), type(cfg).defaults())
+            and (out / "metrics.json").exists()):
         return store.read_json(out / "metrics.json")  # finished with these parameters: nothing to redo
     comp = comp if comp is not None else open_checked(cfg)
     if cfg.inference_only:
