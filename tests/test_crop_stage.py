@@ -102,15 +102,20 @@ def test_crops_from_links_the_other_experiments_crops(comp):
     assert again.metrics == result.metrics
 
 
-@pytest.mark.parametrize("state", ["not run", "finished without crops"])
-def test_crops_from_without_crops_is_a_clear_error(comp, state):
-    if state == "finished without crops":
-        crop_stage.run_crop(CropConfig(data=str(comp.root), exp="src", crop=False), comp)
+def test_crops_from_an_unfinished_experiment_is_a_clear_error(comp):
     cfg = CropConfig(data=str(comp.root), exp="dst", crops_from="src")
-    message = r"src.01_crop: stage 01 of experiment 'src' has not written crops"
-    with pytest.raises(FileNotFoundError, match=message):
+    with pytest.raises(FileNotFoundError, match=r"src.01_crop: stage 01 of experiment 'src' has not finished"):
         crop_stage.run_crop(cfg, comp)
     assert not store.stage_done(paths.stage_dir("dst", "01"))
+
+
+def test_crops_from_an_experiment_of_full_images_uses_full_images(comp):
+    # e.g. the runner's --baseline (crops_from=<exp>) after a crop=none run
+    crop_stage.run_crop(CropConfig(data=str(comp.root), exp="src", crop=False), comp)
+    result = crop_stage.run_crop(CropConfig(data=str(comp.root), exp="dst", crops_from="src"), comp)
+    assert result.metrics["crop_method"] == "full images (crops_from=src: that experiment used full images)"
+    assert store.stage_done(paths.stage_dir("dst", "01"))
+    assert not (paths.stage_dir("dst", "01") / "crops").exists()
 
 
 @pytest.fixture

@@ -261,8 +261,10 @@ def _split_first(df: pd.DataFrame) -> pd.DataFrame:
 def _reuse(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Competition) -> CropResult:
     """Link ``crops/`` (and copy ``boxes.csv``/``metrics.json``) from experiment ``cfg.crops_from``."""
     source = paths.stage_dir(cfg.crops_from, "01")
-    if not store.stage_done(source) or not (source / "crops").is_dir():
-        raise FileNotFoundError(f"{source}: stage 01 of experiment {cfg.crops_from!r} has not written crops")
+    if not store.stage_done(source):
+        raise FileNotFoundError(f"{source}: stage 01 of experiment {cfg.crops_from!r} has not finished")
+    if not (source / "crops").is_dir():  # that experiment used full images (crop=none, nothing found): so does this
+        return _full_images(cfg, out, dirs, f"crops_from={cfg.crops_from}: that experiment used full images")
     out.mkdir(parents=True, exist_ok=True)
     link = out / "crops"
     if link.is_symlink() or link.exists():
