@@ -137,6 +137,13 @@ class SweepFields:
     oof_gallery: str = param("fold", "the out-of-fold gallery: fold (the other folds' images) or all (every other "
                              "training image, leave-one-out: the test's form, whose gallery is all of train).",
                              choices=("fold", "all"))
+    test_new_share: float = param(-1.0, "expected share of new individuals in the test (negative: unknown); when "
+                                  "given, the threshold maximises share * map5_new + (1 - share) * map5_known out "
+                                  "of fold.")
+    share_policy: str = param("estimate", "when test_new_share is not given: estimate (the test's share estimated "
+                              "from its own top-1 scores when usable, else minimax), minimax (the threshold whose "
+                              "worst loss over test shares 0.1-0.9 is smallest) or oof (the out-of-fold share as "
+                              "it is).", choices=("estimate", "minimax", "oof"))
     threshold_min: float = param(0.0, "lowest threshold of the sweep.")
     threshold_max: float = param(1.0, "highest threshold of the sweep.")
     threshold_step: float = param(0.02, "sweep step.")

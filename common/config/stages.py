@@ -106,13 +106,6 @@ class RetrievalConfig(SweepFields, FoldConfig):
                             "the fold embeddings, re-normalise, search once).", choices=("mean", "concat"))
     new_threshold: float = param(-1.0, "similarity under which new_individual is inserted; negative: tune it "
                                  "on out-of-fold predictions.")
-    test_new_share: float = param(-1.0, "expected share of new individuals in the test (negative: unknown); when "
-                                  "given, the threshold maximises share * map5_new + (1 - share) * map5_known out "
-                                  "of fold.")
-    share_policy: str = param("estimate", "when test_new_share is not given: estimate (the test's share estimated "
-                              "from its own top-1 scores when usable, else minimax), minimax (the threshold whose "
-                              "worst loss over test shares 0.1-0.9 is smallest) or oof (the out-of-fold share as "
-                              "it is).", choices=("estimate", "minimax", "oof"))
     n_examples: int = param(6, "query rows shown in the retrieval-examples figure.")
     inference_only: bool = param(False, "tune nothing: use the threshold an earlier full run of this "
                                  "experiment stored (unless new_threshold is 0 or more), search the test images only.")

@@ -33,7 +33,7 @@ from common.core import paths, store
 from common.data.artefacts import load_fold_embeddings, read_folds
 from common.data.competition import Competition
 from common.lib import ensemble, metrics, postprocess, retrieval
-from common.stages.retrieve_submit import fold_oof_scores
+from common.stages.retrieve_submit import fold_oof_scores, new_share_estimate, share_for_tuning, tune
 
 
 def embed_folds(names: list[str]) -> list[int]:
@@ -138,10 +138,15 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
     if cfg.blend_ratio > 0:
         oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
-    best, sweep = retrieval.tune_threshold(oof, truth, grid, new_label=cfg.new_label)
+    # the global threshold as stage 04 tunes it: for the test's share of new individuals (given, estimated, or
+    # the minimax threshold), never below new_individual first for every image
+    shares = new_share_estimate(oof, truth, test, cfg.new_label)
+    share, source = share_for_tuning(cfg, shares)
+    best, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
     images = list(comp.test["image"].astype(str))
     res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
-                           "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max())}
+                           "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max()),
+                           **shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source}
     if cfg.threshold_mode == "species":
         species = comp.train.set_index("image")["species"]
         per, best, summary = postprocess.tune_species_thresholds(oof, truth, species, grid,

@@ -183,7 +183,7 @@ def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float,
 ALL_NEW = 2.0  # above every cosine score: new_individual first for every image
 
 
-def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series, share: float | None = None,
+def tune(cfg: RetrievalConfig | EnsembleConfig, scores: pd.DataFrame, truth: pd.Series, share: float | None = None,
          minimax: bool = False) -> tuple[float, pd.DataFrame]:
     """The sweep over thresholds; the tuned threshold, or ``new_threshold`` when it is fixed (>= 0).
 
@@ -203,7 +203,8 @@ def tune(cfg: RetrievalConfig, scores: pd.DataFrame, truth: pd.Series, share: fl
     else:
         sweep["objective"] = sweep["map5"] if share is None else openset.share_sweep(sweep, share)
     best = float(sweep["threshold"].iloc[int(np.argmax(sweep["objective"].to_numpy()))])  # ties: the lowest
-    return (best if cfg.new_threshold < 0 else cfg.new_threshold), sweep
+    fixed = getattr(cfg, "new_threshold", -1.0)  # stage 04's; stage 06 always tunes
+    return (best if fixed < 0 else fixed), sweep
 
 
 def stored_threshold(cfg: RetrievalConfig) -> tuple[float, pd.DataFrame]:
@@ -355,7 +356,7 @@ def new_share_estimate(oof: pd.DataFrame, truth: pd.Series, test: pd.DataFrame, 
                                                                       len(test_top), auc)})
 
 
-def share_for_tuning(cfg: RetrievalConfig, shares: dict) -> tuple[float | None, str]:
+def share_for_tuning(cfg: RetrievalConfig | EnsembleConfig, shares: dict) -> tuple[float | None, str]:
     """The share of new test queries the threshold is tuned for, and how it was chosen: ``given``
     (``test_new_share >= 0``); ``estimated`` (``share_policy: estimate`` and a usable estimate from the test's own
     top-1 scores, :func:`new_share_estimate` and :func:`common.lib.openset.estimate_reliable`); ``minimax``
