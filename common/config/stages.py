@@ -164,7 +164,7 @@ class ClassifierConfig(TrainConfig):
     aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
     tta_flip: bool = param(True, "average the logits of the image and of its horizontal flip at prediction.")
     prob_topk: int = param(0, "columns of oof.npz/test.npz: 0 automatic (dense up to 1000 classes, else the "
-                           "100 most probable classes per image), -1 always dense, k >= 5 always the k most "
+                           "100 most probable classes per image), -1 always dense, a k of 5 or more always the k most "
                            "probable (common.lib.topk: bounded memory for thousands of individuals).")
     inference_only: bool = param(False, "train nothing: the fold models of an earlier full run of this "
                                  "experiment (found by experiment name) predict the test images only.")

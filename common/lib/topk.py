@@ -256,6 +256,15 @@ def scale(scores: Scores, factor: float) -> Scores:
                 None if scores.rest is None else scores.rest * f)
 
 
+def divide(scores: Scores, divisor: float) -> Scores:
+    """``scores / divisor`` in float32 (ArcFace logits over ``arc_s``: cosines)."""
+    d = np.float32(divisor)
+    if not isinstance(scores, TopK):
+        return (scores / d).astype(np.float32)
+    return TopK(scores.index, (scores.value / d).astype(np.float32), (scores.floor / d).astype(np.float32),
+                scores.n_classes, None if scores.rest is None else scores.rest / d)
+
+
 def remap(scores: TopK, rows: np.ndarray, col_map: np.ndarray, n_classes: int) -> TopK:
     """Rows ``rows`` of ``scores`` with class ``j`` renamed ``col_map[j]`` (another class order), re-sorted."""
     sub = scores[rows]
