@@ -242,7 +242,7 @@ def gather(scores: Scores, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return np.asarray(scores)[rows, cols]
     hit = scores.index[rows] == cols[:, None]
     found = hit.any(1)
-    out = scores.floor[rows].astype(np.float64)
+    out = scores.floor[rows].astype(scores.value.dtype)
     out[found] = scores.value[rows[found], hit[found].argmax(1)]
     return out
 
