@@ -166,8 +166,9 @@ def runs(comp, isolated_module, one_torch_thread):
     has 6 classes: k = 8 keeps all) and with k = 5) and stage-06 ensembles of each; the arrays and results kept."""
     out: dict = {}
     for prob_topk, tag in ((-1, "dense"), (8, "t8"), (5, "t5")):
-        for exp, lr, epochs in (("a", 1e-3, 1), ("b", 3e-3, 2)):
-            cfg = ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, epochs=epochs, prob_topk=prob_topk, **CLS)
+        for exp, lr, epochs, tau in (("a", 1e-3, 1, 1.0), ("b", 3e-3, 2, 0.0)):
+            cfg = ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, epochs=epochs, prob_topk=prob_topk,
+                                   la_posthoc_tau=tau, **CLS)
             out[tag, exp] = classify.run_classification(cfg, comp)
             for split in ("oof", "test"):
                 out[tag, exp, split] = store.load_arrays(paths.stage_dir(exp, "05") / f"{split}.npz")
@@ -206,7 +207,8 @@ def test_stage05_writes_the_topk_layout_when_forced(runs):
 def test_stage05_topk_with_every_class_matches_dense(runs):
     for exp in ("a", "b"):
         d, t = runs["dense", exp], runs["t8", exp]
-        for key in ("oof", "test", "test_by_fold"):
+        keys = ("oof", "test", "test_by_fold") + (("oof_no_posthoc", "test_no_posthoc") if exp == "a" else ())
+        for key in keys:  # a: post-hoc adjusted, its raw scores too
             assert t[key] == d[key], key
         for split in ("oof", "test"):
             dense = runs["dense", exp, split]["probs"]
@@ -260,3 +262,35 @@ def test_stage06_on_top5_members_writes_topk_and_known_answers(runs):
     assert (redis["label"][unmoved] == [classes[i] for i in test["topk_index"][unmoved.to_numpy(), 0]]).all()
     assert t5["oof"]["n"] == runs["dense", "ens"]["oof"]["n"] and "pseudo" in t5 and "clean" in t5
     assert (~unmoved).any() and unmoved.any()
+
+
+def test_a_topk_teacher_gives_dense_targets_that_sum_to_one(runs, comp):
+    from common.engine import classifier as engine_classifier
+
+    oof = runs["t5", "a", "oof"]  # on disk now: the k = 5 run of a
+    classes = store.read_json(paths.stage_dir("a", "05") / "classes.json")["classes"]
+    images = [str(i) for i in oof["image"][[3, 0]]]
+    cfg = ClassifierConfig(data=str(comp.root), exp="student", distill_from="a", **CLS)
+    got = engine_classifier.teacher_targets(cfg, images, classes[::-1])  # columns in another order
+    assert got.shape == (2, C) and got.dtype == np.float32
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    for r, row in enumerate((3, 0)):
+        for j, p in zip(oof["topk_index"][row], oof["topk_prob"][row], strict=True):
+            assert got[r, C - 1 - j] == pytest.approx(p)
+        missing = sorted(set(range(C)) - set(oof["topk_index"][row].tolist()))
+        assert got[r, [C - 1 - j for j in missing]] == pytest.approx(oof["rest_mass"][row] / (C - 5))
+
+
+def test_inference_only_writes_the_same_topk_test_file(runs, comp):
+    # the Kaggle kernel path: the full run's fold models predict the test images again, in the top-k layout
+    cfg = ClassifierConfig(data=str(comp.root), exp="a", lr=1e-3, epochs=1, prob_topk=5, la_posthoc_tau=1.0,
+                           inference_only=True, **CLS)
+    res = classify.run_classification(cfg, comp)
+    assert res["inference_only"] and res["prob_topk"] == 5
+    got = store.load_arrays(paths.stage_dir("a", "05") / "test.npz", list(comp.test["image"]))
+    full = runs["t5", "a", "test"]
+    assert set(got) == set(full)
+    for name in full:
+        if name != "image":
+            np.testing.assert_allclose(got[name], full[name], atol=1e-6, err_msg=name)
+    assert res["test"] == runs["t5", "a"]["test"]
