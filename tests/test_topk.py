@@ -79,9 +79,11 @@ def test_hand_computed_logit_mean_fills_a_missing_class_with_the_floor():
 def test_class_rows_and_redistribution_only_move_to_kept_classes():
     probs = np.array([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.8, 0.15, 0.05]], np.float32)
     top2 = topk.from_dense(probs, 2)  # rows keep {0,1}, {0,1}, {0,2}, {0,1}
-    rows, vals = topk.class_rows(top2, 2)
+    rows, vals = topk.class_rows(top2)(2)
     assert rows.tolist() == [2] and vals.tolist() == pytest.approx([0.4])
-    rows, vals = topk.class_rows(probs, 2)
+    rows, vals = topk.class_rows(top2)(1)
+    assert rows.tolist() == [0, 1, 3] and vals.tolist() == pytest.approx([0.3, 0.2, 0.15])
+    rows, vals = topk.class_rows(probs)(2)
     assert rows.tolist() == [2, 0, 1, 3]  # dense: every row, by descending prob, ties by row
     images, classes = ["r0", "r1", "r2", "r3"], ["a", "b", "c"]
     pred, moves = postprocess.redistribute_labels(top2, images, classes, 1)

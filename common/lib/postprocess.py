@@ -429,8 +429,9 @@ def redistribute_labels(probs: np.ndarray, images: Sequence[str], classes: Seque
     counts = np.bincount(pred, minlength=len(names))
     start = counts.copy()
     moved = []
+    rows_of = topk.class_rows(probs)
     for c in sorted(np.flatnonzero(start < k), key=lambda j: (start[j], j)):
-        for i, score in zip(*topk.class_rows(probs, c), strict=True):
+        for i, score in zip(*rows_of(c), strict=True):
             if counts[c] >= k:
                 break
             d = pred[i]

@@ -28,7 +28,7 @@ Re-distribution moves an image to a class only when that class is among the imag
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -314,22 +314,30 @@ def weighted_mean(scores: Sequence[Scores], weights: Sequence[float], kind: str 
     return _prob_topk(index, value, total - value.sum(1, dtype=np.float64), c)
 
 
-def class_rows(scores: Scores, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows by descending score of class ``c`` (ties by row) and those scores; a :class:`TopK` lists only
-    the rows that keep ``c`` among their columns.
+def class_rows(scores: Scores) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """A lookup ``c -> (rows, scores)``: the rows by descending score of class ``c`` (ties by row) and those
+    scores; a :class:`TopK` lists only the rows that keep ``c`` among their columns (indexed once, so asking for
+    every class costs one sort of the kept entries).
 
     Args:
         scores: ``(N, C)`` scores.
-        c: the class index.
     """
     if not isinstance(scores, TopK):
-        col = np.asarray(scores)[:, c]
-        order = np.argsort(-col, kind="stable")
-        return order, col[order]
-    rows, pos = np.nonzero(scores.index == c)
-    vals = scores.value[rows, pos]
-    order = np.lexsort((rows, -vals))
-    return rows[order], vals[order]
+        values = np.asarray(scores)
+
+        def dense(c: int) -> tuple[np.ndarray, np.ndarray]:
+            order = np.argsort(-values[:, c], kind="stable")
+            return order, values[order, c]
+        return dense
+    rows = np.repeat(np.arange(len(scores), dtype=np.int64), scores.k)
+    cols, vals = scores.index.ravel().astype(np.int64), scores.value.ravel()
+    order = np.lexsort((rows, -vals, cols))  # by class, then descending score, then row
+    bounds = np.searchsorted(cols[order], np.arange(scores.n_classes + 1))
+
+    def sparse(c: int) -> tuple[np.ndarray, np.ndarray]:
+        part = order[bounds[c]:bounds[c + 1]]
+        return rows[part], vals[part]
+    return sparse
 
 
 def to_dense(scores: Scores, spread_rest: bool = False) -> np.ndarray:
