@@ -168,17 +168,18 @@ def runs(comp, isolated_module, one_torch_thread):
     has 6 classes: k = 8 keeps all) and with k = 5) and stage-06 ensembles of each; the arrays and results kept."""
     out: dict = {}
     for prob_topk, tag in ((-1, "dense"), (8, "t8"), (5, "t5")):
-        for exp, lr, epochs, tau in (("a", 1e-3, 1, 1.0), ("b", 3e-3, 2, 0.0)):
+        for exp, lr, epochs, tau in (("a", 1e-3, 1, 1.0), ("b", 3e-3, 2, 1.0)):
             cfg = ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, epochs=epochs, prob_topk=prob_topk,
                                    la_posthoc_tau=tau, **CLS)
             out[tag, exp] = classify.run_classification(cfg, comp)
             for split in ("oof", "test"):
                 out[tag, exp, split] = store.load_arrays(paths.stage_dir(exp, "05") / f"{split}.npz")
         kw = dict(redistribute_k=2, pseudo_threshold=0.18, clean_threshold=0.18)  # 6 classes, 1-2 epochs: flat
-        ens = EnsembleConfig(data=str(comp.root), exp=f"ens_{tag}", members="a,b", device="cpu", **kw)
+        ens = EnsembleConfig(data=str(comp.root), exp=f"ens_{tag}", members="a,b", device="cpu", soup="greedy", **kw)
         out[tag, "ens"] = ensemble_stage.run_ensemble(ens, comp)
         out[tag, "sub"] = pd.read_csv(paths.submission_path(out[tag, "ens"]["submission"]), dtype=str)
-        for name in ("test.npz", "oof.npz", "flagged.csv", "redistributed.csv", "pseudo_round1.csv"):
+        for name in ("test.npz", "oof.npz", "flagged.csv", "redistributed.csv", "pseudo_round1.csv", "soup_test.npz",
+                     "soup_oof.npz", "soup_steps.csv"):
             path = ensemble_stage.stage_dir(f"ens_{tag}") / name
             out[tag, "06", name] = store.load_arrays(path) if name.endswith("npz") else pd.read_csv(path, dtype=str)
     return out
@@ -209,8 +210,7 @@ def test_stage05_writes_the_topk_layout_when_forced(runs):
 def test_stage05_topk_with_every_class_matches_dense(runs):
     for exp in ("a", "b"):
         d, t = runs["dense", exp], runs["t8", exp]
-        keys = ("oof", "test", "test_by_fold") + (("oof_no_posthoc", "test_no_posthoc") if exp == "a" else ())
-        for key in keys:  # a: post-hoc adjusted, its raw scores too
+        for key in ("oof", "test", "test_by_fold", "oof_no_posthoc", "test_no_posthoc"):  # adjusted and raw
             assert t[key] == d[key], key
         for split in ("oof", "test"):
             dense = runs["dense", exp, split]["probs"]
@@ -296,3 +296,15 @@ def test_inference_only_writes_the_same_topk_test_file(runs, comp):
         if name != "image":
             np.testing.assert_allclose(got[name], full[name], atol=1e-6, err_msg=name)
     assert res["test"] == runs["t5", "a"]["test"]
+
+
+def test_soups_of_topk_members_keep_their_layout_and_scores(runs):
+    dense, t5 = runs["dense", "ens"]["soup"], runs["t5", "ens"]["soup"]
+    assert t5["kept"] == dense["kept"]  # greedy: the same accuracies (argmax per batch), the same choices
+    pd.testing.assert_frame_equal(runs["t5", "06", "soup_steps.csv"], runs["dense", "06", "soup_steps.csv"])
+    assert t5["oof"] == dense["oof"] and t5["test"] == dense["test"]  # accuracy and top-5 need only five columns
+    got, want = runs["t5", "06", "soup_test.npz"], runs["dense", "06", "soup_test.npz"]
+    assert "probs" not in got and got["topk_index"].shape == (len(want["probs"]), 5)
+    np.testing.assert_array_equal(got["topk_index"][:, 0], want["probs"].argmax(1))
+    every = runs["t8", "06", "soup_test.npz"]  # k = C: the dense soup's probabilities, in the top-k layout
+    np.testing.assert_allclose(topk.to_dense(topk.read_scores(every, C)), want["probs"], atol=1e-6)
