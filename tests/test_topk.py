@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import ClassifierConfig, EnsembleConfig
+from common.config import ClassifierConfig, EmbedderConfig, EnsembleConfig, ExtractConfig, RetrievalConfig
 from common.core import paths, store
 from common.lib import ensemble, metrics, postprocess, topk
 from common.stages import ensemble_postprocess as ensemble_stage
+from common.stages import extract_embeddings, retrieve_submit, train_embedder
 from common.stages import train_classifier as classify
 
 
@@ -167,6 +168,12 @@ def runs(comp, isolated_module, one_torch_thread):
     """Stage-05 runs a, b (dense, then the same fold models predicting again in top-k with k >= C (the tiny demo
     has 6 classes: k = 8 keeps all) and with k = 5) and stage-06 ensembles of each; the arrays and results kept."""
     out: dict = {}
+    emb = dict(data=str(comp.root), exp="e", n_folds=2, folds="all", device="cpu")  # an embed member to blend with
+    ecfg = EmbedderConfig(**emb, backbone="mobilenetv3_small_050", pretrained="none", image_size=32, epochs=1,
+                          batch_size=4, amp=False, use_crops=False, embedding_dim=32)
+    train_embedder.run_training(ecfg, comp, train_embedder.prepare_folds(ecfg, comp))
+    extract_embeddings.run_extraction(ExtractConfig(**emb, batch_size=16), comp)
+    retrieve_submit.run_retrieval(RetrievalConfig(**emb, fold_merge="concat", knn_k=10), comp)
     for prob_topk, tag in ((-1, "dense"), (8, "t8"), (5, "t5")):
         for exp, lr, epochs, tau in (("a", 1e-3, 1, 1.0), ("b", 3e-3, 2, 1.0)):
             cfg = ClassifierConfig(data=str(comp.root), exp=exp, lr=lr, epochs=epochs, prob_topk=prob_topk,
@@ -178,6 +185,10 @@ def runs(comp, isolated_module, one_torch_thread):
         ens = EnsembleConfig(data=str(comp.root), exp=f"ens_{tag}", members="a,b", device="cpu", soup="greedy", **kw)
         out[tag, "ens"] = ensemble_stage.run_ensemble(ens, comp)
         out[tag, "sub"] = pd.read_csv(paths.submission_path(out[tag, "ens"]["submission"]), dtype=str)
+        blend = EnsembleConfig(data=str(comp.root), exp=f"blend_{tag}", members="a,b", embed_members="e",
+                               blend_ratio=0.5, knn_k=10, device="cpu")
+        out[tag, "blend"] = ensemble_stage.run_ensemble(blend, comp)["retrieval"]
+        out[tag, "blend_sub"] = pd.read_csv(paths.submission_path(ensemble_stage.submission_name(blend)), dtype=str)
         for name in ("test.npz", "oof.npz", "flagged.csv", "redistributed.csv", "pseudo_round1.csv", "soup_test.npz",
                      "soup_oof.npz", "soup_steps.csv"):
             path = ensemble_stage.stage_dir(f"ens_{tag}") / name
@@ -308,3 +319,14 @@ def test_soups_of_topk_members_keep_their_layout_and_scores(runs):
     np.testing.assert_array_equal(got["topk_index"][:, 0], want["probs"].argmax(1))
     every = runs["t8", "06", "soup_test.npz"]  # k = C: the dense soup's probabilities, in the top-k layout
     np.testing.assert_allclose(topk.to_dense(topk.read_scores(every, C)), want["probs"], atol=1e-6)
+
+
+def test_retrieval_blend_with_topk_members(runs):
+    dense, every, top5 = runs["dense", "blend"], runs["t8", "blend"], runs["t5", "blend"]
+    assert every["oof_map5"] == pytest.approx(dense["oof_map5"]) and every["threshold"] == pytest.approx(
+        dense["threshold"])
+    assert runs["t8", "blend_sub"]["predictions"].tolist() == runs["dense", "blend_sub"]["predictions"].tolist()
+    # k = 5 of 6 classes: a pair outside an image's five counts the floor; the blend runs and answers every image
+    sub = runs["t5", "blend_sub"]
+    assert sub["image"].tolist() == runs["dense", "blend_sub"]["image"].tolist()
+    assert sub["predictions"].str.split().map(len).eq(5).all() and 0 <= top5["oof_map5"] <= 1
