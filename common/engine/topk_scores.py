@@ -27,8 +27,14 @@ def posthoc(logits: np.ndarray, counts: list[int], tau: float) -> np.ndarray:
 
 
 def topk_reducer(k: int, counts: list[int], tau: float):
-    """Per batch of logits: the top-k of the (post-hoc adjusted) softmax, the logits there, and without the
-    adjustment the raw top-k (``tau > 0``)."""
+    """The ``reduce`` of :func:`common.engine.classifier.predict_logits`: per batch of logits, the top-k of the
+    (post-hoc adjusted) softmax, the logits there, and without the adjustment the raw top-k (``tau > 0``).
+
+    Args:
+        k: columns kept.
+        counts: training images per class.
+        tau: ``la_posthoc_tau``.
+    """
     def reduce(logits: np.ndarray) -> dict[str, Any]:
         probs, at = topk.from_logits(posthoc(logits, counts, tau), k)
         return {"probs": probs, "logits": at, "raw": topk.from_logits(logits, k)[0] if tau else probs}
@@ -61,7 +67,11 @@ def predict_topk(model, files: list[str], n_classes: int, k: int, counts: list[i
 
 def fold_mean(per_fold: list[tuple[topk.TopK, np.ndarray, topk.TopK]]) -> tuple[topk.TopK, np.ndarray, topk.TopK]:
     """The folds' mean top-k probabilities, the mean logits at its classes (a fold's smallest kept logit where it
-    does not keep the class) and the raw mean (:func:`common.lib.topk.weighted_mean`)."""
+    does not keep the class) and the raw mean (:func:`common.lib.topk.weighted_mean`, equal weights).
+
+    Args:
+        per_fold: one :func:`predict_topk` result per fold, rows in the same order.
+    """
     w = [1.0 / len(per_fold)] * len(per_fold)
     probs = topk.weighted_mean([p for p, _, _ in per_fold], w)
     raw = topk.weighted_mean([r for _, _, r in per_fold], w)

@@ -105,7 +105,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     if k_top:
         metrics = _predict_topk(cfg, comp, folds, classes, counts, k_top, test_files, device)
         meta = metrics.pop("meta")
-        return _finish(cfg, comp, out, metrics, meta, train_seconds, t0)
+        return _finish(cfg, out, metrics, meta, train_seconds, t0)
     oof_parts, test_logits = [], {}
     for k in cfg.fold_list():
         model, meta = load_classifier(cfg.exp, k, device)
@@ -163,7 +163,14 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
 
 def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.Scores, classes: list[str]
                      ) -> pd.DataFrame:
-    """``submissions/<exp>-classifier.csv``: each test image's five most likely classes (dense or top-k)."""
+    """``submissions/<exp>-classifier.csv``: each test image's five most likely classes; returns the table.
+
+    Args:
+        cfg: stage config (``exp``).
+        comp: the competition (test rows in order).
+        test_probs: ``(N, C)`` test probabilities, dense or :class:`common.lib.topk.TopK`.
+        classes: class names in column order.
+    """
     top5 = topk.top_n(test_probs, 5)
     sub = pd.DataFrame({"image": comp.test["image"],
                         "predictions": [" ".join(classes[i] for i in row) for row in top5]})
@@ -171,8 +178,8 @@ def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.
     return sub
 
 
-def _finish(cfg: ClassifierConfig, comp: Competition, out, metrics: dict[str, Any], meta: dict, train_seconds: float,
-            t0: float) -> dict[str, Any]:
+def _finish(cfg: ClassifierConfig, out, metrics: dict[str, Any], meta: dict, train_seconds: float, t0: float
+            ) -> dict[str, Any]:
     """The top-k run's metrics.json, headline and marker (the arrays and submission are written)."""
     metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "final_weights": meta["final_weights"],
                "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
