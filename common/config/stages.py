@@ -156,6 +156,9 @@ class ClassifierConfig(TrainConfig):
                             "the same features, like the embedder's species head (empty: off).", model=True)
     aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
     tta_flip: bool = param(True, "average the logits of the image and of its horizontal flip at prediction.")
+    prob_topk: int = param(0, "columns of oof.npz/test.npz: 0 automatic (dense up to 1000 classes, else the "
+                           "100 most probable classes per image), -1 always dense, a k of 5 or more always the k most "
+                           "probable (common.lib.topk: bounded memory for thousands of individuals).")
     inference_only: bool = param(False, "train nothing: the fold models of an earlier full run of this "
                                  "experiment (found by experiment name) predict the test images only.")
 
@@ -172,6 +175,8 @@ class ClassifierConfig(TrainConfig):
         self.avg_epoch_list()  # validates avg_epochs
         if self.head == "subcenter" and self.arc_k < 2:
             raise ValueError(f"head=subcenter needs arc_k >= 2 (got {self.arc_k}); use head=arcface for k=1")
+        if self.prob_topk < -1 or 0 < self.prob_topk < 5:
+            raise ValueError(f"prob_topk={self.prob_topk}: use 0 (automatic), -1 (dense) or k >= 5")
         if self.distill_from and self.distill_from == self.exp:
             raise ValueError(f"distill_from={self.distill_from!r} is this experiment itself")
 

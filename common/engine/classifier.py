@@ -19,6 +19,7 @@ The stage as a whole (predictions, metrics, submission) is :mod:`common.stages.t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from common.lib.metrics import classification_report
 from common.lib.mixing import BatchMixer
 from common.lib.models import ClassifierModel
 from common.lib.sampling import ClassBalancedSampler
+from common.lib.topk import read_scores, to_dense
 
 STAGE = "05"
 # Fields that change the trained model: a resumed fold must agree on all of them.
@@ -107,6 +109,9 @@ def prepare_folds(cfg: ClassifierConfig, comp: Competition) -> pd.DataFrame:
 def teacher_targets(cfg: ClassifierConfig, images: list[str], classes: list[str]) -> np.ndarray:
     """The teacher's out-of-fold probabilities for ``images``, columns reordered to ``classes``.
 
+    A top-k ``oof.npz`` (:mod:`common.lib.topk`) becomes dense here, the rest mass shared equally by the classes
+    a row does not keep: ``len(images) x C`` float32 in memory.
+
     Raises:
         FileNotFoundError / DataError: when the teacher run is missing, misses an image (it must have
             predicted every training image out of fold: train it with ``folds=all``) or other classes.
@@ -122,7 +127,9 @@ def teacher_targets(cfg: ClassifierConfig, images: list[str], classes: list[str]
         raise DataError(f"{folder / 'oof.npz'}: no out-of-fold prediction for image {missing[0]!r} "
                         f"({len(missing)} missing): train the teacher {cfg.distill_from!r} with folds=all")
     order = [teacher_classes.index(c) for c in classes]
-    return oof["probs"][[index[img] for img in images]][:, order].astype(np.float32)
+    probs = read_scores(oof, len(teacher_classes), "probs", source=str(folder / "oof.npz"))
+    return to_dense(probs[np.array([index[img] for img in images], dtype=np.int64)], spread_rest=True
+                    )[:, order].astype(np.float32)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -303,7 +310,8 @@ def load_classifier(exp: str, fold: int, device: torch.device | str = "cpu") -> 
 def predict_logits(model: nn.Module, image_files: list[str], image_size: int, mean: list[float],
                    std: list[float], batch_size: int = 64, tta_flip: bool = True,
                    device: torch.device | str = "cpu", num_workers: int = 0, amp: bool = True,
-                   desc: str = "predict") -> np.ndarray:
+                   desc: str = "predict", reduce: Callable[[np.ndarray], Any] | None = None
+                   ) -> np.ndarray | list[Any]:
     """Float32 logits ``(N, C)`` of ``image_files`` (no margin), averaged with the horizontal flip's.
 
     Args:
@@ -318,7 +326,9 @@ def predict_logits(model: nn.Module, image_files: list[str], image_size: int, me
         num_workers: loader workers.
         amp: autocast on CUDA.
         desc: progress-bar label.
+        reduce: applied to each batch's logits; the list of its results is returned instead of the array
+            (stage 05's top-k format: :func:`common.lib.topk.from_logits` per batch).
     """
     model = model.to(torch.device(device)).eval()
     return forward_images(model, image_files, image_size, mean, std, batch_size, tta_flip, device, num_workers,
-                          amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0))
+                          amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0), reduce=reduce)

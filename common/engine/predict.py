@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,7 +26,8 @@ def forward_images(
     amp: bool = True,
     desc: str = "predict",
     n_out: int = 0,
-) -> np.ndarray:
+    reduce: Callable[[np.ndarray], Any] | None = None,
+) -> np.ndarray | list[Any]:
     """``forward`` over images read and resized as in evaluation, averaged with the horizontal flip's output.
 
     The one batch loop behind :func:`extract` (embeddings) and
@@ -42,9 +46,11 @@ def forward_images(
         amp: autocast on CUDA.
         desc: progress-bar label.
         n_out: columns of the (empty) result when there are no images.
+        reduce: maps each batch's float32 ``(n, D)`` output to what is kept of it (e.g. the top-k classes of
+            :func:`common.lib.topk.from_logits`), so the full ``(N, D)`` array never exists.
 
     Returns:
-        float32 ``(len(image_files), D)``.
+        float32 ``(len(image_files), D)``; with ``reduce`` the list of its per-batch results, in order.
     """
     device = torch.device(device)
     configure_device(device)
@@ -58,5 +64,7 @@ def forward_images(
             out = forward(x).float()
             if tta_flip:
                 out = (out + forward(torch.flip(x, dims=[3])).float()) / 2
-        chunks.append(out.cpu())
+        chunks.append(out.cpu() if reduce is None else reduce(out.cpu().numpy()))
+    if reduce is not None:
+        return chunks
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, n_out), dtype=np.float32)

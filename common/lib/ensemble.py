@@ -12,6 +12,8 @@
 
 Every ``(N, C)`` array comes with its row ids (``image``) and column names (``classes``) and is aligned by
 them, never by position: two sources that disagree on the set of images or classes raise naming both.
+Each may also be a :class:`common.lib.topk.TopK` (the ``k`` best classes per row, stage 05's bounded-memory
+format): :func:`align`, :func:`ensemble_probs` and :func:`blend_scores` take it as they take a dense array.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.lib import topk
 from common.lib.averaging import average_state_dicts
 
 BLEND_KINDS = ("prob", "logit")
@@ -77,7 +80,7 @@ def _same_set(a: list[str], b: list[str], what: str, source: str, ref_source: st
 
 
 def align(
-    values: np.ndarray,
+    values: np.ndarray | topk.TopK,
     images: Sequence[str],
     classes: Sequence[str],
     ref_images: Sequence[str],
@@ -88,7 +91,7 @@ def align(
     """Reorder an ``(N, C)`` array's rows and columns to a reference order of images and classes.
 
     Args:
-        values: ``(len(images), len(classes))`` array.
+        values: ``(len(images), len(classes))`` array or :class:`~common.lib.topk.TopK`.
         images: row ids of ``values``.
         classes: column names of ``values``.
         ref_images: the row order wanted.
@@ -100,9 +103,9 @@ def align(
         ValueError: on a shape that does not match the ids, a repeated id, or a different set of images or
             classes (both sources, the counts and one example are named).
     """
-    values = np.asarray(values)
+    values = values if isinstance(values, topk.TopK) else np.asarray(values)
     rows, cols = _ids(images, "image", source), _ids(classes, "class", source)
-    if values.ndim != 2 or values.shape != (len(rows), len(cols)):
+    if len(values.shape) != 2 or values.shape != (len(rows), len(cols)):
         raise ValueError(
             f"{source}: array of shape {values.shape} for {len(rows)} images x {len(cols)} classes"
         )
@@ -113,16 +116,21 @@ def align(
         return values  # already in order: no copy
     row_pos = {v: i for i, v in enumerate(rows)}
     col_pos = {v: i for i, v in enumerate(cols)}
+    if isinstance(values, topk.TopK):  # rows taken, class indices renamed to the reference's order
+        ref_col = {v: j for j, v in enumerate(ref_cols)}
+        return topk.remap(values, np.array([row_pos[v] for v in ref_rows], dtype=np.int64),
+                          np.array([ref_col[v] for v in cols], dtype=np.int32), len(ref_cols))
     return values[np.ix_([row_pos[v] for v in ref_rows], [col_pos[v] for v in ref_cols])]
 
 
 def ensemble_probs(
-    probs: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray | topk.TopK],
     images: Sequence[Sequence[str]],
     classes: Sequence[Sequence[str]],
     weights: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
     rescale: bool = False,
+    kind: str = "prob",
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Weighted mean of several models' ``(N, C)`` probabilities, aligned by image id and class name.
 
@@ -137,16 +145,20 @@ def ensemble_probs(
     so rows stay probability distributions; ``rescale=True`` reproduces the reference's numbers.
 
     Args:
-        probs: one ``(N, C)`` array per model (softmax outputs; any non-negative scores work).
+        probs: one ``(N, C)`` array or :class:`~common.lib.topk.TopK` per model (softmax outputs; any
+            non-negative scores work).
         images: row ids of each array.
         classes: column names of each array.
         weights: one weight per model (e.g. :func:`accuracy_weights`), ``None`` for equal weights.
         names: a name per model for error messages (e.g. the ``.npz`` paths); default ``model 0``, ...
         rescale: use ``weights`` as given and divide by the number of models (the reference's ``--scale``).
+        kind: ``prob``, or ``logit`` for logits / cosines (matters for top-k inputs only: a class a model does
+            not keep adds its floor, not 0; :func:`common.lib.topk.weighted_mean`).
 
     Returns:
-        ``(ensemble, images, classes)``: ``(N, C)`` (float32 when every input is float32, else float64) and
-        the first model's ids and class names.
+        ``(ensemble, images, classes)``: ``(N, C)`` (float32 when every input is float32, else float64), or a
+        :class:`~common.lib.topk.TopK` when an input is one (:func:`common.lib.topk.weighted_mean`: the union
+        of the models' classes per row), and the first model's ids and class names.
     """
     n = len(probs)
     if n == 0:
@@ -162,6 +174,12 @@ def ensemble_probs(
         raise ValueError(f"ensemble_probs: need {n} finite weights >= 0 with a positive sum, got {weights!r}")
     w = w / n if rescale else w / w.sum()
     ref_images, ref_classes = [str(v) for v in images[0]], [str(v) for v in classes[0]]
+    if any(isinstance(p, topk.TopK) for p in probs):
+        parts = [align(probs[i], images[i], classes[i], ref_images, ref_classes, names[i], names[0])
+                 for i in range(n)]
+        for i, part in enumerate(parts):
+            topk.check_finite(part, ref_images, ref_classes, names[i])
+        return topk.weighted_mean(parts, w, kind), ref_images, ref_classes
     # float32 inputs (stage 05 writes float32) sum in float32: a float64 (N, C) of a large test set is GBs
     dtype = np.float32 if all(np.asarray(p).dtype == np.float32 for p in probs) else np.float64
     out = np.zeros((len(ref_images), len(ref_classes)), dtype=dtype)
@@ -178,7 +196,7 @@ def ensemble_probs(
 
 def blend_scores(
     retrieval_table: pd.DataFrame,
-    class_scores: np.ndarray,
+    class_scores: np.ndarray | topk.TopK,
     images: Sequence[str],
     classes: Sequence[str],
     ratio: float,
@@ -209,7 +227,9 @@ def blend_scores(
 
     Args:
         retrieval_table: ``image, individual_id, score`` (stage 04's ``oof_scores.csv``/``test_scores.csv``).
-        class_scores: ``(N, C)`` classifier probabilities or logits (stage 05's ``probs`` / ``logits``).
+        class_scores: ``(N, C)`` classifier probabilities or logits (stage 05's ``probs`` / ``logits``), dense
+            or a :class:`~common.lib.topk.TopK`: then a pair whose individual is outside the image's kept
+            classes, or is no class, gets the row's floor (:mod:`common.lib.topk`).
         images: row ids of ``class_scores``; the same set as the table's images.
         classes: column names of ``class_scores`` (individual ids).
         ratio: weight of the classifier, in ``[0, 1]``; 0 returns the retrieval scores alone.
@@ -233,20 +253,23 @@ def blend_scores(
     table = retrieval_table[["image", "individual_id", "score"]].astype({"image": str, "individual_id": str})
     rows, cols = _ids(images, "image", "classifier"), _ids(classes, "class", "classifier")
     _same_set(sorted(set(table["image"])), rows, "images", "retrieval table", "classifier")
-    values = np.asarray(class_scores)  # kept in its dtype: (N, C) can be GBs; gathered entries go to float64
+    # kept in its dtype: (N, C) can be GBs; gathered entries go to float64
+    sparse = isinstance(class_scores, topk.TopK)
+    values = class_scores if sparse else np.asarray(class_scores)
     if values.shape != (len(rows), len(cols)):
         raise ValueError(
             f"classifier: array of shape {values.shape} for {len(rows)} images x {len(cols)} classes"
         )
-    if not np.isfinite(values).all():
-        r, c = (int(v) for v in np.argwhere(~np.isfinite(values))[0])
-        raise ValueError(f"classifier: image {rows[r]!r}, class {cols[c]!r} is {values[r, c]}")
-    if kind == "prob" and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
-        r, c = (int(v) for v in np.argwhere((values < -1e-6) | (values > 1 + 1e-6))[0])
-        raise ValueError(
-            f"classifier: kind='prob' but image {rows[r]!r}, class {cols[c]!r} is {values[r, c]}; "
-            "pass logits with kind='logit'"
-        )
+    dense = values.value if sparse else values  # the stored entries (a TopK's kept columns)
+
+    def where(r: int, j: int) -> str:
+        return f"image {rows[r]!r}, class {cols[int(values.index[r, j]) if sparse else j]!r} is {dense[r, j]}"
+
+    if not np.isfinite(dense).all():
+        raise ValueError(f"classifier: {where(*(int(v) for v in np.argwhere(~np.isfinite(dense))[0]))}")
+    if kind == "prob" and dense.size and (dense.min() < -1e-6 or dense.max() > 1 + 1e-6):
+        r, j = (int(v) for v in np.argwhere((dense < -1e-6) | (dense > 1 + 1e-6))[0])
+        raise ValueError(f"classifier: kind='prob' but {where(r, j)}; pass logits with kind='logit'")
     scale = float(logit_scale) if kind == "logit" else 1.0
     if not set(table["individual_id"]) & set(cols):
         raise ValueError("blend_scores: no retrieval individual is a classifier class (wrong label_column?)")
@@ -255,8 +278,11 @@ def blend_scores(
     if ratio > 0 and class_top_k > 0:
         kk = min(class_top_k, len(cols))
         # the kk best columns per row (their order does not matter: the output is sorted by score)
-        top = np.argpartition(-values, kk - 1, axis=1)[:, :kk] if kk < len(cols) else np.arange(kk)[None]
-        top = np.broadcast_to(top, (len(rows), kk))
+        if sparse:
+            top = values.index[:, :kk]
+        else:
+            top = np.argpartition(-values, kk - 1, axis=1)[:, :kk] if kk < len(cols) else np.arange(kk)[None]
+            top = np.broadcast_to(top, (len(rows), kk))
         extra = pd.DataFrame(
             {"image": np.repeat(rows, top.shape[1]), "individual_id": np.asarray(cols)[top].ravel()}
         )
@@ -267,8 +293,8 @@ def blend_scores(
     row_pos = pd.Series(np.arange(len(rows)), index=rows)[merged["image"]].to_numpy()
     col_pos = pd.Series(np.arange(len(cols)), index=cols).reindex(merged["individual_id"]).to_numpy()
     known = ~np.isnan(col_pos)
-    c_score = values.min(axis=1)[row_pos].astype(np.float64) / scale
-    c_score[known] = values[row_pos[known], col_pos[known].astype(int)].astype(np.float64) / scale
+    c_score = topk.row_min(values)[row_pos].astype(np.float64) / scale
+    c_score[known] = topk.gather(values, row_pos[known], col_pos[known].astype(int)).astype(np.float64) / scale
     out = merged.assign(score=(1.0 - ratio) * r_score + ratio * c_score)
     return out.sort_values(
         ["image", "score", "individual_id"], ascending=[True, False, True], ignore_index=True

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from common.lib import topk
+
 NEW_LABEL = "new_individual"
 
 
@@ -121,7 +123,8 @@ def classification_report(truth: Sequence[int] | np.ndarray, scores: np.ndarray,
 
     Args:
         truth: one true class index per row.
-        scores: ``(N, C)`` probabilities or logits (only their order within a row matters).
+        scores: ``(N, C)`` probabilities or logits (only their order within a row matters), dense or a
+            :class:`common.lib.topk.TopK`.
         n_classes: number of classes (default ``scores.shape[1]``).
 
     Returns:
@@ -130,18 +133,21 @@ def classification_report(truth: Sequence[int] | np.ndarray, scores: np.ndarray,
         ``per_class_recall`` lists every class, ``None`` where the class has no rows.
     """
     y = np.asarray(truth, dtype=np.int64).ravel()
-    s = np.asarray(scores)
-    if s.ndim != 2 or len(s) != len(y):
+    s = scores if isinstance(scores, topk.TopK) else np.asarray(scores)
+    if len(s.shape) != 2 or len(s) != len(y):
         raise ValueError(f"classification_report: scores must be (N, C) with N = {len(y)}, got {s.shape}")
     if len(y) == 0:
         raise ValueError("classification_report: no rows to score")
     n_classes = s.shape[1] if n_classes is None else n_classes
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"classification_report: labels must be in 0..{n_classes - 1}")
-    pred = s.argmax(1)
+    pred = topk.argmax(s)
     hit = pred == y
     k = min(5, s.shape[1])
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    if isinstance(s, topk.TopK):  # the kept columns are sorted: the first five are the top five
+        top = s.index[:, :k]
+    else:
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
     recall: list[float | None] = []
     for c in range(n_classes):
         rows = y == c

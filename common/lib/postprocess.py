@@ -8,6 +8,11 @@
   predictions and re-distribution of labels toward a minimum count per class follow the ACCV 2022 FGIA
   1st-place solution, https://github.com/Ezra-Yu/ACCV2022_FGIA_1st (``tools/creat_pseudo.py``,
   ``tools/re-distribute-label.py``).
+
+Pseudo-labels, cleaning and re-distribution take dense ``(N, C)`` probabilities or a
+:class:`common.lib.topk.TopK` (stage 05's bounded-memory format): a label outside an image's kept classes has
+the row's floor as its probability, and re-distribution moves an image only to a class it keeps
+(:mod:`common.lib.topk`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ import numpy as np
 import pandas as pd
 
 from common.core import store
-from common.lib import retrieval
+from common.lib import retrieval, topk
 from common.lib.metrics import NEW_LABEL, map_at_k
 
 
-def _check_matrix(probs: np.ndarray, images: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
+def _check_matrix(probs: np.ndarray | topk.TopK, images: Sequence[str], classes: Sequence[str], where: str
+                  ) -> np.ndarray | topk.TopK:
+    if isinstance(probs, topk.TopK):
+        if probs.shape != (len(images), len(classes)):
+            raise ValueError(f"{where}: probs of shape {probs.shape} for {len(images)} images x "
+                             f"{len(classes)} classes")
+        topk.check_finite(probs, [str(i) for i in images], [str(c) for c in classes], where)
+        return probs
     probs = np.asarray(probs)
     if not np.issubdtype(probs.dtype, np.floating):
         probs = probs.astype(np.float64)
@@ -236,8 +248,8 @@ def select_pseudo_labels(
     if round_no < 1:
         raise ValueError(f"select_pseudo_labels: round_no must be >= 1 (0: the original labels), "
                          f"got {round_no}")
-    top = probs.argmax(axis=1)
-    conf = probs[np.arange(len(top)), top]
+    top = topk.argmax(probs)
+    conf = topk.row_max(probs)
     keep = conf >= threshold
     return pd.DataFrame({"image": np.asarray([str(i) for i in images], dtype=object)[keep],
                          label_column: np.asarray([str(c) for c in classes], dtype=object)[top[keep]],
@@ -355,13 +367,14 @@ def flag_noisy_labels(
             bad_label = str(lab[unknown[0]])
             raise ValueError(f"flag_noisy_labels: row {unknown[0]}: label {bad_label!r} is not a class")
         idx = np.array([pos[str(v)] for v in lab], dtype=int)
-    pred = probs.argmax(axis=1)
-    conf = probs[np.arange(len(pred)), pred]
+    pred = topk.argmax(probs)
+    conf = topk.row_max(probs)
     flag = (pred != idx) & (conf >= threshold)
     names_arr = np.asarray(names, dtype=object)
     out = pd.DataFrame({"image": np.asarray([str(i) for i in images], dtype=object)[flag],
                         "label": names_arr[idx[flag]], "predicted": names_arr[pred[flag]],
-                        "confidence": conf[flag], "label_prob": probs[np.flatnonzero(flag), idx[flag]]})
+                        "confidence": conf[flag],
+                        "label_prob": topk.gather(probs, np.flatnonzero(flag), idx[flag])})
     return out.sort_values(["confidence", "image"], ascending=[False, True], ignore_index=True)
 
 
@@ -412,12 +425,13 @@ def redistribute_labels(probs: np.ndarray, images: Sequence[str], classes: Seque
     if k < 1:
         raise ValueError(f"redistribute_labels: k must be >= 1, got {k}")
     names = [str(c) for c in classes]
-    pred = probs.argmax(axis=1)
+    pred = topk.argmax(probs)
     counts = np.bincount(pred, minlength=len(names))
     start = counts.copy()
     moved = []
+    rows_of = topk.class_rows(probs)
     for c in sorted(np.flatnonzero(start < k), key=lambda j: (start[j], j)):
-        for i in np.argsort(-probs[:, c], kind="stable"):
+        for i, score in zip(*rows_of(c), strict=True):
             if counts[c] >= k:
                 break
             d = pred[i]
@@ -425,8 +439,8 @@ def redistribute_labels(probs: np.ndarray, images: Sequence[str], classes: Seque
                 continue
             pred[i], counts[d], counts[c] = c, counts[d] - 1, counts[c] + 1
             moved.append(dict(image=str(images[i]), from_label=names[d], to_label=names[c],
-                              score=float(probs[i, c]), from_score=float(probs[i, d])))
-    first = probs.argmax(axis=1)
+                              score=float(score), from_score=float(topk.gather(probs, [i], [d])[0])))
+    first = topk.argmax(probs)
     predictions = pd.DataFrame({"image": [str(i) for i in images], "label": [names[j] for j in pred],
                                 "moved": pred != first})
     columns = ["image", "from_label", "to_label", "score", "from_score"]

@@ -1,6 +1,9 @@
 """Stage 06's members: the stage-05 runs an ensemble combines, read by experiment name (``working/`` or an
 attached Kaggle source), aligned on the training images every member predicted out of fold, and weighted by
-their out-of-fold accuracy (:func:`common.lib.ensemble.accuracy_weights`)."""
+their out-of-fold accuracy (:func:`common.lib.ensemble.accuracy_weights`).
+
+A member's scores are what :func:`common.lib.topk.read_scores` reads: dense ``(N, C)`` arrays, or the top-k layout
+stage 05 writes for many classes (:class:`common.lib.topk.TopK`); everything downstream takes either."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.core import paths, store
-from common.lib import ensemble, metrics
+from common.lib import ensemble, metrics, topk
 
 
 @dataclasses.dataclass
@@ -21,17 +24,17 @@ class Member:
     classes: list[str]
     label_column: str
     oof_images: list[str]
-    oof_probs: np.ndarray
+    oof_probs: topk.Scores  # dense (N, C) or top-k (common.lib.topk)
     oof_label: np.ndarray
     test_images: list[str]
-    test_probs: np.ndarray
+    test_probs: topk.Scores
     oof_own: int = 0  # out-of-fold rows in the member's own oof.npz (before keeping the images all members share)
-    oof_cosine: np.ndarray | None = None  # logits / arc_s: the cosine to each class centre (ArcFace heads only)
-    test_cosine: np.ndarray | None = None
+    oof_cosine: topk.Scores | None = None  # logits / arc_s: the cosine to each class centre (ArcFace heads only)
+    test_cosine: topk.Scores | None = None
 
     @property
     def oof_accuracy(self) -> float:
-        return float((self.oof_probs.argmax(1) == self.oof_label).mean()) if len(self.oof_label) else 0.0
+        return float((topk.argmax(self.oof_probs) == self.oof_label).mean()) if len(self.oof_label) else 0.0
 
     def oof_score(self, by: str = "accuracy") -> float:
         """Out-of-fold ``accuracy`` or ``balanced_accuracy`` (mean per-class recall) of the member."""
@@ -56,15 +59,19 @@ def load_member(exp: str) -> Member:
     files = {name: member_file(exp, name) for name in ("classes.json", "oof.npz", "test.npz")}
     info = store.read_json(files["classes.json"])
     oof, test = store.load_arrays(files["oof.npz"]), store.load_arrays(files["test.npz"])
+    n = len(info["classes"])
+    oof_probs, test_probs = (topk.read_scores(arrays, n, "probs", source=str(files[name]))
+                             for arrays, name in ((oof, "oof.npz"), (test, "test.npz")))
     oof_cos = test_cos = None
     fold_config = sorted(files["classes.json"].parent.glob("fold*/config.json"))  # stored beside classes.json
     cfg = store.read_json(fold_config[0])["config"] if fold_config else {}
     if cfg.get("head") in ("arcface", "subcenter"):  # ArcFace logits are s * cos: divided by s, a cosine
-        oof_cos = (oof["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
-        test_cos = (test["logits"] / np.float32(cfg["arc_s"])).astype(np.float32)
+        oof_cos, test_cos = (topk.divide(topk.read_scores(arrays, n, "logits", source=str(files[name])),
+                                         cfg["arc_s"])
+                             for arrays, name in ((oof, "oof.npz"), (test, "test.npz")))
     return Member(exp, [str(c) for c in info["classes"]], str(info.get("label_column", "individual_id")),
-                  [str(i) for i in oof["image"]], oof["probs"], oof["label"].astype(int),
-                  [str(i) for i in test["image"]], test["probs"], oof_own=len(oof["image"]),
+                  [str(i) for i in oof["image"]], oof_probs, oof["label"].astype(int),
+                  [str(i) for i in test["image"]], test_probs, oof_own=len(oof["image"]),
                   oof_cosine=oof_cos, test_cosine=test_cos)
 
 
@@ -124,4 +131,5 @@ def combine(members: list[Member], weights: np.ndarray, split: str, values: str 
     names = [str(paths.stage_dir(m.exp, "05") / f"{split}.npz") for m in members]
     probs = [getattr(m, f"{split}_{'probs' if values == 'probs' else 'cosine'}") for m in members]
     images = [m.oof_images if split == "oof" else m.test_images for m in members]
-    return ensemble.ensemble_probs(probs, images, [m.classes for m in members], weights, names)
+    return ensemble.ensemble_probs(probs, images, [m.classes for m in members], weights, names,
+                                   kind="prob" if values == "probs" else "logit")

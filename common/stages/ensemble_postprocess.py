@@ -14,6 +14,11 @@ Classifier side, from the ``members``' stage-05 arrays (``05_classifier/oof.npz`
   without the flagged images; re-distribution (:func:`common.lib.postprocess.redistribute_labels`);
 * model soups of fold models: :mod:`common.stages.soup`.
 
+Members whose stage 05 wrote the top-k layout (many classes, ``prob_topk``) are read and combined as
+:class:`common.lib.topk.TopK` (the union of the members' classes per row; the rules for a class a row does not
+keep are :mod:`common.lib.topk`'s); ``06_ensemble/oof.npz`` and ``test.npz`` are then top-k too (``topk_index``,
+``topk_prob``, ``rest_mass``), else dense ``probs`` as before.
+
 Retrieval side (``embed_members``): :mod:`common.stages.ensemble_retrieval`. With it the submission is the retrieval
 one (with ``new_individual``), else the classifier ensemble's five best classes; either way it is
 ``submissions/<exp>-<settings>.csv`` (:func:`submission_name`). ``06_ensemble/metrics.json`` holds everything,
@@ -42,7 +47,7 @@ from common.core import paths, store
 from common.data.competition import Competition
 from common.data.fingerprint import stage_fingerprint
 from common.data.unreadable import open_checked
-from common.lib import ensemble, metrics, postprocess
+from common.lib import ensemble, metrics, postprocess, topk
 from common.stages import retrieve_submit as submit
 from common.stages import train_classifier as classify
 from common.stages.ensemble_members import (  # noqa: F401  (re-exported: the stage's API in one place)
@@ -162,9 +167,15 @@ def submission_name(cfg: EnsembleConfig) -> str:
     return "-".join(parts)
 
 
-def top5_predictions(probs: np.ndarray, classes: list[str], first: list[str] | None = None) -> list[str]:
-    """Five classes per row, best first; ``first`` (e.g. re-distributed labels) replaces each row's first."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, : min(6, probs.shape[1])]
+def top5_predictions(probs: topk.Scores, classes: list[str], first: list[str] | None = None) -> list[str]:
+    """Five classes per row, best first; ``first`` (e.g. re-distributed labels) replaces each row's first.
+
+    Args:
+        probs: dense ``(N, C)`` scores or a :class:`common.lib.topk.TopK`.
+        classes: column names.
+        first: a label per row to put first, or ``None``.
+    """
+    order = topk.top_n(probs, min(6, probs.shape[1]))
     rows = []
     for r, idx in enumerate(order):
         names = [classes[i] for i in idx]
@@ -269,8 +280,11 @@ def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Me
     label_column = members[0].label_column
     oof_label = members[0].oof_label  # the ensemble keeps member 0's row and class order
     scale = float(raw.sum() / len(raw)) if cfg.rescale else 1.0  # the reference's --scale: rows sum to mean(w)
-    store.save_arrays(out / "oof.npz", oof_images, probs=oof * np.float32(scale), label=oof_label)
-    store.save_arrays(out / "test.npz", list(comp.test["image"]), probs=test * np.float32(scale))
+    for name, rows, values, extra in (("oof.npz", oof_images, oof, {"label": oof_label}),
+                                      ("test.npz", list(comp.test["image"]), test, {})):
+        scaled = topk.scale(values, scale)  # dense: probs; top-k: topk_index, topk_prob, rest_mass
+        arrays = topk.to_arrays(scaled) if isinstance(scaled, topk.TopK) else {"probs": scaled}
+        store.save_arrays(out / name, rows, **arrays, **extra)
     store.write_json(out / "classes.json", {"label_column": label_column, "classes": classes})
     table = pd.DataFrame({"member": [m.exp for m in members],
                           "oof_accuracy": [m.oof_accuracy for m in members],
@@ -311,7 +325,7 @@ def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Me
         pred, moves = postprocess.redistribute_labels(test, list(comp.test["image"]), classes, cfg.redistribute_k)
         store.write_csv(out / "redistributed.csv", pred)
         store.write_csv(out / "moves.csv", moves)
-        before = np.bincount(test.argmax(1), minlength=n)
+        before = np.bincount(topk.argmax(test), minlength=n)
         after = pred["label"].value_counts().reindex(classes).fillna(0).to_numpy()
         res["redistribute"] = {"k": cfg.redistribute_k, "moved": len(moves),
                                "classes_below_k_before": int((before < cfg.redistribute_k).sum()),

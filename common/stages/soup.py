@@ -13,7 +13,9 @@ accuracy on fold ``k``'s validation images, each kept if the soup's accuracy doe
 out-of-fold accuracy is then measured on, so that figure is optimistic for ``greedy``: judge by the test score.
 
 Writes ``06_ensemble/soup/fold{k}.pt`` (the soup's weights), ``soup_steps.csv``, ``soup_oof.npz`` and
-``soup_test.npz`` (``probs``, same layout as stage 05's).
+``soup_test.npz`` (``probs``, same layout as stage 05's; when the first ingredient's stage 05 wrote the top-k layout
+of :mod:`common.lib.topk` (its ``metrics.json`` names ``prob_topk``), that layout with the same ``k``, predicted
+batch by batch).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from common.data.artefacts import image_paths
 from common.data.competition import Competition
 from common.engine.classifier import build_model, fold_dir, predict_logits
 from common.engine.classifier import stage_dir as classifier_dir
-from common.lib import ensemble
+from common.engine.topk_scores import fold_mean, predict_topk
+from common.lib import ensemble, topk
 from common.lib.losses import class_prior, logit_adjust
 from common.lib.metrics import rounded_report
 from common.stages import train_classifier as classify
@@ -97,6 +100,8 @@ def run_soup(cfg: EnsembleConfig, comp: Competition, out: Path) -> dict[str, Any
             raise ValueError(f"soup ingredient {n!r}: {classifier_dir(n) / 'folds.csv'} splits the images "
                              f"otherwise than {names[0]!r}")
     class_index = {c: i for i, c in enumerate(classes)}
+    first = classifier_dir(names[0]) / "metrics.json"  # the layout of the ingredients' own arrays
+    k_top = int(store.read_json(first).get("prob_topk", 0)) if first.exists() else 0
     oof_rows, oof_label, oof_logits, test_logits, kept, steps = [], [], [], [], {}, []
     for k in folds:
         metas = check_ingredients(names, k)
@@ -112,12 +117,17 @@ def run_soup(cfg: EnsembleConfig, comp: Competition, out: Path) -> dict[str, Any
                     batch_size=2 * conf["batch_size"], tta_flip=conf["tta_flip"], device=device,
                     num_workers=cfg.num_workers, amp=conf["amp"])
 
-        def logits_of(state: dict, image_files: list[str], desc: str, model=model, args=args) -> np.ndarray:
+        def logits_of(state: dict, image_files: list[str], desc: str, model=model, args=args, k_top=k_top,
+                      tau=conf["la_posthoc_tau"]):
             model.load_state_dict(state)
+            if k_top:  # the top-k of each batch, never the whole (N, C) logits
+                return predict_topk(model, image_files, len(classes), k_top, counts, tau, desc, **args)
             return predict_logits(model, image_files, desc=desc, **args)
 
-        def accuracy(state: dict, k=k, files=files, y=y) -> float:
-            return float((logits_of(state, files, f"soup fold {k}").argmax(1) == y).mean())
+        def accuracy(state: dict, k=k, files=files, y=y, model=model, args=args) -> float:
+            model.load_state_dict(state)
+            pred = predict_logits(model, files, desc=f"soup fold {k}", reduce=lambda lg: lg.argmax(1), **args)
+            return float(((np.concatenate(pred) if pred else np.zeros(0, np.int64)) == y).mean())
 
         states = [torch.load(fold_dir(n, k) / "model.pt", map_location="cpu", weights_only=True) for n in names]
         if cfg.soup == "greedy":
@@ -141,11 +151,18 @@ def run_soup(cfg: EnsembleConfig, comp: Competition, out: Path) -> dict[str, Any
             logits = logit_adjust(logits, class_prior(np.maximum(counts, 1)).numpy(), tau)
         return torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)), 1).numpy()
 
-    oof = probs(np.concatenate(oof_logits))
     label = np.concatenate(oof_label)
-    test = np.mean([probs(t) for t in test_logits], axis=0).astype(np.float32)
-    store.save_arrays(out / "soup_oof.npz", oof_rows, probs=oof, label=label)
-    store.save_arrays(out / "soup_test.npz", list(comp.test["image"]), probs=test)
+    if k_top:
+        oof = topk.concat([p for p, _, _ in oof_logits], len(classes), k_top)
+        test, test_at, _ = fold_mean(test_logits)
+        store.save_arrays(out / "soup_oof.npz", oof_rows,
+                          **topk.to_arrays(oof, np.concatenate([lg for _, lg, _ in oof_logits])), label=label)
+        store.save_arrays(out / "soup_test.npz", list(comp.test["image"]), **topk.to_arrays(test, test_at))
+    else:
+        oof = probs(np.concatenate(oof_logits))
+        test = np.mean([probs(t) for t in test_logits], axis=0).astype(np.float32)
+        store.save_arrays(out / "soup_oof.npz", oof_rows, probs=oof, label=label)
+        store.save_arrays(out / "soup_test.npz", list(comp.test["image"]), probs=test)
     store.write_csv(out / "soup_steps.csv", pd.concat(steps, ignore_index=True))
 
     res: dict[str, Any] = {"mode": cfg.soup, "ingredients": names, "folds": folds,

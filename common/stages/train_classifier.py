@@ -14,6 +14,13 @@ Outputs under ``working/<exp>/05_classifier/``:
   test order;
 * ``metrics.json``: out-of-fold and (with ground truth) test accuracy, balanced accuracy, top-5.
 
+With many classes (``prob_topk``: automatic above 1000 classes, or forced) ``oof.npz`` and ``test.npz`` hold
+the top-k layout of :mod:`common.lib.topk` instead of ``logits``/``probs``/``probs_fold{k}``: ``topk_index``,
+``topk_prob``, ``rest_mass``, ``topk_logit`` (and ``*_fold{k}``), computed batch by batch, so no ``N x C`` matrix
+is ever held. The test file's average over folds is then :func:`common.lib.topk.weighted_mean` of the folds'
+top-k (a class a fold does not keep adds 0 to the probability; its logit there counts as that fold's smallest
+kept logit).
+
 Predictions are ``softmax(logits)``; with ``la_posthoc_tau > 0`` the saved ``logits``/``probs`` and the
 submission are the adjusted ones (``logits - tau * log prior``) and ``metrics.json`` also scores the raw ones.
 The submission ``submissions/<exp>-classifier.csv`` lists each test image's five most likely classes.
@@ -46,7 +53,8 @@ from common.engine.classifier import (  # noqa: F401  (re-exported: the stage's 
     stage_dir,
     train_fold,
 )
-from common.lib.losses import class_prior, logit_adjust
+from common.engine.topk_scores import fold_mean, posthoc, predict_topk
+from common.lib import topk
 from common.lib.metrics import rounded_report
 
 
@@ -63,12 +71,6 @@ def truth_labels(comp: Competition, label_column: str) -> pd.Series | None:
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
-
-
-def _posthoc(logits: np.ndarray, counts: list[int], tau: float) -> np.ndarray:
-    if not tau:
-        return logits
-    return logit_adjust(logits, class_prior(np.maximum(counts, 1)).numpy(), tau).astype(np.float32)
 
 
 def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -> dict[str, Any]:
@@ -100,6 +102,11 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
 
     use_crops = cfg.use_crops and crops_available(cfg.exp)
     test_files = image_paths(comp.test, cfg.exp, "test", use_crops)
+    k_top = topk.resolve_k(cfg.prob_topk, len(classes))
+    if k_top:
+        metrics = _predict_topk(cfg, comp, folds, classes, counts, k_top, test_files, device)
+        meta = metrics.pop("meta")
+        return _finish(cfg, out, metrics, meta, train_seconds, t0)
     oof_parts, test_logits = [], {}
     for k in cfg.fold_list():
         model, meta = load_classifier(cfg.exp, k, device)
@@ -115,13 +122,13 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     oof_raw = np.concatenate([lg for _, lg, _ in oof_parts]).astype(np.float32)
     oof_label = np.array([class_index[c] for part, _, _ in oof_parts for c in part["label"]])
     oof_fold = np.concatenate([np.full(len(p), k) for p, _, k in oof_parts])
-    oof_logits = _posthoc(oof_raw, counts, cfg.la_posthoc_tau)
+    oof_logits = posthoc(oof_raw, counts, cfg.la_posthoc_tau)
     store.save_arrays(out / "oof.npz", oof_images, logits=oof_logits, probs=_softmax(oof_logits),
                       label=oof_label, fold=oof_fold)
     test_raw = np.mean([test_logits[k] for k in cfg.fold_list()], axis=0).astype(np.float32)
-    per_fold = {f"probs_fold{k}": _softmax(_posthoc(lg, counts, cfg.la_posthoc_tau))
+    per_fold = {f"probs_fold{k}": _softmax(posthoc(lg, counts, cfg.la_posthoc_tau))
                 for k, lg in test_logits.items()}
-    test_adj = _posthoc(test_raw, counts, cfg.la_posthoc_tau)
+    test_adj = posthoc(test_raw, counts, cfg.la_posthoc_tau)
     test_probs = np.mean(list(per_fold.values()), axis=0).astype(np.float32)
     store.save_arrays(out / "test.npz", list(comp.test["image"]), logits=test_adj, probs=test_probs, **per_fold)
 
@@ -148,14 +155,88 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
                 metrics["test_no_posthoc"] = rounded_report(y, raw_probs[scored], len(classes))
             metrics["test_unscored"] = int((~scored).sum())
     if len(test_files):
-        top5 = np.argsort(-test_probs, axis=1, kind="stable")[:, :5]
-        sub = pd.DataFrame({"image": comp.test["image"],
-                            "predictions": [" ".join(classes[i] for i in row) for row in top5]})
-        store.write_csv(paths.submission_path(f"{cfg.exp}-classifier"), sub)
+        write_submission(cfg, comp, test_probs, classes)
     store.write_json(out / "metrics.json", metrics)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"classifier": headline(metrics)})
     store.mark_done(out, stage_fingerprint(cfg))
     return metrics
+
+
+def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.Scores, classes: list[str]
+                     ) -> pd.DataFrame:
+    """``submissions/<exp>-classifier.csv``: each test image's five most likely classes; returns the table.
+
+    Args:
+        cfg: stage config (``exp``).
+        comp: the competition (test rows in order).
+        test_probs: ``(N, C)`` test probabilities, dense or :class:`common.lib.topk.TopK`.
+        classes: class names in column order.
+    """
+    top5 = topk.top_n(test_probs, 5)
+    sub = pd.DataFrame({"image": comp.test["image"],
+                        "predictions": [" ".join(classes[i] for i in row) for row in top5]})
+    store.write_csv(paths.submission_path(f"{cfg.exp}-classifier"), sub)
+    return sub
+
+
+def _finish(cfg: ClassifierConfig, out, metrics: dict[str, Any], meta: dict, train_seconds: float, t0: float
+            ) -> dict[str, Any]:
+    """The top-k run's metrics.json, headline and marker (the arrays and submission are written)."""
+    metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "final_weights": meta["final_weights"],
+               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+               "posthoc_tau": cfg.la_posthoc_tau, **metrics}
+    store.write_json(out / "metrics.json", metrics)
+    store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"classifier": headline(metrics)})
+    store.mark_done(out, stage_fingerprint(cfg))
+    return metrics
+
+
+def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame, classes: list[str],
+                  counts: list[int], k: int, test_files: list[str], device) -> dict[str, Any]:
+    """Out-of-fold and test predictions in the top-k layout; ``oof.npz``, ``test.npz``, the submission and the
+    scores (plus ``meta``: the last fold's ``config.json``)."""
+    out, tau, n = stage_dir(cfg.exp), cfg.la_posthoc_tau, len(classes)
+    class_index = {c: i for i, c in enumerate(classes)}
+    use_crops = cfg.use_crops and crops_available(cfg.exp)
+    oof, test, images, labels, fold_of = [], {}, [], [], []
+    for k_fold in cfg.fold_list():
+        model, meta = load_classifier(cfg.exp, k_fold, device)
+        valid = folds[folds["fold"] == k_fold].merge(comp.train[["image", "path"]], on="image", how="left")
+        args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
+                    tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp)
+        oof.append(predict_topk(model, image_paths(valid, cfg.exp, "train", use_crops), n, k, counts, tau,
+                                f"fold {k_fold} out-of-fold", **args))
+        test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
+        images += list(valid["image"])
+        labels += [class_index[c] for c in valid["label"]]
+        fold_of += [k_fold] * len(valid)
+    oof_probs, oof_raw = topk.concat([p for p, _, _ in oof], n, k), topk.concat([r for _, _, r in oof], n, k)
+    label = np.array(labels, dtype=np.int64)
+    store.save_arrays(out / "oof.npz", images, **topk.to_arrays(oof_probs, np.concatenate([lg for _, lg, _ in oof])),
+                      label=label, fold=np.array(fold_of, dtype=np.int64))
+    probs, logits, raw = fold_mean(list(test.values()))
+    per_fold = {f: p for f, (p, _, _) in test.items()}
+    arrays = topk.to_arrays(probs, logits)
+    for f, p in per_fold.items():
+        arrays.update(topk.to_arrays(p, suffix=f"_fold{f}"))
+    store.save_arrays(out / "test.npz", list(comp.test["image"]), **arrays)
+    metrics: dict[str, Any] = {"n_classes": n, "prob_topk": k, "oof": rounded_report(label, oof_probs, n)}
+    if tau:
+        metrics["oof_no_posthoc"] = rounded_report(label, oof_raw, n)
+    truth = truth_labels(comp, cfg.label_column)
+    if truth is not None and len(test_files):
+        truth = truth.reindex(comp.test["image"])
+        scored = truth.notna().to_numpy() & truth.isin(class_index).to_numpy()
+        if scored.any():
+            y = np.array([class_index[c] for c in truth[scored]])
+            metrics["test"] = rounded_report(y, probs[scored], n)
+            metrics["test_by_fold"] = {str(f): rounded_report(y, p[scored], n) for f, p in per_fold.items()}
+            if tau:
+                metrics["test_no_posthoc"] = rounded_report(y, raw[scored], n)
+            metrics["test_unscored"] = int((~scored).sum())
+    if len(test_files):
+        write_submission(cfg, comp, probs, classes)
+    return {**metrics, "meta": meta}
 
 
 def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, Any]:
@@ -176,13 +257,16 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     if models[0][2]["classes"] != classes:  # the logits' order is the trained model's
         raise ValueError(f"{where}: its classes are not those fold {models[0][0]}'s model was trained on: this "
                          f"competition's train.csv differs from the one the run of {cfg.exp!r} used")
+    k_top = topk.resolve_k(cfg.prob_topk, len(classes))
+    if k_top:
+        return _infer_topk(cfg, comp, models, classes, counts, k_top, device, run)
     per_fold = {}
     for k, model, meta in models:
         files = image_paths(comp.test, cfg.exp, "test", meta["used_crops"])
         logits = predict_logits(model, files, image_size=meta["config"]["image_size"], mean=meta["mean"],
                                 std=meta["std"], batch_size=2 * cfg.batch_size, tta_flip=cfg.tta_flip, device=device,
                                 num_workers=cfg.num_workers, amp=cfg.amp, desc=f"fold {k} test")
-        per_fold[k] = _posthoc(logits, counts, cfg.la_posthoc_tau)
+        per_fold[k] = posthoc(logits, counts, cfg.la_posthoc_tau)
     probs = {f"probs_fold{k}": _softmax(lg) for k, lg in per_fold.items()}
     test_probs = np.mean(list(probs.values()), axis=0).astype(np.float32)
     store.save_arrays(out / "test.npz", list(comp.test["image"]), probs=test_probs, **probs,
@@ -199,9 +283,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
         if scored.any():
             metrics["test"] = rounded_report(np.array([class_index[c] for c in labels[scored]]), test_probs[scored],
                                       len(classes))
-    top5 = np.argsort(-test_probs, axis=1, kind="stable")[:, :5]
-    sub = pd.DataFrame({"image": comp.test["image"], "predictions": [" ".join(classes[i] for i in row) for row in top5]})
-    store.write_csv(paths.submission_path(f"{cfg.exp}-classifier"), sub)
+    sub = write_submission(cfg, comp, test_probs, classes)
     if paths.on_kaggle():
         store.write_csv(paths.working_dir() / "submission.csv", sub)
     store.write_json(out / "metrics.json", metrics)
@@ -209,6 +291,41 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     return metrics
 
 
+
+
+def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes: list[str], counts: list[int],
+                k: int, device, run) -> dict[str, Any]:
+    """``inference_only`` in the top-k layout (:func:`infer_classification`'s outputs, bounded memory)."""
+    out, n = stage_dir(cfg.exp), len(classes)
+    per_fold = {}
+    for f, model, meta in models:
+        files = image_paths(comp.test, cfg.exp, "test", meta["used_crops"])
+        per_fold[f] = predict_topk(model, files, n, k, counts, cfg.la_posthoc_tau, f"fold {f} test",
+                                   image_size=meta["config"]["image_size"], mean=meta["mean"], std=meta["std"],
+                                   batch_size=2 * cfg.batch_size, tta_flip=cfg.tta_flip, device=device,
+                                   num_workers=cfg.num_workers, amp=cfg.amp)
+    probs, logits, _ = fold_mean(list(per_fold.values()))
+    arrays = topk.to_arrays(probs, logits)
+    for f, (p, _, _) in per_fold.items():
+        arrays.update(topk.to_arrays(p, suffix=f"_fold{f}"))
+    store.save_arrays(out / "test.npz", list(comp.test["image"]), **arrays)
+    metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": n, "folds": cfg.fold_list(),
+                               "inference_only": True, "prob_topk": k,
+                               "oof": store.read_json(run / "metrics.json")["oof"],
+                               "final_weights": models[-1][2]["final_weights"]}
+    truth = truth_labels(comp, cfg.label_column)
+    class_index = {c: i for i, c in enumerate(classes)}
+    if truth is not None and len(comp.test):
+        labels = truth.reindex(comp.test["image"])
+        scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
+        if scored.any():
+            metrics["test"] = rounded_report(np.array([class_index[c] for c in labels[scored]]), probs[scored], n)
+    sub = write_submission(cfg, comp, probs, classes)
+    if paths.on_kaggle():
+        store.write_csv(paths.working_dir() / "submission.csv", sub)
+    store.write_json(out / "metrics.json", metrics)
+    store.mark_done(out, stage_fingerprint(cfg))
+    return metrics
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
