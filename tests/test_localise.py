@@ -128,3 +128,14 @@ def test_zero_shot_boxes_prompts_or_coco_animals(tmp_path, monkeypatch):
     _FakeYolo.calls = []
     localise.zero_shot_boxes("yolo11n.pt", [image], device="cpu")
     assert _FakeYolo.calls == [("predict", list(range(14, 24)))]  # COCO's animals: bird .. giraffe
+
+
+def test_boxes_from_maps_stay_inside_the_image():
+    # a map that is hot up to its right and bottom edges, for a 450 x 495 image: 450 / 224 * 224 > 450 in floats
+    cam = np.zeros((7, 7), np.float32)
+    cam[2:, 2:] = 1.0
+    pred = localise.boxes_from_maps([("r.jpg", (450, 495), cam, 0.9)], threshold=0.5, upsample=32)
+    row = pred.iloc[0]
+    assert row["xmax"] == 450.0  # unclipped: 450.00000000000006, refused by the YOLO dataset writer
+    assert row["ymax"] <= 495.0 and row["ymax"] == pytest.approx(495.0)
+    assert 0 < row["xmin"] < 450 and 0 < row["ymin"] < 495

@@ -177,7 +177,9 @@ def boxes_from_maps(maps: Sequence[tuple[str, tuple[int, int], np.ndarray, float
         box = cam_to_box(big, threshold)
         if box is not None:
             sx, sy = w / big.shape[1], h / big.shape[0]
-            rows.append((name, box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, mass))
+            # clipped: w / big_w * big_w can exceed w by a rounding error, and a box outside its image is refused
+            rows.append((name, min(box[0] * sx, w), min(box[1] * sy, h), min(box[2] * sx, w), min(box[3] * sy, h),
+                         mass))
     out = pd.DataFrame(rows, columns=["image", *BOX_COLUMNS, "conf"])
     return out.astype({c: np.float64 for c in [*BOX_COLUMNS, "conf"]})
 
