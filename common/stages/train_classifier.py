@@ -141,25 +141,13 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     }
     if cfg.la_posthoc_tau:
         metrics["oof_no_posthoc"] = rounded_report(oof_label, oof_raw, len(classes))
-    truth = truth_labels(comp, cfg.label_column)
-    if truth is not None and len(test_files):
-        labels = truth.reindex(comp.test["image"])
-        scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
-        if scored.any():
-            y = np.array([class_index[c] for c in labels[scored]])
-            metrics["test"] = rounded_report(y, test_probs[scored], len(classes))
-            metrics["test_by_fold"] = {str(k): rounded_report(y, p[scored], len(classes))
-                                       for k, p in ((k, per_fold[f"probs_fold{k}"]) for k in cfg.fold_list())}
-            if cfg.la_posthoc_tau:
-                raw_probs = np.mean([_softmax(test_logits[k]) for k in cfg.fold_list()], axis=0)
-                metrics["test_no_posthoc"] = rounded_report(y, raw_probs[scored], len(classes))
-            metrics["test_unscored"] = int((~scored).sum())
+    raw_probs = (np.mean([_softmax(test_logits[k]) for k in cfg.fold_list()], axis=0)
+                 if cfg.la_posthoc_tau and len(test_files) else None)
+    metrics.update(_test_scores(cfg, comp, classes, test_probs,
+                                {k: per_fold[f"probs_fold{k}"] for k in cfg.fold_list()}, raw_probs))
     if len(test_files):
         write_submission(cfg, comp, test_probs, classes)
-    store.write_json(out / "metrics.json", metrics)
-    store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"classifier": headline(metrics)})
-    store.mark_done(out, stage_fingerprint(cfg))
-    return metrics
+    return _write_metrics(cfg, out, metrics)
 
 
 def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.Scores, classes: list[str]
@@ -185,9 +173,59 @@ def _finish(cfg: ClassifierConfig, out, metrics: dict[str, Any], meta: dict, tra
     metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "final_weights": meta["final_weights"],
                "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                "posthoc_tau": cfg.la_posthoc_tau, **metrics}
+    return _write_metrics(cfg, out, metrics)
+
+
+def _write_metrics(cfg: ClassifierConfig, out, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A full run's ``metrics.json``, its headline in the experiment's ``metrics.json``, and the stage marker."""
     store.write_json(out / "metrics.json", metrics)
     store.update_json(paths.exp_dir(cfg.exp) / "metrics.json", {"classifier": headline(metrics)})
     store.mark_done(out, stage_fingerprint(cfg))
+    return metrics
+
+
+def _test_scores(cfg: ClassifierConfig, comp: Competition, classes: list[str], probs: topk.Scores,
+                 per_fold: dict[int, topk.Scores] | None = None, raw: topk.Scores | None = None) -> dict[str, Any]:
+    """Test scores on the test images that ``test.csv`` labels with a known class: ``test`` and, for a full run
+    (``per_fold`` given), ``test_by_fold``, ``test_no_posthoc`` (with ``raw``: the probabilities before post-hoc
+    adjustment) and ``test_unscored``; empty without such labels.
+
+    Args:
+        cfg: stage config (``label_column``).
+        comp: the competition.
+        classes: class names in column order.
+        probs: test probabilities, dense or top-k, rows in ``comp.test`` order.
+        per_fold: each fold's test probabilities.
+        raw: test probabilities without post-hoc logit adjustment.
+    """
+    truth = truth_labels(comp, cfg.label_column)
+    if truth is None or not len(comp.test):
+        return {}
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = truth.reindex(comp.test["image"])
+    scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
+    if not scored.any():
+        return {}
+    y, n = np.array([class_index[c] for c in labels[scored]]), len(classes)
+    out: dict[str, Any] = {"test": rounded_report(y, probs[scored], n)}
+    if per_fold is not None:
+        out["test_by_fold"] = {str(f): rounded_report(y, p[scored], n) for f, p in per_fold.items()}
+        if raw is not None:
+            out["test_no_posthoc"] = rounded_report(y, raw[scored], n)
+        out["test_unscored"] = int((~scored).sum())
+    return out
+
+
+def _finish_inference(cfg: ClassifierConfig, comp: Competition, metrics: dict[str, Any], probs: topk.Scores,
+                      classes: list[str]) -> dict[str, Any]:
+    """``inference_only``'s test scores, submission (on Kaggle also ``/kaggle/working/submission.csv``),
+    ``metrics.json`` and marker."""
+    metrics.update(_test_scores(cfg, comp, classes, probs))
+    sub = write_submission(cfg, comp, probs, classes)
+    if paths.on_kaggle():
+        store.write_csv(paths.working_dir() / "submission.csv", sub)
+    store.write_json(stage_dir(cfg.exp) / "metrics.json", metrics)
+    store.mark_done(stage_dir(cfg.exp), stage_fingerprint(cfg))
     return metrics
 
 
@@ -223,17 +261,7 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
     metrics: dict[str, Any] = {"n_classes": n, "prob_topk": k, "oof": rounded_report(label, oof_probs, n)}
     if tau:
         metrics["oof_no_posthoc"] = rounded_report(label, oof_raw, n)
-    truth = truth_labels(comp, cfg.label_column)
-    if truth is not None and len(test_files):
-        truth = truth.reindex(comp.test["image"])
-        scored = truth.notna().to_numpy() & truth.isin(class_index).to_numpy()
-        if scored.any():
-            y = np.array([class_index[c] for c in truth[scored]])
-            metrics["test"] = rounded_report(y, probs[scored], n)
-            metrics["test_by_fold"] = {str(f): rounded_report(y, p[scored], n) for f, p in per_fold.items()}
-            if tau:
-                metrics["test_no_posthoc"] = rounded_report(y, raw[scored], n)
-            metrics["test_unscored"] = int((~scored).sum())
+    metrics.update(_test_scores(cfg, comp, classes, probs, per_fold, raw if tau else None))
     if len(test_files):
         write_submission(cfg, comp, probs, classes)
     return {**metrics, "meta": meta}
@@ -275,22 +303,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": len(classes), "folds": cfg.fold_list(),
                                "inference_only": True, "oof": stored["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
-    truth = truth_labels(comp, cfg.label_column)
-    class_index = {c: i for i, c in enumerate(classes)}
-    if truth is not None and len(comp.test):
-        labels = truth.reindex(comp.test["image"])
-        scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
-        if scored.any():
-            metrics["test"] = rounded_report(np.array([class_index[c] for c in labels[scored]]), test_probs[scored],
-                                      len(classes))
-    sub = write_submission(cfg, comp, test_probs, classes)
-    if paths.on_kaggle():
-        store.write_csv(paths.working_dir() / "submission.csv", sub)
-    store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, stage_fingerprint(cfg))
-    return metrics
-
-
+    return _finish_inference(cfg, comp, metrics, test_probs, classes)
 
 
 def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes: list[str], counts: list[int],
@@ -313,19 +326,7 @@ def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes:
                                "inference_only": True, "prob_topk": k,
                                "oof": store.read_json(run / "metrics.json")["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
-    truth = truth_labels(comp, cfg.label_column)
-    class_index = {c: i for i, c in enumerate(classes)}
-    if truth is not None and len(comp.test):
-        labels = truth.reindex(comp.test["image"])
-        scored = labels.notna().to_numpy() & labels.isin(class_index).to_numpy()
-        if scored.any():
-            metrics["test"] = rounded_report(np.array([class_index[c] for c in labels[scored]]), probs[scored], n)
-    sub = write_submission(cfg, comp, probs, classes)
-    if paths.on_kaggle():
-        store.write_csv(paths.working_dir() / "submission.csv", sub)
-    store.write_json(out / "metrics.json", metrics)
-    store.mark_done(out, stage_fingerprint(cfg))
-    return metrics
+    return _finish_inference(cfg, comp, metrics, probs, classes)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
