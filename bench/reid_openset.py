@@ -200,6 +200,11 @@ def stage04_variants(exp: str, comp_dir: Path, seed: int) -> dict[str, dict]:
     return out
 
 
+def exp_name(args: argparse.Namespace, suffix: str) -> str:
+    """``bench-openset-<dataset>[-<tag>]-<suffix>``: the experiment of one run of this bench."""
+    return f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-{suffix}"
+
+
 def fmt(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         params[key] = parse_cli_value(value)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        exp = f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-s{seed}"
+        exp = exp_name(args, f"s{seed}")
         run_params = {**params, "data": str(comp_dir), "exp": exp, "seed": seed}
         t0 = time.perf_counter()
         metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
@@ -261,15 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     same = None
     if not args.no_baseline:  # the same pipeline, crops and label-free threshold, with no training (epochs=0)
         first = runs[0]["seed"]
-        same = pipeline.run(["01", "02", "03", "04"], {
-            **params, "data": str(comp_dir), "exp": f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}"
-            f"-untrained", "seed": first, "epochs": 0,
-            "crops_from": f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-s{first}"},
-            log_output=False)
+        base_params = {**params, "data": str(comp_dir), "exp": exp_name(args, "untrained"), "seed": first, "epochs": 0}
+        same = pipeline.run(["01", "02", "03", "04"], {**base_params, "crops_from": exp_name(args, f"s{first}")},
+                            log_output=False)
         if args.rescore:
-            same = pipeline.run(["04"], {**params, "data": str(comp_dir), "exp": f"bench-openset-{args.dataset}"
-                                         f"{'-' + args.tag if args.tag else ''}-untrained", "seed": first,
-                                         "epochs": 0}, force=True, log_output=False)
+            same = pipeline.run(["04"], base_params, force=True, log_output=False)
     lines = [
         "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it |",
         "|---|---|---|---|---|---|---|",
@@ -288,8 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| untrained ImageNet features, threshold chosen on the test | {base['map5']:.3f} | "
                      f"{base['map5_known']:.3f} | {base['map5_new']:.3f} | {base['threshold']:.2f} | - | - |")
     if args.variants:
-        per_seed = {r["seed"]: stage04_variants(f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}"
-                                                f"-s{r['seed']}", comp_dir, r["seed"]) for r in runs}
+        per_seed = {r["seed"]: stage04_variants(exp_name(args, f"s{r['seed']}"), comp_dir, r["seed"]) for r in runs}
         names = list(next(iter(per_seed.values())))
         lines += ["", "Stage 04's threshold tuning on the same embeddings (test MAP@5; threshold; share tuned for):", "",
                   "| tuning | test MAP@5 | threshold | tuned for |", "|---|---|---|---|"]
