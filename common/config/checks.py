@@ -96,6 +96,10 @@ RULES: dict[str, Range] = {
     "threshold_max": SIMILARITY,
     "threshold_step": POSITIVE,
     "n_examples": NON_NEGATIVE,
+    "local_top": AT_LEAST_1,
+    "local_side": Range(16),
+    "local_n_features": AT_LEAST_1,
+    "local_half": POSITIVE,
     # 06 ensemble
     "weight_factor": NON_NEGATIVE,
     "pseudo_threshold": SHARE,

@@ -109,6 +109,17 @@ class RetrievalConfig(SweepFields, FoldConfig):
     n_examples: int = param(6, "query rows shown in the retrieval-examples figure.")
     inference_only: bool = param(False, "tune nothing: use the threshold an earlier full run of this "
                                  "experiment stored (unless new_threshold is 0 or more), search the test images only.")
+    local_features: str = param("none", "re-rank each query's first local_top neighbours by local-feature "
+                                "matching: none, or sift (RootSIFT matches that pass Lowe's ratio test, fused with "
+                                "the cosine; common.lib.local_features). Helps patterned animals with few images.",
+                                choices=("none", "sift"))
+    local_weight: float = param(-1.0, "weight of the local similarity in (cosine + w * local) / (1 + w); negative: "
+                                "chosen out of fold, the weight whose out-of-fold known-individual MAP@5 is best.")
+    local_top: int = param(50, "neighbours per query matched and re-scored (capped at knn_k); the others are dropped.")
+    local_side: int = param(512, "longer side (pixels) to which each image is resized, up or down, for SIFT.")
+    local_n_features: int = param(600, "SIFT keypoints kept per image (the strongest).")
+    local_half: float = param(20.0, "match count at which the local similarity is 0.5 (matches / (matches + "
+                              "half)).")
 
 
 @dataclasses.dataclass(frozen=True)

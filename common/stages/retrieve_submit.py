@@ -41,6 +41,8 @@ from common.data.artefacts import load_fold_embeddings, read_folds
 from common.data.competition import Competition
 from common.data.fingerprint import stage_fingerprint
 from common.lib import metrics, openset, retrieval
+from common.stages import local_rerank
+from common.stages.local_rerank import Reranker
 
 
 @dataclasses.dataclass
@@ -71,20 +73,23 @@ def available_folds(cfg: RetrievalConfig) -> list[int]:
     return folds
 
 
-def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tuple[pd.DataFrame, pd.Series]:
-    """Per-individual out-of-fold scores and the truth (``new_label`` for individuals unseen in training)."""
+def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int], rerank: Reranker | None = None
+               ) -> tuple[pd.DataFrame, pd.Series]:
+    """Per-individual out-of-fold scores and the truth (``new_label`` for individuals unseen in training);
+    ``rerank`` re-scores each fold's neighbours (local features) before they are grouped by individual."""
     table = read_folds(cfg.exp)
     tables, truths = [], []
     for k in folds:
         emb = load_fold_embeddings(cfg.exp, k, "train", comp.train["image"])
-        scores, truth, _ = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        scores, truth, _ = fold_oof_scores(cfg, emb, comp.train["image"], table, k, rerank)
         tables.append(scores)
         truths.append(truth)
     return pd.concat(tables, ignore_index=True), pd.concat(truths)
 
 
 def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, images: pd.Series,
-                    table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.Series, set[str]]:
+                    table: pd.DataFrame, fold: int, rerank: Reranker | None = None
+                    ) -> tuple[pd.DataFrame, pd.Series, set[str]]:
     """One fold's out-of-fold retrieval: its images query the other folds' images, with a seeded share of
     individuals hidden from the gallery (:func:`hide_individuals`). Shared by stages 04 and 06.
 
@@ -94,6 +99,7 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
         images: the training image ids of ``emb``'s rows.
         table: the fold table (``image, individual_id, fold``).
         fold: the fold whose images are the queries.
+        rerank: re-scores the neighbours (:class:`common.stages.local_rerank.Reranker`); ``None``: as searched.
 
     Returns:
         Per-individual scores (``image, individual_id, score``), the truth per query image (``new_label`` for
@@ -122,6 +128,9 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
                                        k=cfg.knn_k)
         truth = pd.Series(retrieval.oof_truth(valid["individual_id"], gallery["individual_id"], cfg.new_label),
                           index=valid["image"].astype(str).to_numpy())
+    if rerank is not None:
+        scores, idx = rerank(scores, idx, valid["image"].astype(str).to_numpy(),
+                             gallery["image"].astype(str).to_numpy(), "train")
     table_k = retrieval.individual_scores(scores, idx, gallery["individual_id"].to_numpy(), valid["image"])
     return table_k, truth, set(gallery["individual_id"].astype(str))
 
@@ -229,16 +238,26 @@ def write_submission(exp: str, submission: pd.DataFrame) -> list[Path]:
     return written
 
 
-def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> pd.DataFrame:
-    """Per-individual scores of every test image against the whole training gallery."""
+def test_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int], rerank: Reranker | None = None
+                ) -> pd.DataFrame:
+    """Per-individual scores of every test image against the whole training gallery (``rerank``: as in
+    :func:`oof_scores`)."""
     labels = comp.train["individual_id"].to_numpy()
+
+    def search(gallery: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = retrieval.search(gallery, queries, k=cfg.knn_k)
+        if rerank is None:
+            return found
+        return rerank(*found, comp.test["image"].astype(str).to_numpy(), comp.train["image"].astype(str).to_numpy(),
+                      "test")
+
     train = [load_fold_embeddings(cfg.exp, k, "train", comp.train["image"]) for k in folds]
     test = [load_fold_embeddings(cfg.exp, k, "test", comp.test["image"]) for k in folds]
     if cfg.fold_merge == "concat" or len(folds) == 1:
         gallery, queries = retrieval.concat_embeddings(train), retrieval.concat_embeddings(test)
-        scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+        scores, idx = search(gallery, queries)
         return retrieval.individual_scores(scores, idx, labels, comp.test["image"])
-    neighbours = [retrieval.search(g, q, k=cfg.knn_k) for g, q in zip(train, test, strict=True)]
+    neighbours = [search(g, q) for g, q in zip(train, test, strict=True)]
     return average_fold_scores(neighbours, labels, comp.test["image"])
 
 
@@ -374,21 +393,47 @@ def share_for_tuning(cfg: RetrievalConfig | EnsembleConfig, shares: dict) -> tup
     return None, "minimax"
 
 
+def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int],
+                        reranker: Reranker) -> dict:
+    """Set ``reranker``'s weight: ``local_weight`` when >= 0; with ``inference_only`` the weight an earlier full
+    run stored; else chosen out of fold (:func:`common.stages.local_rerank.choose_weight`). Returns the
+    ``metrics.json`` fields that say which and why."""
+    info = {"local_features": cfg.local_features}
+    if cfg.local_weight >= 0:
+        reranker.weight, source = cfg.local_weight, "given"
+    elif cfg.inference_only:
+        folder = paths.find_stage_dir(cfg.exp, "04", "metrics.json",
+                                      hint="inference_only with local_weight < 0 needs a full stage-04 run first")
+        reranker.weight, source = float(store.read_json(folder / "metrics.json")["local_weight"]), "stored"
+    else:
+        weight, sweep, seconds = local_rerank.choose_weight(
+            reranker, lambda r: oof_scores(cfg, comp, folds, r), cfg.new_label)
+        source = "oof"
+        info.update({"local_weight_sweep_known_map5": sweep, "local_weight_seconds": round(seconds, 1)})
+    info.update({"local_weight": reranker.weight, "local_weight_source": source})
+    return info
+
+
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
     folds = available_folds(cfg)
     out = paths.stage_dir(cfg.exp, "04")
-    test = test_scores(cfg, comp, folds)
+    reranker, local = local_rerank.make_reranker(cfg, comp, folds), {}
+    if reranker is not None:
+        local = choose_local_weight(cfg, comp, folds, reranker)
+    test = test_scores(cfg, comp, folds, reranker)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
         oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
     else:
-        oof, truth = oof_scores(cfg, comp, folds)
+        oof, truth = oof_scores(cfg, comp, folds, reranker)
         shares = new_share_estimate(oof, truth, test, cfg.new_label)
         share, source = share_for_tuning(cfg, shares)
         threshold, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
-    result_metrics = score(cfg, comp, submission, threshold, sweep, folds, test)
+    if reranker is not None:
+        local["local_pairs_matched"] = len(reranker.matcher.cache)
+    result_metrics = {**score(cfg, comp, submission, threshold, sweep, folds, test), **local}
     if not cfg.inference_only:
         result_metrics.update({**shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source})
         result_metrics = _json_safe(result_metrics)

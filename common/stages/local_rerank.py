@@ -1,0 +1,166 @@
+"""Stage 04's optional local-feature re-ranking (``local_features: sift``): descriptors, the matcher, the weight.
+
+Each train and test image (stage 01's crop when stage 02 trained on crops, else the full image) gets SIFT
+descriptors once; they are kept in ``04_retrieval/local/{train,test}.npz`` (``image`` ids, per-image descriptor
+``count`` and the concatenated ``uint8`` ``descriptors``) and reused while the images, the crops and the SIFT
+settings are unchanged. Retrieval then re-scores each query's first ``local_top`` global neighbours with
+:func:`common.lib.local_features.rerank`, out of fold and on the test alike, so the ``new_individual`` threshold
+is tuned on scores of the test's form. ``local_weight`` < 0 chooses the weight out of fold: the weight of
+:data:`WEIGHTS` whose out-of-fold MAP@5 on known individuals (their ranking alone, no threshold) is best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from common.config import RetrievalConfig
+from common.core import paths, store
+from common.data.artefacts import image_paths
+from common.data.competition import Competition, DataError
+from common.data.fingerprint import data_fingerprint, marker_hash
+from common.lib import local_features, metrics
+
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the out-of-fold grid of local_weight
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def used_crops(exp: str, folds: list[int]) -> bool:
+    """Whether stage 02 trained (so stage 03 embedded) on stage 01's crops: the images to match are the same."""
+    for k in folds:
+        try:
+            folder = paths.find_stage_dir(exp, "02", f"fold{k}/config.json")
+        except paths.MissingStageError:
+            continue
+        return bool(store.read_json(folder / f"fold{k}" / "config.json").get("used_crops"))
+    return False
+
+
+def read_grey(path: str) -> np.ndarray:
+    """An image file as a ``uint8`` grey array; a clear error naming the file when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DataError(f"{path}: cannot be read as an image (local_features=sift)")
+    return image
+
+
+def save_descriptors(path: Path, images: list[str], descriptors: list[np.ndarray]) -> None:
+    """Ragged descriptors as one ``.npz``: ``image`` ids, ``count`` per image, the concatenated rows."""
+    counts = np.array([len(d) for d in descriptors], np.int64)
+    flat = np.concatenate(descriptors) if descriptors else np.zeros((0, local_features.DESCRIPTOR_DIM), np.uint8)
+    with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, image=np.asarray(images, dtype=str), count=counts, descriptors=flat)
+
+
+def load_descriptors(path: Path, expected_images: list[str]) -> dict[str, np.ndarray]:
+    """Read :func:`save_descriptors`' file back, checking its row order against ``expected_images``."""
+    with np.load(path, allow_pickle=False) as npz:
+        images, counts, flat = npz["image"], npz["count"], npz["descriptors"]
+    store.check_row_order(images, expected_images, str(path))
+    if counts.sum() != len(flat):
+        raise ValueError(f"{path}: counts add up to {counts.sum()} rows but {len(flat)} descriptors are stored")
+    ends = np.cumsum(counts)
+    return {str(i): flat[e - c:e] for i, c, e in zip(images, counts, ends, strict=True)}
+
+
+def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> dict[str, np.ndarray]:
+    """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``."""
+    crops = used_crops(cfg.exp, folds)
+    folder = paths.stage_dir(cfg.exp, "04") / "local"
+    params = {"side": cfg.local_side, "n_features": cfg.local_n_features, "used_crops": crops,
+              "data_files": data_fingerprint(comp.root),
+              "crops": marker_hash(paths.stage_dir(cfg.exp, "01")) if crops else None}
+    fresh = not store.stage_done(folder, params)
+    out: dict[str, np.ndarray] = {}
+    for split, table in (("train", comp.train), ("test", comp.test)):
+        target = folder / f"{split}.npz"
+        ids = [str(i) for i in table["image"]]
+        if fresh or not target.exists():
+            files = image_paths(table, cfg.exp, split, crops)
+            desc = [local_features.sift_descriptors(read_grey(f), cfg.local_side, cfg.local_n_features)
+                    for f in files]
+            save_descriptors(target, ids, desc)
+        out.update({f"{split}/{k}": v for k, v in load_descriptors(target, ids).items()})
+    store.mark_done(folder, params)
+    return out
+
+
+@dataclasses.dataclass
+class Reranker:
+    """Re-scores search results with local matches: ``(scores, idx, query_ids, gallery_ids, query_split)`` ->
+    ``(scores, idx)``. The gallery is always training images.
+
+    Args:
+        matcher: the pair matcher (its cache is shared by every weight and fold).
+        weight: the local term's weight.
+        half: match count of local similarity 0.5.
+        top: neighbours re-scored per query.
+    """
+
+    matcher: local_features.PairMatcher
+    weight: float
+    half: float
+    top: int
+
+    def __call__(self, scores: np.ndarray, idx: np.ndarray, query_ids, gallery_ids,
+                 query_split: str) -> tuple[np.ndarray, np.ndarray]:
+        top = min(self.top, scores.shape[1])
+        queries = [f"{query_split}/{q}" for q in query_ids]
+        gallery = np.array([f"train/{g}" for g in gallery_ids], dtype=object)
+        matches = self.matcher.matches(queries, gallery, idx[:, :top])
+        return local_features.rerank(scores, idx, matches, self.weight, self.half, top)
+
+
+def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> Reranker | None:
+    """The re-ranker of ``cfg`` at weight ``max(local_weight, 0)``, or ``None`` when ``local_features`` is none."""
+    if cfg.local_features == "none":
+        return None
+    desc = descriptors(cfg, comp, folds)
+    matcher = local_features.PairMatcher(desc.__getitem__, threads=_threads())
+    return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top)
+
+
+def known_map5(table: pd.DataFrame, truth: pd.Series, new_label: str) -> float:
+    """MAP@5 of the ranking alone (no ``new_individual``) on the queries whose individual is in the gallery."""
+    known = truth[truth != new_label]
+    if known.empty:
+        return float("nan")
+    ranked = table.sort_values(["image", "score", "individual_id"], ascending=[True, False, True])
+    top = ranked.groupby("image", sort=False)["individual_id"].apply(lambda s: list(s.astype(str))[:5])
+    return metrics.map_at_k(known.astype(str).tolist(), [top.get(i, []) for i in known.index])
+
+
+def choose_weight(reranker: Reranker, oof: Callable[[Reranker], tuple[pd.DataFrame, pd.Series]],
+                  new_label: str) -> tuple[float, dict[str, float], float]:
+    """The weight of :data:`WEIGHTS` with the best out-of-fold known-individual MAP@5 (ties: the smallest).
+
+    Args:
+        reranker: the re-ranker whose weight is chosen (left at the chosen weight).
+        oof: out-of-fold scores and truth for a re-ranker (stage 04's :func:`oof_scores`).
+        new_label: the ``new_individual`` label.
+
+    Returns:
+        The weight, ``{weight: known MAP@5}`` and the seconds spent.
+    """
+    start = time.perf_counter()
+    sweep = {}
+    for w in WEIGHTS:
+        reranker.weight = w
+        table, truth = oof(reranker)
+        sweep[f"{w:g}"] = round(known_map5(table, truth, new_label), 6)
+    best = max(WEIGHTS, key=lambda w: (np.nan_to_num(sweep[f"{w:g}"], nan=-1.0), -w))
+    reranker.weight = best
+    return best, sweep, time.perf_counter() - start

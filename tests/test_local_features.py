@@ -1,0 +1,193 @@
+"""Local-feature re-ranking: common.lib.local_features against hand-computed answers, and stage 04 with
+``local_features=sift`` on test_submit's hand-made experiment, its images replaced by textures.
+
+Each individual's images are windows of one random texture (its "coat"); the embeddings are test_submit's angles,
+so the global ranking is known, and SIFT matches say which texture a test image shows.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import RetrievalConfig
+from common.core import paths, store
+from common.data.competition import load_competition
+from common.lib import local_features as lf
+from common.stages import local_rerank
+from common.stages import retrieve_submit as submit
+from tests.test_submit import EXP, SAMPLE_ORDER, TEST, TRAIN, TRUTH, cfg_for, make_experiment
+
+
+def texture(seed: int, side: int = 160) -> np.ndarray:
+    """A random blob texture (grey uint8): smooth noise, rich in SIFT keypoints."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (side // 8, side // 8), dtype=np.uint8)
+    return cv2.GaussianBlur(cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC), (3, 3), 0)
+
+
+def window(tex: np.ndarray, dx: int, dy: int, size: int = 120) -> np.ndarray:
+    return np.ascontiguousarray(tex[dy:dy + size, dx:dx + size])
+
+
+COATS = {"A": 1, "B": 2, "C": 3, "D": 4}
+
+
+def test_sift_descriptors_shape_type_and_blank_image():
+    desc = lf.sift_descriptors(texture(0), side=256, n_features=100)
+    assert desc.dtype == np.uint8 and desc.shape[1] == 128 and 20 <= len(desc) <= 100
+    assert lf.sift_descriptors(np.full((64, 64), 128, np.uint8)).shape == (0, 128)  # nothing to detect
+    rgb = np.repeat(texture(0)[..., None], 3, axis=2)
+    assert len(lf.sift_descriptors(rgb, side=256, n_features=100)) == len(desc)  # RGB is converted to grey
+    # a small crop gains keypoints when it is upscaled
+    small = cv2.resize(texture(0), (60, 60), interpolation=cv2.INTER_AREA)
+    assert len(lf.sift_descriptors(small, side=240)) > len(lf.sift_descriptors(small, side=60))
+    with pytest.raises(ValueError, match="side must be"):
+        lf.sift_descriptors(small, side=8)
+
+
+def test_root_sift_by_hand():
+    d = np.array([[1, 3, 0, 0], [0, 0, 0, 0]], np.uint8)
+    np.testing.assert_allclose(lf.root_sift(d), [[0.5, np.sqrt(0.75), 0, 0], [0, 0, 0, 0]], atol=1e-6)
+
+
+def test_same_coat_matches_far_more_than_another_coat():
+    a1, a2 = window(texture(1), 0, 0), window(texture(1), 30, 25)  # two views of one coat, shifted
+    b = window(texture(2), 0, 0)
+    d = {k: lf.root_sift(lf.sift_descriptors(v, side=240)) for k, v in {"a1": a1, "a2": a2, "b": b}.items()}
+    same, other = lf.count_matches(d["a1"], d["a2"]), lf.count_matches(d["a1"], d["b"])
+    assert same >= 20 and same > 5 * max(other, 1)
+    assert lf.count_matches(d["a1"], d["a1"][:1]) == 0  # fewer than 2 descriptors to compare with
+
+
+def test_local_similarity_and_fuse_by_hand():
+    np.testing.assert_allclose(lf.local_similarity(np.array([0, 20, 60]), half=20), [0, 0.5, 0.75])
+    # (0.8 + 0.5) / 2 and (0.8 + 0.75) / 2; with weight 3: (0.8 + 3 * 0.75) / 4
+    np.testing.assert_allclose(lf.fuse(np.array([0.8, 0.8]), np.array([20, 60]), weight=1, half=20), [0.65, 0.775])
+    np.testing.assert_allclose(lf.fuse(np.array([0.8]), np.array([60]), weight=3, half=20), [0.7625])
+    np.testing.assert_allclose(lf.fuse(np.array([0.3]), np.array([99]), weight=0, half=20), [0.3])
+    with pytest.raises(ValueError, match="weight"):
+        lf.fuse(np.array([0.3]), np.array([1]), weight=-1, half=20)
+    with pytest.raises(ValueError, match="half"):
+        lf.local_similarity(np.array([1]), half=0)
+
+
+def test_rerank_by_hand():
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, -np.inf, -np.inf]], np.float32)
+    idx = np.array([[5, 6, 7, 8], [1, 2, -1, -1]])
+    matches = np.array([[0, 60, 20], [0, 0, 0]])
+    s, i = lf.rerank(scores, idx, matches, weight=1, half=20, top=3)
+    # fused: 0.45, (0.8 + 0.75) / 2 = 0.775, (0.7 + 0.5) / 2 = 0.6; the 4th neighbour is dropped (top=3)
+    assert i.tolist() == [[6, 7, 5], [1, 2, -1]]
+    np.testing.assert_allclose(s[0], [0.775, 0.6, 0.45], atol=1e-6)
+    assert s[1, 2] == -np.inf  # a missing neighbour stays missing and last
+    with pytest.raises(ValueError, match="shape"):
+        lf.rerank(scores, idx, matches[:, :2], weight=1, half=20, top=3)
+
+
+def test_pair_matcher_matches_each_pair_once():
+    images = {"train/a": window(texture(1), 0, 0), "test/a": window(texture(1), 20, 30),
+              "train/b": window(texture(2), 0, 0)}
+    desc = {k: lf.sift_descriptors(v, side=240) for k, v in images.items()}
+    read = []
+    matcher = lf.PairMatcher(lambda k: read.append(k) or desc[k], threads=2)
+    gallery = ["train/a", "train/b"]
+    m = matcher.matches(["test/a"], gallery, np.array([[1, 0, -1]]))
+    assert m.shape == (1, 3) and m[0, 1] > 5 * max(m[0, 0], 1) and m[0, 2] == 0
+    again = matcher.matches(["test/a", "train/b"], gallery, np.array([[0, 1], [0, -1]]))
+    assert again[0].tolist() == [m[0, 1], m[0, 0]]
+    assert len(matcher.cache) == 3 and sorted(read) == sorted(images)  # (test/a, train/a|b), (train/a, train/b)
+
+
+def test_descriptor_file_round_trip_and_row_order(tmp_path):
+    desc = [np.arange(256, dtype=np.uint8).reshape(2, 128), np.zeros((0, 128), np.uint8),
+            np.ones((1, 128), np.uint8)]
+    path = tmp_path / "d.npz"
+    local_rerank.save_descriptors(path, ["x", "y", "z"], desc)
+    back = local_rerank.load_descriptors(path, ["x", "y", "z"])
+    assert list(back) == ["x", "y", "z"] and all(np.array_equal(back[k], d) for k, d in zip("xyz", desc, strict=True))
+    with pytest.raises(ValueError, match="d.npz"):
+        local_rerank.load_descriptors(path, ["x", "z", "y"])
+
+
+def test_known_map5_ignores_new_queries_and_the_threshold():
+    table = pd.DataFrame({"image": ["q1", "q1", "q2", "q2", "q3"], "individual_id": ["A", "B", "A", "B", "A"],
+                          "score": [0.9, 0.5, 0.2, 0.1, 0.9]})
+    truth = pd.Series({"q1": "B", "q2": "A", "q3": "new_individual"})
+    assert local_rerank.known_map5(table, truth, "new_individual") == pytest.approx((0.5 + 1) / 2)
+
+
+@pytest.mark.parametrize("bad", [dict(local_features="orb"), dict(local_side=8), dict(local_half=0.0),
+                                 dict(local_top=0)])
+def test_bad_local_parameters_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RetrievalConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------- stage 04
+def make_textured_comp(root):
+    """test_submit's competition with each image a window of its individual's coat (t4's D is unseen)."""
+    for n, (image, individual, *_rest) in enumerate(TRAIN):
+        path = root / "train_images" / image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), window(texture(COATS[individual]), 5 * n, 3 * n))
+    for n, image in enumerate(TEST):
+        path = root / "test_images" / image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), window(texture(COATS[TRUTH[image]]), 35 - 4 * n, 30))
+    pd.DataFrame({"image": [r[0] for r in TRAIN], "species": "whale",
+                  "individual_id": [r[1] for r in TRAIN]}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"image": SAMPLE_ORDER, "predictions": "new_individual"}).to_csv(
+        root / "sample_submission.csv", index=False)
+    pd.DataFrame({"image": sorted(TRUTH), "individual_id": [TRUTH[i] for i in sorted(TRUTH)]}).to_csv(
+        root / "test.csv", index=False)
+    return load_competition(root, check_pixels=False)
+
+
+@pytest.fixture
+def textured(tmp_path, isolated):
+    comp = make_textured_comp(tmp_path / "comp")
+    make_experiment(comp)
+    return comp
+
+
+def test_given_weight_puts_the_matching_coat_first(textured):
+    # globally t5 (60 deg, coat A) is nearest C (15 deg away), then B (30), then A (50): A ranks third
+    plain = submit.run_retrieval(cfg_for(), textured)
+    assert plain.submission.set_index("image").loc["t5.png", "predictions"].split()[0] == "C"
+    result = submit.run_retrieval(cfg_for(local_features="sift", local_weight=16.0, local_side=240), textured)
+    top1 = {r.image: r.predictions.split()[0] for r in result.submission.itertuples()}
+    assert top1["t5.png"] == "A" and top1["t1.png"] == "A" and top1["t2.png"] == "B"
+    assert result.metrics["local_weight"] == 16.0 and result.metrics["local_weight_source"] == "given"
+    assert result.metrics["local_pairs_matched"] > 0
+    assert result.metrics["map5_known"] > plain.metrics["map5_known"]
+    out = paths.stage_dir(EXP, "04") / "local"
+    assert {p.name for p in out.iterdir()} >= {"train.npz", "test.npz", "_done.json"}
+
+
+def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch):
+    result = submit.run_retrieval(cfg_for(local_features="sift", local_side=240), textured)
+    sweep = result.metrics["local_weight_sweep_known_map5"]
+    assert list(sweep) == [f"{w:g}" for w in local_rerank.WEIGHTS]
+    best = max(sweep.values())
+    chosen = result.metrics["local_weight"]
+    assert result.metrics["local_weight_source"] == "oof" and sweep[f"{chosen:g}"] == best
+    assert chosen == min(w for w in local_rerank.WEIGHTS if sweep[f"{w:g}"] == best)  # ties: the smallest
+    assert store.read_json(paths.exp_dir(EXP) / "metrics.json")["local_weight"] == chosen
+
+    calls = []
+    real = lf.sift_descriptors
+    monkeypatch.setattr(lf, "sift_descriptors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    submit.run_retrieval(cfg_for(local_features="sift", local_side=240, local_weight=1.0), textured)
+    assert calls == []  # same images and SIFT settings: the stored descriptors are read back
+    submit.run_retrieval(cfg_for(local_features="sift", local_side=200, local_weight=1.0), textured)
+    assert len(calls) == len(TRAIN) + len(TEST)  # another side: computed again
+
+
+def test_unreadable_image_is_named(textured):
+    bad = textured.root / "test_images" / "t3.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="t3.png"):
+        submit.run_retrieval(cfg_for(local_features="sift", local_weight=1.0), textured)
