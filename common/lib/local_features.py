@@ -28,7 +28,7 @@ import numpy as np
 DESCRIPTOR_DIM = 128
 
 
-def sift_descriptors(image: np.ndarray, side: int = 512, n_features: int = 600) -> np.ndarray:
+def sift_descriptors(image: np.ndarray, side: int = 512, n_features: int = 1500) -> np.ndarray:
     """SIFT descriptors of one image, resized so that its longer side is ``side`` (up or down).
 
     Small crops gain keypoints from the upscaling (lion crops of ~130 px give ~150 keypoints as they are).
