@@ -191,3 +191,14 @@ def test_unreadable_image_is_named(textured):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="t3.png"):
         submit.run_retrieval(cfg_for(local_features="sift", local_weight=1.0), textured)
+
+
+def test_inference_only_reuses_the_stored_weight_or_says_what_is_missing(textured):
+    submit.run_retrieval(cfg_for(), textured)  # a full run without local features
+    with pytest.raises(ValueError, match="local_weight=-1.0: .*metrics.json has no local weight"):
+        submit.run_retrieval(cfg_for(local_features="sift", local_side=240, inference_only=True), textured)
+    full = submit.run_retrieval(cfg_for(local_features="sift", local_side=240), textured)
+    again = submit.run_retrieval(cfg_for(local_features="sift", local_side=240, inference_only=True), textured)
+    assert again.metrics["local_weight_source"] == "stored"
+    assert again.metrics["local_weight"] == full.metrics["local_weight"]
+    pd.testing.assert_frame_equal(again.submission, full.submission)

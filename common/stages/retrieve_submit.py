@@ -404,7 +404,11 @@ def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int
     elif cfg.inference_only:
         folder = paths.find_stage_dir(cfg.exp, "04", "metrics.json",
                                       hint="inference_only with local_weight < 0 needs a full stage-04 run first")
-        reranker.weight, source = float(store.read_json(folder / "metrics.json")["local_weight"]), "stored"
+        stored = store.read_json(folder / "metrics.json").get("local_weight")
+        if stored is None:
+            raise ValueError(f"local_weight={cfg.local_weight}: {folder / 'metrics.json'} has no local weight (its run "
+                             "had local_features=none); give local_weight >= 0 or rerun the full stage 04")
+        reranker.weight, source = float(stored), "stored"
     else:
         weight, sweep, seconds = local_rerank.choose_weight(
             reranker, lambda r: oof_scores(cfg, comp, folds, r), cfg.new_label)
