@@ -112,6 +112,21 @@ def test_descriptor_file_round_trip_and_row_order(tmp_path):
         local_rerank.load_descriptors(path, ["x", "z", "y"])
 
 
+def test_auto_side_is_twice_the_median_longer_side_within_bounds(tmp_path):
+    def files(*sizes):
+        out = []
+        for n, (w, h) in enumerate(sizes):
+            path = tmp_path / f"{w}x{h}-{n}.png"
+            assert cv2.imwrite(str(path), np.zeros((h, w), np.uint8))
+            out.append(str(path))
+        return out
+
+    assert local_rerank.auto_side(files((130, 100), (120, 140), (150, 90))) == 280  # median longer side 140
+    assert local_rerank.auto_side(files((224, 224), (224, 224))) == 448
+    assert local_rerank.auto_side(files((60, 40))) == 256  # at least 256
+    assert local_rerank.auto_side(files((1600, 1200), (900, 1200))) == 512  # at most 512
+
+
 def test_known_map5_ignores_new_queries_and_the_threshold():
     table = pd.DataFrame({"image": ["q1", "q1", "q2", "q2", "q3"], "individual_id": ["A", "B", "A", "B", "A"],
                           "score": [0.9, 0.5, 0.2, 0.1, 0.9]})
@@ -119,8 +134,8 @@ def test_known_map5_ignores_new_queries_and_the_threshold():
     assert local_rerank.known_map5(table, truth, "new_individual") == pytest.approx((0.5 + 1) / 2)
 
 
-@pytest.mark.parametrize("bad", [dict(local_features="orb"), dict(local_side=8), dict(local_half=0.0),
-                                 dict(local_top=0)])
+@pytest.mark.parametrize("bad", [dict(local_features="orb"), dict(local_side=8), dict(local_side=-1),
+                                 dict(local_half=0.0), dict(local_top=0)])
 def test_bad_local_parameters_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         RetrievalConfig(**bad)
@@ -162,6 +177,9 @@ def test_given_weight_puts_the_matching_coat_first(textured):
     assert top1["t5.png"] == "A" and top1["t1.png"] == "A" and top1["t2.png"] == "B"
     assert result.metrics["local_weight"] == 16.0 and result.metrics["local_weight_source"] == "given"
     assert result.metrics["local_pairs_matched"] > 0
+    assert result.metrics["local_side_used"] == 240
+    assert submit.run_retrieval(cfg_for(local_features="sift", local_weight=1.0), textured
+                                ).metrics["local_side_used"] == 256  # 0 (auto): twice 120 px, at least 256
     assert result.metrics["map5_known"] > plain.metrics["map5_known"]
     out = paths.stage_dir(EXP, "04") / "local"
     assert {p.name for p in out.iterdir()} >= {"train.npz", "test.npz", "_done.json"}

@@ -97,7 +97,7 @@ RULES: dict[str, Range] = {
     "threshold_step": POSITIVE,
     "n_examples": NON_NEGATIVE,
     "local_top": AT_LEAST_1,
-    "local_side": Range(16),
+    "local_side": NON_NEGATIVE,  # 0: automatic; 1-15 refused by CROSS
     "local_n_features": AT_LEAST_1,
     "local_half": POSITIVE,
     # 06 ensemble
@@ -117,6 +117,7 @@ CROSS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("threshold_min", "threshold_max"), lambda lo, hi: lo < hi, "threshold_min < threshold_max"),
     (("threshold_min", "threshold_max", "threshold_step"), lambda lo, hi, step: step <= hi - lo,
      "threshold_step <= threshold_max - threshold_min"),
+    (("local_side",), lambda side: side == 0 or side >= 16, "local_side = 0 (automatic) or at least 16 pixels"),
 ]
 
 

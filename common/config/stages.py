@@ -116,7 +116,8 @@ class RetrievalConfig(SweepFields, FoldConfig):
     local_weight: float = param(-1.0, "weight of the local similarity in (cosine + w * local) / (1 + w); negative: "
                                 "chosen out of fold, the weight whose out-of-fold known-individual MAP@5 is best.")
     local_top: int = param(50, "neighbours per query matched and re-scored (capped at knn_k); the others are dropped.")
-    local_side: int = param(512, "longer side (pixels) to which each image is resized, up or down, for SIFT.")
+    local_side: int = param(0, "longer side (pixels) to which each image is resized, up or down, for SIFT; 0: "
+                            "twice the images' median longer side, within 256-512.")
     local_n_features: int = param(1500, "SIFT keypoints kept per image (the strongest; on nyala 1500 beat 600, at ~4x the matching time).")
     local_half: float = param(20.0, "match count at which the local similarity is 0.5 (matches / (matches + "
                               "half)).")

@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from common.config import RetrievalConfig
 from common.core import paths, store
@@ -76,11 +77,32 @@ def load_descriptors(path: Path, expected_images: list[str]) -> dict[str, np.nda
     return {str(i): flat[e - c:e] for i, c, e in zip(images, counts, ends, strict=True)}
 
 
-def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> dict[str, np.ndarray]:
-    """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``."""
+AUTO_SIDE = (256, 512)  # local_side=0: twice the images' median longer side, within these bounds
+SIDE_SAMPLE = 200  # images whose size is read for local_side=0
+
+
+def auto_side(files: list[str]) -> int:
+    """``local_side=0``: twice the median longer side of (up to :data:`SIDE_SAMPLE` evenly spaced) ``files``,
+    clipped to :data:`AUTO_SIDE`. Measured best: lion's ~130 px crops at 256, nyala's full frames at 512 (768
+    did worse); dogfaces' 224 px faces get 448.
+    """
+    step = max(1, len(files) // SIDE_SAMPLE)
+    sides = []
+    for f in files[::step]:
+        with Image.open(f) as im:  # reads the header only
+            sides.append(max(im.size))
+    return int(np.clip(2 * np.median(sides), *AUTO_SIDE)) if sides else AUTO_SIDE[1]
+
+
+def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tuple[dict[str, np.ndarray], int]:
+    """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``, and the
+    longer side they were computed at."""
     crops = used_crops(cfg.exp, folds)
     folder = paths.stage_dir(cfg.exp, "04") / "local"
-    params = {"side": cfg.local_side, "n_features": cfg.local_n_features, "used_crops": crops,
+    files = {split: image_paths(table, cfg.exp, split, crops)
+             for split, table in (("train", comp.train), ("test", comp.test))}
+    side = cfg.local_side or auto_side(files["train"])
+    params = {"side": side, "n_features": cfg.local_n_features, "used_crops": crops,
               "data_files": data_fingerprint(comp.root),
               "crops": marker_hash(paths.stage_dir(cfg.exp, "01")) if crops else None}
     fresh = not store.stage_done(folder, params)
@@ -89,13 +111,11 @@ def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> di
         target = folder / f"{split}.npz"
         ids = [str(i) for i in table["image"]]
         if fresh or not target.exists():
-            files = image_paths(table, cfg.exp, split, crops)
-            desc = [local_features.sift_descriptors(read_grey(f), cfg.local_side, cfg.local_n_features)
-                    for f in files]
+            desc = [local_features.sift_descriptors(read_grey(f), side, cfg.local_n_features) for f in files[split]]
             save_descriptors(target, ids, desc)
         out.update({f"{split}/{k}": v for k, v in load_descriptors(target, ids).items()})
     store.mark_done(folder, params)
-    return out
+    return out, side
 
 
 @dataclasses.dataclass
@@ -114,6 +134,7 @@ class Reranker:
     weight: float
     half: float
     top: int
+    side: int = 0
 
     def __call__(self, scores: np.ndarray, idx: np.ndarray, query_ids, gallery_ids,
                  query_split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -128,9 +149,9 @@ def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> 
     """The re-ranker of ``cfg`` at weight ``max(local_weight, 0)``, or ``None`` when ``local_features`` is none."""
     if cfg.local_features == "none":
         return None
-    desc = descriptors(cfg, comp, folds)
+    desc, side = descriptors(cfg, comp, folds)
     matcher = local_features.PairMatcher(desc.__getitem__, threads=_threads())
-    return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top)
+    return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, side)
 
 
 def known_map5(table: pd.DataFrame, truth: pd.Series, new_label: str) -> float:

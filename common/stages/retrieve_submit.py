@@ -398,7 +398,7 @@ def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int
     """Set ``reranker``'s weight: ``local_weight`` when >= 0; with ``inference_only`` the weight an earlier full
     run stored; else chosen out of fold (:func:`common.stages.local_rerank.choose_weight`). Returns the
     ``metrics.json`` fields that say which and why."""
-    info = {"local_features": cfg.local_features}
+    info = {"local_features": cfg.local_features, "local_side_used": reranker.side}
     if cfg.local_weight >= 0:
         reranker.weight, source = cfg.local_weight, "given"
     elif cfg.inference_only:
