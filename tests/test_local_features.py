@@ -195,13 +195,18 @@ def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch)
     assert chosen == min(w for w in local_rerank.WEIGHTS if sweep[f"{w:g}"] == best)  # ties: the smallest
     assert store.read_json(paths.exp_dir(EXP) / "metrics.json")["local_weight"] == chosen
 
-    calls = []
-    real = lf.sift_descriptors
+    calls, matched = [], []
+    real, real_count = lf.sift_descriptors, lf.count_matches
     monkeypatch.setattr(lf, "sift_descriptors", lambda *a, **k: calls.append(1) or real(*a, **k))
-    submit.run_retrieval(cfg_for(local_features="sift", local_side=240, local_weight=1.0), textured)
+    monkeypatch.setattr(lf, "count_matches", lambda *a, **k: matched.append(1) or real_count(*a, **k))
+    again = submit.run_retrieval(cfg_for(local_features="sift", local_side=240, local_weight=chosen), textured)
     assert calls == []  # same images and SIFT settings: the stored descriptors are read back
+    assert matched == []  # and the stored match counts
+    pd.testing.assert_frame_equal(again.submission, result.submission)
+    assert (paths.stage_dir(EXP, "04") / "local" / "pairs.npz").exists()
     submit.run_retrieval(cfg_for(local_features="sift", local_side=200, local_weight=1.0), textured)
     assert len(calls) == len(TRAIN) + len(TEST)  # another side: computed again
+    assert matched  # and matched again
 
 
 def test_unreadable_image_is_named(textured):

@@ -106,6 +106,8 @@ def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tu
               "data_files": data_fingerprint(comp.root),
               "crops": marker_hash(paths.stage_dir(cfg.exp, "01")) if crops else None}
     fresh = not store.stage_done(folder, params)
+    if fresh:  # match counts of other descriptors are stale
+        (folder / PAIRS_FILE).unlink(missing_ok=True)
     out: dict[str, np.ndarray] = {}
     for split, table in (("train", comp.train), ("test", comp.test)):
         target = folder / f"{split}.npz"
@@ -145,13 +147,30 @@ class Reranker:
         return local_features.rerank(scores, idx, matches, self.weight, self.half, top)
 
 
+PAIRS_FILE = "pairs.npz"  # match counts already computed, reused by the next run with the same descriptors
+
+
 def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> Reranker | None:
-    """The re-ranker of ``cfg`` at weight ``max(local_weight, 0)``, or ``None`` when ``local_features`` is none."""
+    """The re-ranker of ``cfg`` at weight ``max(local_weight, 0)``, or ``None`` when ``local_features`` is none.
+    Match counts stored by an earlier run on the same descriptors (:func:`save_pairs`) are loaded."""
     if cfg.local_features == "none":
         return None
     desc, side = descriptors(cfg, comp, folds)
     matcher = local_features.PairMatcher(desc.__getitem__, threads=_threads())
+    pairs = paths.stage_dir(cfg.exp, "04") / "local" / PAIRS_FILE
+    if pairs.exists():
+        with np.load(pairs, allow_pickle=False) as npz:
+            matcher.cache.update(zip(zip(npz["a"].tolist(), npz["b"].tolist(), strict=True),
+                                     npz["matches"].tolist(), strict=True))
     return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, side)
+
+
+def save_pairs(cfg: RetrievalConfig, reranker: Reranker) -> None:
+    """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run."""
+    keys = sorted(reranker.matcher.cache)
+    with store.atomic_path(paths.stage_dir(cfg.exp, "04") / "local" / PAIRS_FILE) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, a=np.array([k[0] for k in keys], dtype=str), b=np.array([k[1] for k in keys], dtype=str),
+                 matches=np.array([reranker.matcher.cache[k] for k in keys], np.int32))
 
 
 def known_map5(table: pd.DataFrame, truth: pd.Series, new_label: str) -> float:
