@@ -100,6 +100,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return fn
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity mask where the OS has one, else all of them)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def loader_workers(num_workers: int, world_size: int = 1) -> int:
     """Data-loader workers per process: ``num_workers`` as given, or, when negative, sized to the machine
     (the CPU cores this process may use, shared by the ``world_size`` processes, one left to the main loop,
@@ -111,8 +116,7 @@ def loader_workers(num_workers: int, world_size: int = 1) -> int:
     """
     if num_workers >= 0:
         return num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, world_size) - 1))
+    return max(0, min(8, usable_cores() // max(1, world_size) - 1))
 
 
 def configure_device(device: torch.device) -> None:

@@ -12,7 +12,6 @@ is tuned on scores of the test's form. ``local_weight`` < 0 chooses the weight o
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,19 +23,13 @@ from PIL import Image
 
 from common.config import RetrievalConfig
 from common.core import paths, store
+from common.core.runtime import usable_cores
 from common.data.artefacts import image_paths
 from common.data.competition import Competition, DataError
 from common.data.fingerprint import data_fingerprint, marker_hash
 from common.lib import local_features, metrics
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the out-of-fold grid of local_weight
-
-
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def used_crops(exp: str, folds: list[int]) -> bool:
@@ -130,6 +123,7 @@ class Reranker:
         weight: the local term's weight.
         half: match count of local similarity 0.5.
         top: neighbours re-scored per query.
+        side: the longer side the descriptors were computed at (reported in ``metrics.json``).
     """
 
     matcher: local_features.PairMatcher
@@ -156,7 +150,7 @@ def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> 
     if cfg.local_features == "none":
         return None
     desc, side = descriptors(cfg, comp, folds)
-    matcher = local_features.PairMatcher(desc.__getitem__, threads=_threads())
+    matcher = local_features.PairMatcher(desc.__getitem__, threads=usable_cores())
     pairs = paths.stage_dir(cfg.exp, "04") / "local" / PAIRS_FILE
     if pairs.exists():
         with np.load(pairs, allow_pickle=False) as npz:
