@@ -178,7 +178,7 @@ def known_map5(table: pd.DataFrame, truth: pd.Series, new_label: str) -> float:
 
 
 def choose_weight(reranker: Reranker, oof: Callable[[Reranker], tuple[pd.DataFrame, pd.Series]],
-                  new_label: str) -> tuple[float, dict[str, float], float]:
+                  new_label: str) -> tuple[float, dict[str, float], float, tuple[pd.DataFrame, pd.Series]]:
     """The weight of :data:`WEIGHTS` with the best out-of-fold known-individual MAP@5 (ties: the smallest).
 
     Args:
@@ -187,14 +187,15 @@ def choose_weight(reranker: Reranker, oof: Callable[[Reranker], tuple[pd.DataFra
         new_label: the ``new_individual`` label.
 
     Returns:
-        The weight, ``{weight: known MAP@5}`` and the seconds spent.
+        The weight, ``{weight: known MAP@5}``, the seconds spent, and the out-of-fold scores and truth at the
+        chosen weight (the caller tunes the threshold on them instead of computing them again).
     """
     start = time.perf_counter()
-    sweep = {}
+    sweep, results = {}, {}
     for w in WEIGHTS:
         reranker.weight = w
-        table, truth = oof(reranker)
-        sweep[f"{w:g}"] = round(known_map5(table, truth, new_label), 6)
+        results[w] = oof(reranker)
+        sweep[f"{w:g}"] = round(known_map5(*results[w], new_label), 6)
     best = max(WEIGHTS, key=lambda w: (np.nan_to_num(sweep[f"{w:g}"], nan=-1.0), -w))
     reranker.weight = best
-    return best, sweep, time.perf_counter() - start
+    return best, sweep, time.perf_counter() - start, results[best]

@@ -394,10 +394,12 @@ def share_for_tuning(cfg: RetrievalConfig | EnsembleConfig, shares: dict) -> tup
 
 
 def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int],
-                        reranker: Reranker) -> dict:
+                        reranker: Reranker) -> tuple[dict, tuple[pd.DataFrame, pd.Series] | None]:
     """Set ``reranker``'s weight: ``local_weight`` when >= 0; with ``inference_only`` the weight an earlier full
     run stored; else chosen out of fold (:func:`common.stages.local_rerank.choose_weight`). Returns the
-    ``metrics.json`` fields that say which and why."""
+    ``metrics.json`` fields that say which and why, and the out-of-fold scores and truth at the chosen weight
+    when they were computed to choose it (else ``None``)."""
+    chosen = None
     info = {"local_features": cfg.local_features, "local_side_used": reranker.side}
     if cfg.local_weight >= 0:
         reranker.weight, source = cfg.local_weight, "given"
@@ -410,27 +412,27 @@ def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int
                              "had local_features=none); give local_weight >= 0 or rerun the full stage 04")
         reranker.weight, source = float(stored), "stored"
     else:
-        weight, sweep, seconds = local_rerank.choose_weight(
+        weight, sweep, seconds, chosen = local_rerank.choose_weight(
             reranker, lambda r: oof_scores(cfg, comp, folds, r), cfg.new_label)
         source = "oof"
         info.update({"local_weight_sweep_known_map5": sweep, "local_weight_seconds": round(seconds, 1)})
     info.update({"local_weight": reranker.weight, "local_weight_source": source})
-    return info
+    return info, chosen
 
 
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     """The whole stage: OOF scores -> threshold -> test scores -> submission -> metrics, all written out."""
     folds = available_folds(cfg)
     out = paths.stage_dir(cfg.exp, "04")
-    reranker, local = local_rerank.make_reranker(cfg, comp, folds), {}
+    reranker, local, chosen_oof = local_rerank.make_reranker(cfg, comp, folds), {}, None
     if reranker is not None:
-        local = choose_local_weight(cfg, comp, folds, reranker)
+        local, chosen_oof = choose_local_weight(cfg, comp, folds, reranker)
     test = test_scores(cfg, comp, folds, reranker)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
         oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
     else:
-        oof, truth = oof_scores(cfg, comp, folds, reranker)
+        oof, truth = chosen_oof or oof_scores(cfg, comp, folds, reranker)
         shares = new_share_estimate(oof, truth, test, cfg.new_label)
         share, source = share_for_tuning(cfg, shares)
         threshold, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
