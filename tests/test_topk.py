@@ -277,21 +277,35 @@ def test_stage06_on_top5_members_writes_topk_and_known_answers(runs):
     assert (~unmoved).any() and unmoved.any()
 
 
-def test_a_topk_teacher_gives_dense_targets_that_sum_to_one(runs, comp):
+def test_a_topk_teacher_stays_topk_and_gives_dense_batch_targets_that_sum_to_one(runs, comp):
+    import torch
+
     from common.engine import classifier as engine_classifier
 
     oof = runs["t5", "a", "oof"]  # on disk now: the k = 5 run of a
     classes = store.read_json(paths.stage_dir("a", "05") / "classes.json")["classes"]
     images = [str(i) for i in oof["image"][[3, 0]]]
     cfg = ClassifierConfig(data=str(comp.root), exp="student", distill_from="a", **CLS)
-    got = engine_classifier.teacher_targets(cfg, images, classes[::-1])  # columns in another order
-    assert got.shape == (2, C) and got.dtype == np.float32
+    soft = engine_classifier.teacher_targets(cfg, images, classes[::-1])  # columns in another order
+    assert isinstance(soft, topk.TopK) and soft.index.shape == (2, 5)  # k columns in memory, not C
+    # a batch that holds the rows in another order, one of them twice
+    batch = engine_classifier.soft_batch(soft, torch.tensor([1, 0, 1]), torch.device("cpu"))
+    assert batch.shape == (3, C) and batch.dtype == torch.float32
+    np.testing.assert_array_equal(batch[0].numpy(), batch[2].numpy())
+    got = batch[[1, 0]].numpy()
+    assert got.shape == (2, C)
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
     for r, row in enumerate((3, 0)):
         for j, p in zip(oof["topk_index"][row], oof["topk_prob"][row], strict=True):
             assert got[r, C - 1 - j] == pytest.approx(p)
         missing = sorted(set(range(C)) - set(oof["topk_index"][row].tolist()))
         assert got[r, [C - 1 - j for j in missing]] == pytest.approx(oof["rest_mass"][row] / (C - 5))
+    # a student trains one fold against the top-k teacher, in both distillation modes
+    for mode in ("mix", "kd"):
+        student = ClassifierConfig(data=str(comp.root), exp=f"student-{mode}", distill_from="a", distill_mode=mode,
+                                   lr=1e-3, epochs=1, **CLS)
+        log = classify.train_fold(student, comp, classify.prepare_folds(student, comp), 0)
+        assert np.isfinite(log["train_loss"]).all()
 
 
 def test_inference_only_writes_the_same_topk_test_file(runs, comp):

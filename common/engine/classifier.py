@@ -44,7 +44,7 @@ from common.lib.metrics import classification_report
 from common.lib.mixing import BatchMixer
 from common.lib.models import ClassifierModel
 from common.lib.sampling import ClassBalancedSampler
-from common.lib.topk import read_scores, to_dense
+from common.lib.topk import Scores, TopK, read_scores, remap, to_dense
 
 STAGE = "05"
 # Fields that change the trained model: a resumed fold must agree on all of them.
@@ -106,11 +106,13 @@ def prepare_folds(cfg: ClassifierConfig, comp: Competition) -> pd.DataFrame:
     return table[["image", "label", "fold"]]
 
 
-def teacher_targets(cfg: ClassifierConfig, images: list[str], classes: list[str]) -> np.ndarray:
+def teacher_targets(cfg: ClassifierConfig, images: list[str], classes: list[str]) -> Scores:
     """The teacher's out-of-fold probabilities for ``images``, columns reordered to ``classes``.
 
-    A top-k ``oof.npz`` (:mod:`common.lib.topk`) becomes dense here, the rest mass shared equally by the classes
-    a row does not keep: ``len(images) x C`` float32 in memory.
+    A dense ``oof.npz`` gives a float32 ``len(images) x C`` array. A top-k one (:mod:`common.lib.topk`) stays a
+    :class:`~common.lib.topk.TopK` (``len(images) x k``): :func:`soft_batch` makes one batch's rows dense, the
+    rest mass shared equally by the classes a row does not keep. At Happywhale's size (51k images x 15.5k
+    individuals) the dense matrix would take 3.2 GB; the top-k rows take ``k / C`` of it.
 
     Raises:
         FileNotFoundError / DataError: when the teacher run is missing, misses an image (it must have
@@ -126,10 +128,20 @@ def teacher_targets(cfg: ClassifierConfig, images: list[str], classes: list[str]
     if missing:
         raise DataError(f"{folder / 'oof.npz'}: no out-of-fold prediction for image {missing[0]!r} "
                         f"({len(missing)} missing): train the teacher {cfg.distill_from!r} with folds=all")
-    order = [teacher_classes.index(c) for c in classes]
+    rows = np.array([index[img] for img in images], dtype=np.int64)
     probs = read_scores(oof, len(teacher_classes), "probs", source=str(folder / "oof.npz"))
-    return to_dense(probs[np.array([index[img] for img in images], dtype=np.int64)], spread_rest=True
-                    )[:, order].astype(np.float32)
+    position = {c: j for j, c in enumerate(classes)}
+    if isinstance(probs, TopK):  # teacher class j is student class col_map[j]
+        col_map = np.array([position[c] for c in teacher_classes], dtype=np.int64)
+        return remap(probs, rows, col_map, len(classes))
+    order = [teacher_classes.index(c) for c in classes]
+    return np.ascontiguousarray(probs[rows][:, order], dtype=np.float32)
+
+
+def soft_batch(soft: Scores, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The soft targets of one batch (rows ``index`` of :func:`teacher_targets`), dense ``(B, C)`` float32."""
+    rows = index.cpu().numpy()
+    return torch.from_numpy(to_dense(soft[rows], spread_rest=True).astype(np.float32, copy=False)).to(device)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -179,7 +191,7 @@ class ClassifierTask(Task):
         self.eval_batch_size = 2 * cfg.batch_size
         self.avg = averaged_epochs(cfg)
         self.ema: ModelEma | None = None
-        self.soft: torch.Tensor | None = None
+        self.soft: Scores | None = None  # teacher_targets: dense, or top-k rows made dense per batch
         self.aux: torch.Tensor | None = None  # auxiliary-head labels of the training rows (aux_column)
         self.sampler: ClassBalancedSampler | None = None
 
@@ -195,7 +207,7 @@ class ClassifierTask(Task):
             raise ValueError("distill_mode=kd with CutMix/Mixup is not supported: the teacher saw unmixed images; "
                              "use distill_mode=mix (its soft targets are mixed with the images)")
         if cfg.distill_from:  # read before the model is built: a missing teacher fails in a second
-            self.soft = torch.from_numpy(teacher_targets(cfg, list(fit["image"]), classes))
+            self.soft = teacher_targets(cfg, list(fit["image"]), classes)
         extra: dict[str, Any] = {}
         if cfg.aux_column:  # auxiliary head (e.g. coarse classes): one label per training image, by row
             if self.mixer.enabled:
@@ -244,7 +256,7 @@ class ClassifierTask(Task):
         cfg, soft, n_classes = self.cfg, self.soft, self.n_classes
         target: torch.Tensor = y
         if soft is not None and cfg.distill_mode == "mix":
-            target = mix_hard_soft(y, soft[batch["index"]].to(x.device), n_classes, cfg.distill_weight)
+            target = mix_hard_soft(y, soft_batch(soft, batch["index"], x.device), n_classes, cfg.distill_weight)
         if self.mixer.enabled:
             x, target = self.mixer(x, to_soft_targets(target, n_classes))
         # ArcFace heads put the margin on the dominant class of a mixed target.
@@ -258,7 +270,7 @@ class ClassifierTask(Task):
         if self.aux is not None:
             loss = loss + cfg.aux_weight * F.cross_entropy(aux_logits.float(), self.aux[batch["index"]].to(x.device))
         if soft is not None and cfg.distill_mode == "kd":
-            kd = distillation_loss(logits, soft[batch["index"]].to(x.device), cfg.distill_temperature)
+            kd = distillation_loss(logits, soft_batch(soft, batch["index"], x.device), cfg.distill_temperature)
             loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd
         return loss, logits, margin_labels
 
