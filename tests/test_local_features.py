@@ -187,13 +187,14 @@ def test_given_weight_puts_the_matching_coat_first(textured):
 
 def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch):
     result = submit.run_retrieval(cfg_for(local_features="sift", local_side=240), textured)
-    sweep = result.metrics["local_weight_sweep_known_map5"]
-    assert list(sweep) == [f"{w:g}" for w in local_rerank.WEIGHTS]
+    written = store.read_json(paths.exp_dir(EXP) / "metrics.json")
+    assert [row["weight"] for row in written["local_weight_sweep"]] == list(local_rerank.WEIGHTS)  # numeric order
+    sweep = {row["weight"]: row["oof_known_map5"] for row in written["local_weight_sweep"]}
     best = max(sweep.values())
     chosen = result.metrics["local_weight"]
-    assert result.metrics["local_weight_source"] == "oof" and sweep[f"{chosen:g}"] == best
-    assert chosen == min(w for w in local_rerank.WEIGHTS if sweep[f"{w:g}"] == best)  # ties: the smallest
-    assert store.read_json(paths.exp_dir(EXP) / "metrics.json")["local_weight"] == chosen
+    assert result.metrics["local_weight_source"] == "oof" and sweep[chosen] == best
+    assert chosen == min(w for w in local_rerank.WEIGHTS if sweep[w] == best)  # ties: the smallest
+    assert written["local_weight"] == chosen
 
     calls, matched = [], []
     real, real_count = lf.sift_descriptors, lf.count_matches

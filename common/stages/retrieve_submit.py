@@ -415,7 +415,9 @@ def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int
         weight, sweep, seconds, chosen = local_rerank.choose_weight(
             reranker, lambda r: oof_scores(cfg, comp, folds, r), cfg.new_label)
         source = "oof"
-        info.update({"local_weight_sweep_known_map5": sweep, "local_weight_seconds": round(seconds, 1)})
+        # a list in weight order: a JSON object's keys would be written sorted as strings ("16" before "2")
+        info.update({"local_weight_sweep": [{"weight": float(w), "oof_known_map5": v} for w, v in sweep.items()],
+                     "local_weight_seconds": round(seconds, 1)})
     info.update({"local_weight": reranker.weight, "local_weight_source": source})
     return info, chosen
 
