@@ -204,3 +204,24 @@ def test_changed_params_tolerates_a_parameter_added_at_its_default(tmp_path):
     store.mark_done(tmp_path, old)
     assert store.stage_done(tmp_path, {**old, "freeze_blocks": 0}, defaults)
     assert not store.stage_done(tmp_path, {**old, "freeze_blocks": 0})
+
+
+def test_data_spelled_relative_absolute_or_by_name_is_one_competition(tmp_path, monkeypatch):
+    from common.core import paths
+    from common.data import fingerprint
+
+    comp = paths.inputs_dir() / "spelling_check"
+    comp.mkdir(parents=True)
+    try:
+        monkeypatch.chdir(paths.project_root())
+        old = {"data": "spelling_check", "epochs": 2}
+        for spelling in ("inputs/spelling_check", str(comp), str(comp) + "/", "./inputs/spelling_check"):
+            assert store.changed_params(old, {**old, "data": spelling}) == [], spelling
+            assert fingerprint.changes(old, {**old, "data": spelling}) == [], spelling
+        other = tmp_path / "spelling_check"  # the same name, another folder: a change
+        other.mkdir()
+        assert store.changed_params(old, {**old, "data": str(other)}) == ["data"]
+        assert fingerprint.changes(old, {**old, "data": str(other)}) == [f"data 'spelling_check' -> {str(other)!r}"]
+        assert store.changed_params({"epochs": 2, "data": 1}, {"epochs": 2, "data": "1"}) == ["data"]
+    finally:
+        comp.rmdir()

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.core.paths import data_dir
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -236,12 +238,22 @@ def changed_params(old: dict[str, Any], new: dict[str, Any], defaults: dict[str,
     for key in sorted(set(old) | set(new)):
         if key not in old and key in defaults and new[key] == defaults[key]:
             continue
-        if old.get(key, _MISSING) != new.get(key, _MISSING):
+        if not same_param(key, old.get(key, _MISSING), new.get(key, _MISSING)):
             out.append(key)
     return out
 
 
 _MISSING = object()
+
+
+def same_param(key: str, a: Any, b: Any) -> bool:
+    """Whether two recorded values of parameter ``key`` are the same. ``data`` compares the folders it names:
+    ``inputs/x``, ``x`` and ``/abs/.../inputs/x`` are one competition (its files are fingerprinted apart)."""
+    if a == b:
+        return True
+    if key == "data" and isinstance(a, str) and isinstance(b, str):
+        return data_dir(a).resolve() == data_dir(b).resolve()
+    return False
 
 
 def mark_done(stage_dir: str | os.PathLike, params: dict[str, Any], **extra: Any) -> Path:

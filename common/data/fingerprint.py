@@ -177,7 +177,7 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a == b:
+        if store.same_param(key, a, b):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key} {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
