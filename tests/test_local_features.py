@@ -226,3 +226,38 @@ def test_inference_only_reuses_the_stored_weight_or_says_what_is_missing(texture
     assert again.metrics["local_weight_source"] == "stored"
     assert again.metrics["local_weight"] == full.metrics["local_weight"]
     pd.testing.assert_frame_equal(again.submission, full.submission)
+
+
+# ------------------------------------------------------------------------------------------- stage 06
+def test_stage_06_reranks_like_stage_04_and_reuses_its_weight_for_inference(textured):
+    from common.config import EnsembleConfig
+    from common.stages import ensemble_postprocess as ensemble_stage
+
+    local = dict(local_features="sift", local_side=240)
+    ens = dict(data=str(textured.root), exp="ens", members="", embed_members=EXP, knn_k=50, oof_new_share=0.0,
+               device="cpu", **local)
+    # one member, global threshold: stage 04 with fold_merge=concat, the weight chosen out of fold alike
+    chosen04 = submit.run_retrieval(cfg_for(fold_merge="concat", **local), textured).metrics
+    chosen = ensemble_stage.run_ensemble(EnsembleConfig(**ens), textured)["retrieval"]
+    assert chosen["local_weight_source"] == "oof" and chosen["local_weight"] == chosen04["local_weight"]
+    assert chosen["local_weight_sweep"] == chosen04["local_weight_sweep"]
+    # a given weight: the same re-ranked test scores and threshold as stage 04's
+    stage04 = submit.run_retrieval(cfg_for(fold_merge="concat", local_weight=16.0, **local), textured).metrics
+    ens["local_weight"] = 16.0
+    res = ensemble_stage.run_ensemble(EnsembleConfig(**ens), textured)["retrieval"]
+    assert res["local_weight_source"] == "given" and res["local_pairs_matched"] > 0
+    assert res["threshold"] == stage04["threshold"] and res["map5"] == pytest.approx(stage04["map5"])
+    got = pd.read_csv(paths.stage_dir("ens", "06") / "retrieval_test_scores.csv")
+    pd.testing.assert_frame_equal(got, pd.read_csv(paths.stage_dir(EXP, "04") / "test_scores.csv"))
+    plain = ensemble_stage.run_ensemble(EnsembleConfig(**{**ens, "exp": "plain", "local_features": "none"}),
+                                        textured)["retrieval"]
+    assert res["map5_known"] > plain["map5_known"]  # the matching coats move up, as in stage 04
+    assert {p.name for p in (paths.stage_dir("ens", "06") / "local").iterdir()} >= {"train.npz", "pairs.npz"}
+    # inference_only: the full run's weight (16 was given, -1 now: read back), the same submission
+    again = ensemble_stage.run_ensemble(EnsembleConfig(**{**ens, "local_weight": -1.0, "inference_only": True}),
+                                        textured)["retrieval"]
+    assert again["local_weight_source"] == "stored" and again["local_weight"] == 16.0
+    assert again["map5"] == pytest.approx(res["map5"])
+    with pytest.raises(ValueError, match="metrics.json has no local weight"):
+        ensemble_stage.run_ensemble(EnsembleConfig(**{**ens, "exp": "plain", "local_weight": -1.0,
+                                                      "inference_only": True}), textured)

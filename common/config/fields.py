@@ -148,3 +148,22 @@ class SweepFields:
     threshold_max: float = param(1.0, "highest threshold of the sweep.")
     threshold_step: float = param(0.02, "sweep step.")
     new_label: str = param("new_individual", "the id that stands for an unseen individual.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFields:
+    """Local-feature re-ranking of stages 04 and 06 (:mod:`common.stages.local_rerank`; a mixin: list it before the
+    stage base)."""
+
+    local_features: str = param("none", "re-rank each query's first local_top neighbours by local-feature "
+                                "matching: none, or sift (RootSIFT matches that pass Lowe's ratio test, fused with "
+                                "the cosine; common.lib.local_features). Helps patterned animals with few images.",
+                                choices=("none", "sift"))
+    local_weight: float = param(-1.0, "weight of the local similarity in (cosine + w * local) / (1 + w); negative: "
+                                "chosen out of fold, the weight whose out-of-fold known-individual MAP@5 is best.")
+    local_top: int = param(50, "neighbours per query matched and re-scored (capped at knn_k); the others are dropped.")
+    local_side: int = param(0, "longer side (pixels) to which each image is resized, up or down, for SIFT; 0: "
+                            "twice the images' median longer side, within 256-512.")
+    local_n_features: int = param(1500, "SIFT keypoints kept per image (the strongest; on nyala 1500 beat 600, at ~4x the matching time).")
+    local_half: float = param(20.0, "match count at which the local similarity is 0.5 (matches / (matches + "
+                              "half)).")

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from common.config import params as _params
 from common.config.base import StageConfig, document, param
-from common.config.fields import FoldConfig, SweepFields, TrainConfig
+from common.config.fields import FoldConfig, LocalFields, SweepFields, TrainConfig
 from common.config.pretrain import PretrainConfig
 
 
@@ -97,7 +97,7 @@ class ExtractConfig(FoldConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalConfig(SweepFields, FoldConfig):
+class RetrievalConfig(SweepFields, LocalFields, FoldConfig):
     """Stage 04: KNN retrieval, ``new_individual`` threshold, submission and metrics."""
 
     stage: ClassVar[str] = "04"
@@ -109,18 +109,6 @@ class RetrievalConfig(SweepFields, FoldConfig):
     n_examples: int = param(6, "query rows shown in the retrieval-examples figure.")
     inference_only: bool = param(False, "tune nothing: use the threshold an earlier full run of this "
                                  "experiment stored (unless new_threshold is 0 or more), search the test images only.")
-    local_features: str = param("none", "re-rank each query's first local_top neighbours by local-feature "
-                                "matching: none, or sift (RootSIFT matches that pass Lowe's ratio test, fused with "
-                                "the cosine; common.lib.local_features). Helps patterned animals with few images.",
-                                choices=("none", "sift"))
-    local_weight: float = param(-1.0, "weight of the local similarity in (cosine + w * local) / (1 + w); negative: "
-                                "chosen out of fold, the weight whose out-of-fold known-individual MAP@5 is best.")
-    local_top: int = param(50, "neighbours per query matched and re-scored (capped at knn_k); the others are dropped.")
-    local_side: int = param(0, "longer side (pixels) to which each image is resized, up or down, for SIFT; 0: "
-                            "twice the images' median longer side, within 256-512.")
-    local_n_features: int = param(1500, "SIFT keypoints kept per image (the strongest; on nyala 1500 beat 600, at ~4x the matching time).")
-    local_half: float = param(20.0, "match count at which the local similarity is 0.5 (matches / (matches + "
-                              "half)).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +196,7 @@ class ClassifierConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class EnsembleConfig(SweepFields, StageConfig):
+class EnsembleConfig(SweepFields, LocalFields, StageConfig):
     """Stage 06: ensemble other experiments' outputs, post-process, write pseudo-labels and a submission.
 
     Classifier side (stage-05 runs named in ``members``): an accuracy-weighted probability ensemble, model

@@ -225,7 +225,8 @@ def run_ensemble(cfg: EnsembleConfig, comp: Competition | None = None) -> dict[s
         result["soup"] = soup_stage.run_soup(cfg, comp, out)
     if cfg.member_list("embed_members"):
         result["retrieval"], submission = ensemble_retrieval.run_retrieval_ensemble(
-            cfg, comp, ens, out, stored=None if stored is None else stored["retrieval"])
+            cfg, comp, ens, out,
+            stored=None if stored is None else {**stored["retrieval"], "where": stored["where"]})
     else:
         first = ens["redistributed"] if ens is not None and cfg.redistribute_k else None
         submission = pd.DataFrame({"image": comp.test["image"],

@@ -11,6 +11,8 @@
   that were hidden from a fold's gallery, which no test image of an unseen individual allows, so out of fold a
   candidate that is not in the query's gallery is dropped after blending: the threshold is then tuned on the
   same situation the test set poses.
+* Local features (``local_features: sift``): each query's neighbours re-ranked by SIFT matching as in stage 04
+  (:mod:`common.stages.local_rerank`), on the first embed member's images, out of fold and on the test alike.
 * ``new_individual`` threshold: ``global`` (:func:`common.lib.retrieval.tune_threshold`), ``species``
   (:func:`common.lib.postprocess.tune_species_thresholds`; a test image takes the species of its best candidate)
   or ``share`` (:func:`common.lib.postprocess.threshold_for_share` on the test scores).
@@ -33,6 +35,8 @@ from common.core import paths, store
 from common.data.artefacts import load_fold_embeddings, read_folds
 from common.data.competition import Competition
 from common.lib import ensemble, metrics, postprocess, retrieval
+from common.stages import local_rerank
+from common.stages.local_rerank import Reranker
 from common.stages.retrieve_submit import fold_oof_scores, new_share_estimate, share_for_tuning, tune
 
 
@@ -75,25 +79,31 @@ def joined(names: list[str], folds: list[int], split: str, images: pd.Series) ->
     return retrieval.concat_embeddings([load_fold_embeddings(n, k, split, images) for n in names for k in folds])
 
 
-def oof_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]
-               ) -> tuple[pd.DataFrame, pd.Series, dict[str, set[str]]]:
-    """Out-of-fold ``image, individual_id, score``, the truth, and each query's gallery individuals."""
+def oof_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int],
+               rerank: Reranker | None = None) -> tuple[pd.DataFrame, pd.Series, dict[str, set[str]]]:
+    """Out-of-fold ``image, individual_id, score``, the truth, and each query's gallery individuals (``rerank``:
+    local-feature re-ranking of each fold's neighbours, as in stage 04)."""
     table = shared_split(names)
     tables, truths, gallery = [], [], {}
     for k in folds:
         emb = joined(names, [k], "train", comp.train["image"])
-        scores, truth, known = fold_oof_scores(cfg, emb, comp.train["image"], table, k)
+        scores, truth, known = fold_oof_scores(cfg, emb, comp.train["image"], table, k, rerank)
         tables.append(scores)
         truths.append(truth)
         gallery.update({str(i): known for i in table.loc[table["fold"] == k, "image"]})
     return pd.concat(tables, ignore_index=True), pd.concat(truths), gallery
 
 
-def test_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int]) -> pd.DataFrame:
-    """Test ``image, individual_id, score`` against every training image, all folds and members joined."""
+def test_scores(cfg: EnsembleConfig, comp: Competition, names: list[str], folds: list[int],
+                rerank: Reranker | None = None) -> pd.DataFrame:
+    """Test ``image, individual_id, score`` against every training image, all folds and members joined
+    (``rerank``: as in :func:`oof_scores`)."""
     gallery = joined(names, folds, "train", comp.train["image"])
     queries = joined(names, folds, "test", comp.test["image"])
     scores, idx = retrieval.search(gallery, queries, k=cfg.knn_k)
+    if rerank is not None:
+        scores, idx = rerank(scores, idx, comp.test["image"].astype(str).to_numpy(),
+                             comp.train["image"].astype(str).to_numpy(), "test")
     return retrieval.individual_scores(scores, idx, comp.train["individual_id"].to_numpy(), comp.test["image"])
 
 
@@ -131,10 +141,14 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
     """
     names = cfg.member_list("embed_members")
     folds = embed_folds(names)
+    # local-feature re-ranking (local_features: sift) on the images the first embed member embedded
+    reranker, local = local_rerank.make_reranker(cfg, comp, folds, images_exp=names[0]), {}
     if stored is not None:
-        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, folds)
-    oof, truth, gallery = oof_scores(cfg, comp, names, folds)
-    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
+        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, folds, reranker)
+    if reranker is not None:
+        local, _ = local_rerank.set_weight(cfg, reranker, oof=lambda r: oof_scores(cfg, comp, names, folds, r)[:2])
+    oof, truth, gallery = oof_scores(cfg, comp, names, folds, reranker)
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds, reranker), ens)
     if cfg.blend_ratio > 0:
         oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
@@ -146,7 +160,8 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
     images = list(comp.test["image"].astype(str))
     res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
                            "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max()),
-                           **shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source}
+                           **shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source, **local}
+    finish_local(cfg, reranker, res)
     if cfg.threshold_mode == "species":
         species = comp.train.set_index("image")["species"]
         per, best, summary = postprocess.tune_species_thresholds(oof, truth, species, grid,
@@ -199,16 +214,30 @@ def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame) -> di
     return res
 
 
+def finish_local(cfg: EnsembleConfig, reranker: Reranker | None, res: dict[str, Any]) -> None:
+    """Report the local pairs matched in ``res`` and keep their match counts for the next run."""
+    if reranker is not None:
+        res["local_pairs_matched"] = len(reranker.matcher.cache)
+        local_rerank.save_pairs(cfg, reranker)
+
+
 def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
-                             stored: dict[str, Any], folds: list[int]) -> tuple[dict[str, Any], pd.DataFrame]:
+                             stored: dict[str, Any], folds: list[int], reranker: Reranker | None = None
+                             ) -> tuple[dict[str, Any], pd.DataFrame]:
     """``inference_only``: the test search and blend of :func:`run_retrieval_ensemble` with the full run's
-    thresholds (``share`` mode recomputes its threshold from the test scores, as the full run did)."""
+    thresholds and local weight (``share`` mode recomputes its threshold from the test scores, as the full run
+    did)."""
     names = cfg.member_list("embed_members")
-    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds), ens)
+    local = {}
+    if reranker is not None:
+        local, _ = local_rerank.set_weight(cfg, reranker, stored=lambda: (
+            stored.get("local_weight"), stored.get("where", "the full stage-06 run's metrics.json")))
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds, reranker), ens)
     images = list(comp.test["image"].astype(str))
     res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
                            "threshold_mode": cfg.threshold_mode, "inference_only": True,
-                           "oof_map5": stored.get("oof_map5")}  # the full run's, for reference
+                           "oof_map5": stored.get("oof_map5"), **local}  # the full run's, for reference
+    finish_local(cfg, reranker, res)
     if cfg.threshold_mode == "species":
         per, best = {str(k): float(v) for k, v in stored["species_thresholds"].items()}, float(stored["threshold"])
         individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]

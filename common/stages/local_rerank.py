@@ -1,7 +1,8 @@
-"""Stage 04's optional local-feature re-ranking (``local_features: sift``): descriptors, the matcher, the weight.
+"""Local-feature re-ranking of stages 04 and 06 (``local_features: sift``): descriptors, the matcher, the weight.
 
-Each train and test image (stage 01's crop when stage 02 trained on crops, else the full image) gets SIFT
-descriptors once; they are kept in ``04_retrieval/local/{train,test}.npz`` (``image`` ids, per-image descriptor
+Each train and test image (stage 01's crop when stage 02 trained on crops, else the full image; in stage 06 the
+first embed member's) gets SIFT descriptors once; they are kept in ``04_retrieval/local/{train,test}.npz``
+(``06_ensemble/local/`` in stage 06: ``image`` ids, per-image descriptor
 ``count`` and the concatenated ``uint8`` ``descriptors``) and reused while the images, the crops and the SIFT
 settings are unchanged. Retrieval then re-scores each query's first ``local_top`` global neighbours with
 :func:`common.lib.local_features.rerank`, out of fold and on the test alike, so the ``new_individual`` threshold
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common.config import RetrievalConfig
+from common.config import EnsembleConfig, RetrievalConfig
 from common.core import paths, store
 from common.core.runtime import usable_cores
 from common.data.artefacts import image_paths
@@ -87,17 +88,20 @@ def auto_side(files: list[str]) -> int:
     return int(np.clip(2 * np.median(sides), *AUTO_SIDE)) if sides else AUTO_SIDE[1]
 
 
-def descriptors(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> tuple[dict[str, np.ndarray], int]:
+def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds: list[int],
+                images_exp: str = "") -> tuple[dict[str, np.ndarray], int]:
     """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``, and the
-    longer side they were computed at."""
-    crops = used_crops(cfg.exp, folds)
-    folder = paths.stage_dir(cfg.exp, "04") / "local"
-    files = {split: image_paths(table, cfg.exp, split, crops)
+    longer side they were computed at. The images are those experiment ``images_exp`` (default ``cfg.exp``)
+    embedded: its stage-01 crops when its stage 02 trained on them; the files go to ``cfg``'s stage folder."""
+    exp = images_exp or cfg.exp
+    crops = used_crops(exp, folds)
+    folder = local_dir(cfg)
+    files = {split: image_paths(table, exp, split, crops)
              for split, table in (("train", comp.train), ("test", comp.test))}
     side = cfg.local_side or auto_side(files["train"])
     params = {"side": side, "n_features": cfg.local_n_features, "used_crops": crops,
               "data_files": data_fingerprint(comp.root),
-              "crops": marker_hash(paths.stage_dir(cfg.exp, "01")) if crops else None}
+              "crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
     fresh = not store.stage_done(folder, params)
     if fresh:  # match counts of other descriptors are stale
         (folder / PAIRS_FILE).unlink(missing_ok=True)
@@ -144,14 +148,21 @@ class Reranker:
 PAIRS_FILE = "pairs.npz"  # match counts already computed, reused by the next run with the same descriptors
 
 
-def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> Reranker | None:
+def local_dir(cfg: RetrievalConfig | EnsembleConfig) -> Path:
+    """Where the stage of ``cfg`` keeps its descriptors and match counts: ``<stage folder>/local``."""
+    return paths.stage_dir(cfg.exp, cfg.stage) / "local"
+
+
+def make_reranker(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds: list[int],
+                  images_exp: str = "") -> Reranker | None:
     """The re-ranker of ``cfg`` at weight ``max(local_weight, 0)``, or ``None`` when ``local_features`` is none.
-    Match counts stored by an earlier run on the same descriptors (:func:`save_pairs`) are loaded."""
+    Match counts stored by an earlier run on the same descriptors (:func:`save_pairs`) are loaded.
+    ``images_exp``: as in :func:`descriptors`."""
     if cfg.local_features == "none":
         return None
-    desc, side = descriptors(cfg, comp, folds)
+    desc, side = descriptors(cfg, comp, folds, images_exp)
     matcher = local_features.PairMatcher(desc.__getitem__, threads=usable_cores())
-    pairs = paths.stage_dir(cfg.exp, "04") / "local" / PAIRS_FILE
+    pairs = local_dir(cfg) / PAIRS_FILE
     if pairs.exists():
         with np.load(pairs, allow_pickle=False) as npz:
             matcher.cache.update(zip(zip(npz["a"].tolist(), npz["b"].tolist(), strict=True),
@@ -159,10 +170,10 @@ def make_reranker(cfg: RetrievalConfig, comp: Competition, folds: list[int]) -> 
     return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, side)
 
 
-def save_pairs(cfg: RetrievalConfig, reranker: Reranker) -> None:
+def save_pairs(cfg: RetrievalConfig | EnsembleConfig, reranker: Reranker) -> None:
     """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run."""
     keys = sorted(reranker.matcher.cache)
-    with store.atomic_path(paths.stage_dir(cfg.exp, "04") / "local" / PAIRS_FILE) as tmp, open(tmp, "wb") as fh:
+    with store.atomic_path(local_dir(cfg) / PAIRS_FILE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, a=np.array([k[0] for k in keys], dtype=str), b=np.array([k[1] for k in keys], dtype=str),
                  matches=np.array([reranker.matcher.cache[k] for k in keys], np.int32))
 
@@ -199,3 +210,45 @@ def choose_weight(reranker: Reranker, oof: Callable[[Reranker], tuple[pd.DataFra
     best = max(WEIGHTS, key=lambda w: (np.nan_to_num(sweep[f"{w:g}"], nan=-1.0), -w))
     reranker.weight = best
     return best, sweep, time.perf_counter() - start, results[best]
+
+
+def set_weight(cfg: RetrievalConfig | EnsembleConfig, reranker: Reranker,
+               oof: Callable[[Reranker], tuple[pd.DataFrame, pd.Series]] | None = None,
+               stored: Callable[[], tuple[float | None, str]] | None = None
+               ) -> tuple[dict, tuple[pd.DataFrame, pd.Series] | None]:
+    """Set ``reranker``'s weight: ``local_weight`` when >= 0; with ``inference_only`` the weight an earlier full
+    run stored; else chosen out of fold (:func:`choose_weight`).
+
+    Args:
+        cfg: the stage config (``local_weight``, ``inference_only``, ``new_label``).
+        reranker: the re-ranker whose weight is set.
+        oof: the stage's out-of-fold scores and truth for a re-ranker (needed to choose the weight).
+        stored: the full run's stored weight (``None`` when it had no local features) and the file it came from
+            (needed with ``inference_only``).
+
+    Returns:
+        The ``metrics.json`` fields that say which weight and why, and the out-of-fold scores and truth at the
+        chosen weight when they were computed to choose it (else ``None``).
+    """
+    chosen = None
+    info = {"local_features": cfg.local_features, "local_side_used": reranker.side}
+    if cfg.local_weight >= 0:
+        reranker.weight, source = cfg.local_weight, "given"
+    elif cfg.inference_only:
+        if stored is None:
+            raise ValueError("set_weight: inference_only with local_weight < 0 needs the stored weight")
+        weight, where = stored()
+        if weight is None:
+            raise ValueError(f"local_weight={cfg.local_weight}: {where} has no local weight (its run had "
+                             f"local_features=none); give local_weight >= 0 or rerun the full stage {cfg.stage}")
+        reranker.weight, source = float(weight), "stored"
+    else:
+        if oof is None:
+            raise ValueError("set_weight: local_weight < 0 needs the out-of-fold scores to choose the weight")
+        _, sweep, seconds, chosen = choose_weight(reranker, oof, cfg.new_label)
+        source = "oof"
+        # a list in weight order: a JSON object's keys would be written sorted as strings ("16" before "2")
+        info.update({"local_weight_sweep": [{"weight": float(w), "oof_known_map5": v} for w, v in sweep.items()],
+                     "local_weight_seconds": round(seconds, 1)})
+    info.update({"local_weight": reranker.weight, "local_weight_source": source})
+    return info, chosen

@@ -393,33 +393,11 @@ def share_for_tuning(cfg: RetrievalConfig | EnsembleConfig, shares: dict) -> tup
     return None, "minimax"
 
 
-def choose_local_weight(cfg: RetrievalConfig, comp: Competition, folds: list[int],
-                        reranker: Reranker) -> tuple[dict, tuple[pd.DataFrame, pd.Series] | None]:
-    """Set ``reranker``'s weight: ``local_weight`` when >= 0; with ``inference_only`` the weight an earlier full
-    run stored; else chosen out of fold (:func:`common.stages.local_rerank.choose_weight`). Returns the
-    ``metrics.json`` fields that say which and why, and the out-of-fold scores and truth at the chosen weight
-    when they were computed to choose it (else ``None``)."""
-    chosen = None
-    info = {"local_features": cfg.local_features, "local_side_used": reranker.side}
-    if cfg.local_weight >= 0:
-        reranker.weight, source = cfg.local_weight, "given"
-    elif cfg.inference_only:
-        folder = paths.find_stage_dir(cfg.exp, "04", "metrics.json",
-                                      hint="inference_only with local_weight < 0 needs a full stage-04 run first")
-        stored = store.read_json(folder / "metrics.json").get("local_weight")
-        if stored is None:
-            raise ValueError(f"local_weight={cfg.local_weight}: {folder / 'metrics.json'} has no local weight (its run "
-                             "had local_features=none); give local_weight >= 0 or rerun the full stage 04")
-        reranker.weight, source = float(stored), "stored"
-    else:
-        weight, sweep, seconds, chosen = local_rerank.choose_weight(
-            reranker, lambda r: oof_scores(cfg, comp, folds, r), cfg.new_label)
-        source = "oof"
-        # a list in weight order: a JSON object's keys would be written sorted as strings ("16" before "2")
-        info.update({"local_weight_sweep": [{"weight": float(w), "oof_known_map5": v} for w, v in sweep.items()],
-                     "local_weight_seconds": round(seconds, 1)})
-    info.update({"local_weight": reranker.weight, "local_weight_source": source})
-    return info, chosen
+def stored_local_weight(cfg: RetrievalConfig) -> tuple[float | None, str]:
+    """``inference_only``: the local weight the experiment's full stage-04 run stored, and the file it is read from."""
+    folder = paths.find_stage_dir(cfg.exp, "04", "metrics.json",
+                                  hint="inference_only with local_weight < 0 needs a full stage-04 run first")
+    return store.read_json(folder / "metrics.json").get("local_weight"), str(folder / "metrics.json")
 
 
 def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
@@ -428,7 +406,8 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     out = paths.stage_dir(cfg.exp, "04")
     reranker, local, chosen_oof = local_rerank.make_reranker(cfg, comp, folds), {}, None
     if reranker is not None:
-        local, chosen_oof = choose_local_weight(cfg, comp, folds, reranker)
+        local, chosen_oof = local_rerank.set_weight(cfg, reranker, oof=lambda r: oof_scores(cfg, comp, folds, r),
+                                                    stored=lambda: stored_local_weight(cfg))
     test = test_scores(cfg, comp, folds, reranker)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
