@@ -99,17 +99,32 @@ def test_pair_matcher_matches_each_pair_once():
     again = matcher.matches(["test/a", "train/b"], gallery, np.array([[0, 1], [0, -1]]))
     assert again[0].tolist() == [m[0, 1], m[0, 0]]
     assert len(matcher.cache) == 3 and sorted(read) == sorted(images)  # (test/a, train/a|b), (train/a, train/b)
+    # a cache of two RootSIFT arrays: the same counts, images read again when they were dropped
+    small = lf.PairMatcher(lambda k: read.append(k) or desc[k], threads=1, cache_images=2)
+    read.clear()
+    assert small.matches(["test/a", "train/b"], gallery, np.array([[0, 1], [0, -1]])).tolist() == again.tolist()
+    assert len(read) > len(set(read)) and small._get.cache_info().currsize <= 2
 
 
-def test_descriptor_file_round_trip_and_row_order(tmp_path):
+def test_descriptor_file_round_trip_row_order_and_memory_map(tmp_path, monkeypatch):
     desc = [np.arange(256, dtype=np.uint8).reshape(2, 128), np.zeros((0, 128), np.uint8),
-            np.ones((1, 128), np.uint8)]
+            np.ones((1, 128), np.uint8), np.full((3, 128), 7, np.uint8)]
     path = tmp_path / "d.npz"
-    local_rerank.save_descriptors(path, ["x", "y", "z"], desc)
-    back = local_rerank.load_descriptors(path, ["x", "y", "z"])
-    assert list(back) == ["x", "y", "z"] and all(np.array_equal(back[k], d) for k, d in zip("xyz", desc, strict=True))
+    monkeypatch.setattr(local_rerank, "COPY_ROWS", 2)  # the copy into the .npy in several pieces
+    local_rerank.save_descriptors(path, list("wxyz"), iter(desc))  # a generator: streamed to disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "d_descriptors.npy"]
+    back = local_rerank.load_descriptors(path, list("wxyz"))
+    assert list(back) == list("wxyz") and all(np.array_equal(back[k], d) for k, d in zip("wxyz", desc, strict=True))
+    assert isinstance(back["z"].base, np.memmap) or isinstance(back["z"], np.memmap)  # not read into memory
     with pytest.raises(ValueError, match="d.npz"):
-        local_rerank.load_descriptors(path, ["x", "z", "y"])
+        local_rerank.load_descriptors(path, list("wxzy"))
+    with pytest.raises(ValueError, match="3 descriptor arrays for 4 images"):
+        local_rerank.save_descriptors(tmp_path / "e.npz", list("wxyz"), desc[:3])
+    local_rerank.save_descriptors(tmp_path / "f.npz", ["a"], [np.zeros((0, 128), np.uint8)])  # no rows at all
+    assert local_rerank.load_descriptors(tmp_path / "f.npz", ["a"])["a"].shape == (0, 128)
+    np.save(local_rerank.array_path(path), np.zeros((5, 128), np.uint8))  # a row count the index does not add up to
+    with pytest.raises(ValueError, match="counts add up to 6 rows"):
+        local_rerank.load_descriptors(path, list("wxyz"))
 
 
 def test_auto_side_is_twice_the_median_longer_side_within_bounds(tmp_path):

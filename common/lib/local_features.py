@@ -19,6 +19,7 @@ is queries x top pairs, linear in the number of queries.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,23 +134,28 @@ class PairMatcher:
     """Match counts between images by id, each pair matched once (the counts are symmetric enough to share:
     the pair is always matched with the lexicographically smaller id as the query).
 
+    Memory stays bounded whatever the number of images: descriptors are fetched when a pair needs them (the
+    stored files are memory-mapped, :mod:`common.stages.local_rerank`) and only the ``cache_images`` most
+    recently used RootSIFT arrays are kept (float32, ~0.8 MB each at 1,500 keypoints). Pairs are matched in
+    sorted order, so one query's neighbours reuse its array.
+
     Args:
         descriptors: a function from an image id to its ``uint8`` SIFT descriptors.
         ratio: Lowe's ratio (see :func:`count_matches`).
         threads: matching threads (OpenCV releases the GIL while it matches).
+        cache_images: RootSIFT arrays kept (least recently used dropped first).
     """
 
-    def __init__(self, descriptors: Callable[[str], np.ndarray], ratio: float = 0.8, threads: int = 1):
+    def __init__(self, descriptors: Callable[[str], np.ndarray], ratio: float = 0.8, threads: int = 1,
+                 cache_images: int = 256):
         self._descriptors = descriptors
-        self._root: dict[str, np.ndarray] = {}
+        self._get = functools.lru_cache(maxsize=max(2, int(cache_images)))(self._root_sift)
         self.ratio = ratio
         self.threads = max(1, int(threads))
         self.cache: dict[tuple[str, str], int] = {}
 
-    def _get(self, image: str) -> np.ndarray:
-        if image not in self._root:
-            self._root[image] = root_sift(self._descriptors(image))
-        return self._root[image]
+    def _root_sift(self, image: str) -> np.ndarray:
+        return root_sift(np.asarray(self._descriptors(image)))
 
     def _key(self, a: str, b: str) -> tuple[str, str]:
         return (a, b) if a <= b else (b, a)
@@ -160,8 +166,6 @@ class PairMatcher:
     def count_pairs(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Match every pair not matched yet (in ``threads`` threads)."""
         todo = sorted({self._key(a, b) for a, b in pairs} - self.cache.keys())
-        for key in todo:  # descriptors are read and converted in this thread
-            self._get(key[0]), self._get(key[1])
         if self.threads == 1:
             counts = [self._count(k) for k in todo]
         else:

@@ -1,20 +1,21 @@
 """Local-feature re-ranking of stages 04 and 06 (``local_features: sift``): descriptors, the matcher, the weight.
 
 Each train and test image (stage 01's crop when stage 02 trained on crops, else the full image; in stage 06 the
-first embed member's) gets SIFT descriptors once; they are kept in ``04_retrieval/local/{train,test}.npz``
-(``06_ensemble/local/`` in stage 06: ``image`` ids, per-image descriptor
-``count`` and the concatenated ``uint8`` ``descriptors``) and reused while the images, the crops and the SIFT
-settings are unchanged. Retrieval then re-scores each query's first ``local_top`` global neighbours with
-:func:`common.lib.local_features.rerank`, out of fold and on the test alike, so the ``new_individual`` threshold
-is tuned on scores of the test's form. ``local_weight`` < 0 chooses the weight out of fold: the weight of
-:data:`WEIGHTS` whose out-of-fold MAP@5 on known individuals (their ranking alone, no threshold) is best.
+first embed member's) gets SIFT descriptors once. They are kept in ``04_retrieval/local/`` (``06_ensemble/local/``
+in stage 06): ``{split}.npz`` holds the ``image`` ids and each image's descriptor ``count``,
+``{split}_descriptors.npy`` the concatenated ``uint8`` rows, memory-mapped when read, so memory does not grow
+with the images. They are reused while the images, the crops and the SIFT settings are unchanged. Retrieval then
+re-scores each query's first ``local_top`` global neighbours with :func:`common.lib.local_features.rerank`, out
+of fold and on the test alike, so the ``new_individual`` threshold is tuned on scores of the test's form.
+``local_weight`` < 0 chooses the weight out of fold: the weight of :data:`WEIGHTS` whose out-of-fold MAP@5 on
+known individuals (their ranking alone, no threshold) is best.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cv2
@@ -30,6 +31,7 @@ from common.data.competition import Competition, DataError
 from common.data.fingerprint import data_fingerprint, marker_hash
 from common.lib import local_features, metrics
 
+DESCRIPTOR_LAYOUT = 2  # 2: index .npz + memory-mapped .npy (1: one .npz, read whole)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the out-of-fold grid of local_weight
 
 
@@ -52,21 +54,57 @@ def read_grey(path: str) -> np.ndarray:
     return image
 
 
-def save_descriptors(path: Path, images: list[str], descriptors: list[np.ndarray]) -> None:
-    """Ragged descriptors as one ``.npz``: ``image`` ids, ``count`` per image, the concatenated rows."""
-    counts = np.array([len(d) for d in descriptors], np.int64)
-    flat = np.concatenate(descriptors) if descriptors else np.zeros((0, local_features.DESCRIPTOR_DIM), np.uint8)
-    with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, image=np.asarray(images, dtype=str), count=counts, descriptors=flat)
+def array_path(path: Path) -> Path:
+    """The flat ``uint8`` descriptor rows beside a descriptor index ``<split>.npz``: ``<split>_descriptors.npy``."""
+    return path.with_name(f"{path.stem}_descriptors.npy")
+
+
+def save_descriptors(path: Path, images: list[str], descriptors: Iterable[np.ndarray]) -> None:
+    """Ragged descriptors as two files: ``path`` (``.npz``: ``image`` ids, ``count`` rows per image) and
+    :func:`array_path` (one ``.npy`` of the concatenated rows, memory-mapped when read back).
+
+    ``descriptors`` may be a generator: the rows are streamed to disk as they come, so memory does not grow with
+    the number of images (Happywhale's 80k images at 1,500 keypoints would be 15 GB).
+    """
+    counts = []
+    raw = path.with_name(f".{path.stem}_descriptors.raw")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with open(raw, "wb") as fh:
+        for d in descriptors:
+            d = np.ascontiguousarray(d, dtype=np.uint8).reshape(-1, local_features.DESCRIPTOR_DIM)
+            fh.write(d.tobytes())
+            counts.append(len(d))
+    if len(counts) != len(images):
+        raw.unlink()
+        raise ValueError(f"{path}: {len(counts)} descriptor arrays for {len(images)} images")
+    total = int(sum(counts))
+    with store.atomic_path(array_path(path)) as tmp:
+        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, local_features.DESCRIPTOR_DIM))
+        source = np.memmap(raw, dtype=np.uint8, mode="r", shape=(total, local_features.DESCRIPTOR_DIM)) if total else None
+        for start in range(0, total, COPY_ROWS):
+            flat[start:start + COPY_ROWS] = source[start:start + COPY_ROWS]
+        flat.flush()
+        del flat, source
+    raw.unlink()
+    with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:  # the index last: it marks the pair complete
+        np.savez(fh, image=np.asarray(images, dtype=str), count=np.asarray(counts, np.int64))
+
+
+COPY_ROWS = 1 << 18  # rows copied at a time into the .npy (32 MB)
 
 
 def load_descriptors(path: Path, expected_images: list[str]) -> dict[str, np.ndarray]:
-    """Read :func:`save_descriptors`' file back, checking its row order against ``expected_images``."""
+    """Read :func:`save_descriptors`' files back, checking the row order against ``expected_images``: each image's
+    rows are a view of the memory-mapped array (nothing is read until a pair needs it)."""
     with np.load(path, allow_pickle=False) as npz:
-        images, counts, flat = npz["image"], npz["count"], npz["descriptors"]
+        images, counts = npz["image"], npz["count"]
     store.check_row_order(images, expected_images, str(path))
+    flat = np.load(array_path(path), mmap_mode="r", allow_pickle=False)
+    if flat.ndim != 2 or flat.shape[1] != local_features.DESCRIPTOR_DIM or flat.dtype != np.uint8:
+        raise ValueError(f"{array_path(path)}: expected uint8 rows of {local_features.DESCRIPTOR_DIM}, got "
+                         f"{flat.dtype} {flat.shape}")
     if counts.sum() != len(flat):
-        raise ValueError(f"{path}: counts add up to {counts.sum()} rows but {len(flat)} descriptors are stored")
+        raise ValueError(f"{path}: counts add up to {counts.sum()} rows but {array_path(path)} holds {len(flat)}")
     ends = np.cumsum(counts)
     return {str(i): flat[e - c:e] for i, c, e in zip(images, counts, ends, strict=True)}
 
@@ -99,7 +137,7 @@ def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds:
     files = {split: image_paths(table, exp, split, crops)
              for split, table in (("train", comp.train), ("test", comp.test))}
     side = cfg.local_side or auto_side(files["train"])
-    params = {"side": side, "n_features": cfg.local_n_features, "used_crops": crops,
+    params = {"layout": DESCRIPTOR_LAYOUT, "side": side, "n_features": cfg.local_n_features, "used_crops": crops,
               "data_files": data_fingerprint(comp.root),
               "crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
     fresh = not store.stage_done(folder, params)
@@ -109,9 +147,9 @@ def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds:
     for split, table in (("train", comp.train), ("test", comp.test)):
         target = folder / f"{split}.npz"
         ids = [str(i) for i in table["image"]]
-        if fresh or not target.exists():
-            desc = [local_features.sift_descriptors(read_grey(f), side, cfg.local_n_features) for f in files[split]]
-            save_descriptors(target, ids, desc)
+        if fresh or not target.exists() or not array_path(target).exists():
+            save_descriptors(target, ids, (local_features.sift_descriptors(read_grey(f), side, cfg.local_n_features)
+                                           for f in files[split]))
         out.update({f"{split}/{k}": v for k, v in load_descriptors(target, ids).items()})
     store.mark_done(folder, params)
     return out, side
