@@ -111,20 +111,49 @@ def test_descriptor_file_round_trip_row_order_and_memory_map(tmp_path, monkeypat
             np.ones((1, 128), np.uint8), np.full((3, 128), 7, np.uint8)]
     path = tmp_path / "d.npz"
     monkeypatch.setattr(local_rerank, "COPY_ROWS", 2)  # the copy into the .npy in several pieces
-    local_rerank.save_descriptors(path, list("wxyz"), iter(desc))  # a generator: streamed to disk
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "d_descriptors.npy"]
+    local_rerank.save_descriptors(path, list("wxyz"), desc.__getitem__, key="k1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "d_descriptors.npy"]  # no work files left
+    assert local_rerank.complete(path, "k1") and not local_rerank.complete(path, "k2")
     back = local_rerank.load_descriptors(path, list("wxyz"))
     assert list(back) == list("wxyz") and all(np.array_equal(back[k], d) for k, d in zip("wxyz", desc, strict=True))
-    assert isinstance(back["z"].base, np.memmap) or isinstance(back["z"], np.memmap)  # not read into memory
+    assert isinstance(back["z"], np.memmap)  # a view of the mapped file: not read into memory
     with pytest.raises(ValueError, match="d.npz"):
         local_rerank.load_descriptors(path, list("wxzy"))
-    with pytest.raises(ValueError, match="3 descriptor arrays for 4 images"):
-        local_rerank.save_descriptors(tmp_path / "e.npz", list("wxyz"), desc[:3])
-    local_rerank.save_descriptors(tmp_path / "f.npz", ["a"], [np.zeros((0, 128), np.uint8)])  # no rows at all
+    local_rerank.save_descriptors(tmp_path / "f.npz", ["a"], lambda i: np.zeros((0, 128), np.uint8))  # no rows
     assert local_rerank.load_descriptors(tmp_path / "f.npz", ["a"])["a"].shape == (0, 128)
     np.save(local_rerank.array_path(path), np.zeros((5, 128), np.uint8))  # a row count the index does not add up to
     with pytest.raises(ValueError, match="counts add up to 6 rows"):
         local_rerank.load_descriptors(path, list("wxyz"))
+
+
+def test_killed_descriptor_run_resumes_after_the_last_finished_image(tmp_path):
+    desc = [np.full((n, 128), n, np.uint8) for n in (2, 0, 1, 3, 2)]
+    calls = []
+
+    def dies_at_3(i):
+        if i == 3:
+            raise KeyboardInterrupt  # killed while image 3 is computed
+        calls.append(i)
+        return desc[i]
+
+    path = tmp_path / "train.npz"
+    with pytest.raises(KeyboardInterrupt):
+        local_rerank.save_descriptors(path, list("abcde"), dies_at_3, key="k")
+    assert calls == [0, 1, 2] and not local_rerank.complete(path, "k")
+    with open(tmp_path / ".train_rows.raw", "ab") as fh:  # a block written after the last count: dropped
+        fh.write(b"\x05" * 128)
+    calls.clear()
+    local_rerank.save_descriptors(path, list("abcde"), lambda i: calls.append(i) or desc[i], key="k")
+    assert calls == [3, 4]  # the finished images are not computed again
+    back = local_rerank.load_descriptors(path, list("abcde"))
+    assert all(np.array_equal(back[k], d) for k, d in zip("abcde", desc, strict=True))
+    # work in progress under other settings (another key) is not resumed
+    with pytest.raises(KeyboardInterrupt):
+        local_rerank.save_descriptors(tmp_path / "test.npz", list("abcde"), dies_at_3, key="old")
+    calls.clear()
+    local_rerank.save_descriptors(tmp_path / "test.npz", list("abcde"), lambda i: calls.append(i) or desc[i],
+                                  key="new")
+    assert calls == [0, 1, 2, 3, 4]
 
 
 def test_auto_side_is_twice_the_median_longer_side_within_bounds(tmp_path):

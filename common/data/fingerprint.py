@@ -97,7 +97,11 @@ def marker_hash(stage_dir: str | os.PathLike) -> str | None:
     marker = Path(stage_dir) / "_done.json"
     if not marker.is_file():
         return None
-    params = store.read_json(marker).get("params")
+    return fingerprint_key(store.read_json(marker).get("params"))
+
+
+def fingerprint_key(params: Any) -> str:
+    """A short, stable hash of a JSON-able fingerprint (sha256 of its sorted JSON)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -14,8 +14,9 @@ known individuals (their ranking alone, no threshold) is best.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -28,7 +29,7 @@ from common.core import paths, store
 from common.core.runtime import usable_cores
 from common.data.artefacts import image_paths
 from common.data.competition import Competition, DataError
-from common.data.fingerprint import data_fingerprint, marker_hash
+from common.data.fingerprint import data_fingerprint, fingerprint_key, marker_hash
 from common.lib import local_features, metrics
 
 DESCRIPTOR_LAYOUT = 2  # 2: index .npz + memory-mapped .npy (1: one .npz, read whole)
@@ -59,35 +60,60 @@ def array_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}_descriptors.npy")
 
 
-def save_descriptors(path: Path, images: list[str], descriptors: Iterable[np.ndarray]) -> None:
-    """Ragged descriptors as two files: ``path`` (``.npz``: ``image`` ids, ``count`` rows per image) and
-    :func:`array_path` (one ``.npy`` of the concatenated rows, memory-mapped when read back).
+def save_descriptors(path: Path, images: list[str], compute: Callable[[int], np.ndarray], key: str = "") -> None:
+    """Ragged descriptors as two files: ``path`` (``.npz``: ``image`` ids, ``count`` rows per image and ``key``)
+    and :func:`array_path` (one ``.npy`` of the concatenated rows, memory-mapped when read back).
 
-    ``descriptors`` may be a generator: the rows are streamed to disk as they come, so memory does not grow with
-    the number of images (Happywhale's 80k images at 1,500 keypoints would be 15 GB).
+    ``compute(i)`` gives image ``i``'s descriptors. Rows are streamed to disk as they come, so memory does not
+    grow with the number of images (Happywhale's 80k images at 1,500 keypoints would be 15 GB), and a killed
+    run resumes after the last image it finished when it is called again with the same ``key`` (the settings
+    the descriptors depend on): hidden ``.<split>_*`` files hold the work in progress.
     """
-    counts = []
-    raw = path.with_name(f".{path.stem}_descriptors.raw")
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    with open(raw, "wb") as fh:
-        for d in descriptors:
-            d = np.ascontiguousarray(d, dtype=np.uint8).reshape(-1, local_features.DESCRIPTOR_DIM)
-            fh.write(d.tobytes())
-            counts.append(len(d))
-    if len(counts) != len(images):
-        raw.unlink()
-        raise ValueError(f"{path}: {len(counts)} descriptor arrays for {len(images)} images")
-    total = int(sum(counts))
+    dim = local_features.DESCRIPTOR_DIM
+    raw, count_file, state = (path.with_name(f".{path.stem}_{part}") for part in ("rows.raw", "counts.raw",
+                                                                                     "partial.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = 0
+    if state.exists() and raw.exists() and count_file.exists() and store.read_json(state).get("key") == key:
+        counts = np.fromfile(count_file, np.int64)
+        done = min(len(counts), len(images))
+        rows = int(counts[:done].sum())
+        os.truncate(count_file, done * 8)  # a row block written after the last count is dropped
+        os.truncate(raw, min(rows * dim, raw.stat().st_size))
+        if raw.stat().st_size != rows * dim:  # rows missing: start again
+            done = 0
+    if done == 0:
+        store.write_json(state, {"key": key})
+        raw.write_bytes(b"")
+        count_file.write_bytes(b"")
+    with open(raw, "ab") as rows_fh, open(count_file, "ab") as count_fh:
+        for i in range(done, len(images)):
+            d = np.ascontiguousarray(compute(i), dtype=np.uint8).reshape(-1, dim)
+            rows_fh.write(d.tobytes())
+            rows_fh.flush()  # the rows before their count: a count always has its rows
+            count_fh.write(np.int64(len(d)).tobytes())
+            count_fh.flush()
+    counts = np.fromfile(count_file, np.int64)
+    total = int(counts.sum())
     with store.atomic_path(array_path(path)) as tmp:
-        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, local_features.DESCRIPTOR_DIM))
-        source = np.memmap(raw, dtype=np.uint8, mode="r", shape=(total, local_features.DESCRIPTOR_DIM)) if total else None
+        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, dim))
+        source = np.memmap(raw, dtype=np.uint8, mode="r", shape=(total, dim)) if total else None
         for start in range(0, total, COPY_ROWS):
             flat[start:start + COPY_ROWS] = source[start:start + COPY_ROWS]
         flat.flush()
         del flat, source
-    raw.unlink()
     with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:  # the index last: it marks the pair complete
-        np.savez(fh, image=np.asarray(images, dtype=str), count=np.asarray(counts, np.int64))
+        np.savez(fh, image=np.asarray(images, dtype=str), count=counts, key=np.asarray(key))
+    for f in (raw, count_file, state):
+        f.unlink()
+
+
+def complete(path: Path, key: str) -> bool:
+    """Whether :func:`save_descriptors` finished ``path`` (and its ``.npy``) with ``key``."""
+    if not (path.exists() and array_path(path).exists()):
+        return False
+    with np.load(path, allow_pickle=False) as npz:
+        return "key" in npz.files and str(npz["key"]) == key
 
 
 COPY_ROWS = 1 << 18  # rows copied at a time into the .npy (32 MB)
@@ -140,16 +166,17 @@ def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds:
     params = {"layout": DESCRIPTOR_LAYOUT, "side": side, "n_features": cfg.local_n_features, "used_crops": crops,
               "data_files": data_fingerprint(comp.root),
               "crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
-    fresh = not store.stage_done(folder, params)
-    if fresh:  # match counts of other descriptors are stale
+    if not store.stage_done(folder, params):  # match counts of other descriptors are stale
         (folder / PAIRS_FILE).unlink(missing_ok=True)
+    key = fingerprint_key(params)
     out: dict[str, np.ndarray] = {}
     for split, table in (("train", comp.train), ("test", comp.test)):
         target = folder / f"{split}.npz"
         ids = [str(i) for i in table["image"]]
-        if fresh or not target.exists() or not array_path(target).exists():
-            save_descriptors(target, ids, (local_features.sift_descriptors(read_grey(f), side, cfg.local_n_features)
-                                           for f in files[split]))
+        if not complete(target, key):
+            names = files[split]
+            save_descriptors(target, ids, lambda i, names=names: local_features.sift_descriptors(
+                read_grey(names[i]), side, cfg.local_n_features), key)
         out.update({f"{split}/{k}": v for k, v in load_descriptors(target, ids).items()})
     store.mark_done(folder, params)
     return out, side
