@@ -137,7 +137,8 @@ class PairMatcher:
     Memory stays bounded whatever the number of images: descriptors are fetched when a pair needs them (the
     stored files are memory-mapped, :mod:`common.stages.local_rerank`) and only the ``cache_images`` most
     recently used RootSIFT arrays are kept (float32, ~0.8 MB each at 1,500 keypoints). Pairs are matched in
-    sorted order, so one query's neighbours reuse its array.
+    sorted order, so one query's neighbours reuse its array (two threads may both convert an image that is not
+    cached yet: the same array, computed twice).
 
     Args:
         descriptors: a function from an image id to its ``uint8`` SIFT descriptors.
