@@ -161,7 +161,8 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
     res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
                            "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max()),
                            **shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source, **local}
-    finish_local(cfg, reranker, res)
+    if reranker is not None:
+        res.update(local_rerank.save_pairs(cfg, reranker))
     if cfg.threshold_mode == "species":
         species = comp.train.set_index("image")["species"]
         per, best, summary = postprocess.tune_species_thresholds(oof, truth, species, grid,
@@ -214,13 +215,6 @@ def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame) -> di
     return res
 
 
-def finish_local(cfg: EnsembleConfig, reranker: Reranker | None, res: dict[str, Any]) -> None:
-    """Report the local pairs matched in ``res`` and keep their match counts for the next run."""
-    if reranker is not None:
-        res["local_pairs_matched"] = len(reranker.matcher.cache)
-        local_rerank.save_pairs(cfg, reranker)
-
-
 def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | None, out: Path,
                              stored: dict[str, Any], folds: list[int], reranker: Reranker | None = None
                              ) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -237,7 +231,8 @@ def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict |
     res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
                            "threshold_mode": cfg.threshold_mode, "inference_only": True,
                            "oof_map5": stored.get("oof_map5"), **local}  # the full run's, for reference
-    finish_local(cfg, reranker, res)
+    if reranker is not None:
+        res.update(local_rerank.save_pairs(cfg, reranker))
     if cfg.threshold_mode == "species":
         per, best = {str(k): float(v) for k, v in stored["species_thresholds"].items()}, float(stored["threshold"])
         individual_species = comp.train.drop_duplicates("individual_id").set_index("individual_id")["species"]

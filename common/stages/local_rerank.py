@@ -235,12 +235,14 @@ def make_reranker(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, fold
     return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, side)
 
 
-def save_pairs(cfg: RetrievalConfig | EnsembleConfig, reranker: Reranker) -> None:
-    """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run."""
+def save_pairs(cfg: RetrievalConfig | EnsembleConfig, reranker: Reranker) -> dict[str, int]:
+    """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run; returns
+    the ``metrics.json`` field ``local_pairs_matched``."""
     keys = sorted(reranker.matcher.cache)
     with store.atomic_path(local_dir(cfg) / PAIRS_FILE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, a=np.array([k[0] for k in keys], dtype=str), b=np.array([k[1] for k in keys], dtype=str),
                  matches=np.array([reranker.matcher.cache[k] for k in keys], np.int32))
+    return {"local_pairs_matched": len(keys)}
 
 
 def known_map5(table: pd.DataFrame, truth: pd.Series, new_label: str) -> float:

@@ -419,8 +419,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
         threshold, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
     if reranker is not None:
-        local["local_pairs_matched"] = len(reranker.matcher.cache)
-        local_rerank.save_pairs(cfg, reranker)
+        local.update(local_rerank.save_pairs(cfg, reranker))
     result_metrics = {**score(cfg, comp, submission, threshold, sweep, folds, test), **local}
     if not cfg.inference_only:
         result_metrics.update({**shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source})
