@@ -117,3 +117,28 @@ def test_read_speed_reads_the_same_pixels(tmp_path):
     r = rs.measure(folder)
     assert r["images"] == len(paths) and r["jpeg_us"] > 0 and r["memmap_us"] > 0
     assert r["memmap_kb"] == pytest.approx(72 * 96 * 3 / 1024, rel=0.05)
+
+
+def test_every_stage_runs_through_the_bench(scale, tmp_path):
+    """The bench calls each stage's functions by name in a child process: a renamed function must fail here, not
+    at the start of a two-hour run (stage 02 once called a function that had moved)."""
+    rows = scale.run_size(120, list(scale.STAGES), tmp_path, (64, 48))
+    assert [r["stage"] for r in rows] == ["00", *scale.STAGES]
+    assert all(r["cpu_s"] > 0 and r["files"] > 0 for r in rows)
+    # the training stages report how long their loop waited for data
+    assert {r["stage"] for r in rows if r["loader_wait"] is not None} == {"02", "05"}
+    assert "map5" in rows[4]
+
+
+def test_span_table_gives_the_exponent_over_the_whole_range(scale):
+    # 5k -> 80k is 16x: CPU 10 -> 160 s is exponent 1, 10 -> 320 s is log(32) / log(16) = 1.25; 1k rows are ignored
+    rows = [_row(1000, "01", 5.0, cpu=1.0), _row(5000, "01", 20.0, cpu=10.0), _row(80000, "01", 320.0, cpu=160.0),
+            _row(5000, "02", 30.0, cpu=10.0), _row(80000, "02", 480.0, cpu=320.0, rss=5000.0)]
+    text = scale.span_table(rows, stages=("01", "02"))
+    line01 = next(ln for ln in text.splitlines() if ln.startswith("| 01"))
+    line02 = next(ln for ln in text.splitlines() if ln.startswith("| 02"))
+    assert line01.split(" | ")[3] == "1.00" and line01.split(" | ")[4] == "1.00"
+    assert line02.split(" | ")[3] == "1.25" and line02.split(" | ")[5].rstrip(" |") == "5000"
+    # stages 01-02 together: 50 s at 5k, 800 s at 80k; at 1k stage 02 is missing, so no total there
+    assert "5,000 images 0.8 min; 80,000 images 13.3 min" in text and "1,000 images" not in text.split("together")[1]
+    assert scale.span_table([_row(5000, "01", 1.0)]) == ""
