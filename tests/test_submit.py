@@ -149,6 +149,8 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         # the best threshold on the test itself: at or below cos50 = .643 t5's A ranks 3rd (1/3), not 4th
         "test_best_threshold": pytest.approx(0.0), "test_map5_best": pytest.approx((4 + 1 / 3) / 5),
         "test_map5_all_new": pytest.approx((0.5 + 0.5 + 0.5 + 1 + 0.25) / 5),
+        # the four known images ranked without new_individual: t1-t3 first, t5's A third
+        "test_map5_known_ranking": pytest.approx((1 + 1 + 1 + 1 / 3) / 4),
         "oof_true_new_share": pytest.approx(0.2),  # c1 of 5 out-of-fold queries
         # 4 known and 1 new out-of-fold queries, 5 test queries: too few to trust the estimate
         # the four known queries' top-1 is cos10, c1's (new) cos35: perfectly separated

@@ -190,6 +190,7 @@ def hide_individuals(valid_ids: pd.Series, gallery_ids: pd.Series, share: float,
 
 
 ALL_NEW = 2.0  # above every cosine score: new_individual first for every image
+NEVER_NEW = -2.0  # below every score (cosines, and SIFT-fused scores, lie in [-1, 1]): new_individual never first
 
 
 def tune(cfg: RetrievalConfig | EnsembleConfig, scores: pd.DataFrame, truth: pd.Series, share: float | None = None,
@@ -332,7 +333,9 @@ def score_labelled(cfg: RetrievalConfig, comp: Competition, submission: pd.DataF
                    test_table: pd.DataFrame | None = None) -> dict:
     """Test MAP@5 (overall, known, new) on the test images that ``test.csv`` labels, which may be only part of
     the test set; with the test's scores, also the best threshold chosen on the test itself (a measurement of
-    how well the out-of-fold threshold transfers: ``test_best_threshold``, ``test_map5_best``).
+    how well the out-of-fold threshold transfers: ``test_best_threshold``, ``test_map5_best``), and the known
+    images' MAP@5 from the ranking alone, ``new_individual`` never answered (``test_map5_known_ranking``: how
+    well the embeddings find known individuals, apart from the threshold; ``map5_known`` is at most this).
 
     Args:
         cfg: the stage's config (``new_label``, threshold grid).
@@ -355,6 +358,11 @@ def score_labelled(cfg: RetrievalConfig, comp: Competition, submission: pd.DataF
         best, sweep = retrieval.tune_threshold(part, mapped, [*grid, ALL_NEW])
         out.update({"test_best_threshold": best, "test_map5_best": float(sweep["map5"].max()),
                     "test_map5_all_new": float(sweep["map5"].iloc[-1])})
+        known_images = [i for i, t in mapped.items() if t != cfg.new_label]
+        if known_images:  # a threshold below every score: new_individual is never ranked above a candidate
+            ranked = retrieval.predict(part[part["image"].astype(str).isin(known_images)], NEVER_NEW, k=5, new_label=cfg.new_label, images=known_images)
+            out["test_map5_known_ranking"] = metrics.map_at_k([mapped[i] for i in known_images],
+                                                              ranked["predictions"].tolist())
     return out
 
 
