@@ -7,7 +7,7 @@ stage's notebook calls (``crop_stage.run_crop``, ``train.run_training``, ``embed
 one fold of five. The parent records per stage and size:
 
 * wall time, CPU time (user + system of the stage process and every process it waited for: loader workers,
-  ``resource.getrusage(RUSAGE_CHILDREN)``), peak resident memory of the whole process tree (psutil, sampled
+  ``resource.getrusage(RUSAGE_CHILDREN)``), peak memory of the whole process tree (psutil, sampled
   every 0.2 s), files written and bytes on disk (the change under the working and submissions folders);
 * for the training stages (02, 05) the loader wait share: the time the training loop spends in ``next()`` on
   the training loader over the loop's time. The child wraps :func:`common.core.distributed.epoch_loader`
@@ -130,20 +130,26 @@ def tree_usage(folders: list[Path]) -> tuple[int, int]:
 
 
 def measure(cmd: list[str], env: dict[str, str], folders: list[Path], log: Path) -> dict[str, Any]:
-    """Run ``cmd``; return wall and CPU seconds, peak RSS of its process tree and the files it added."""
+    """Run ``cmd``; return wall and CPU seconds, peak memory of its process tree and the files it added.
+
+    Memory is sampled two ways: the sum of the processes' resident sizes (RSS: pages that forked loader workers
+    share with their parent count once per process, an upper bound) and the sum of their proportional set sizes
+    (PSS: each shared page split between the processes sharing it, the tree's real footprint)."""
     import psutil
 
     files0, bytes0 = tree_usage(folders)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    peak = 0
+    peak = peak_pss = 0
     with open(log, "a") as fh:
         # cwd: the log's folder (outside the repository), where ultralytics may leave mlflow.db / runs
         proc = psutil.Popen(cmd, env=env, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             try:
                 procs = [proc, *proc.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                infos = [p.memory_full_info() for p in procs if p.is_running()]
+                peak = max(peak, sum(m.rss for m in infos))
+                peak_pss = max(peak_pss, sum(m.pss for m in infos))
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -153,7 +159,7 @@ def measure(cmd: list[str], env: dict[str, str], folders: list[Path], log: Path)
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log}")
     files1, bytes1 = tree_usage(folders)
     return dict(wall_s=round(wall, 2), cpu_s=round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
-                peak_rss_mb=round(peak / 2**20, 1), files=files1 - files0, disk_mb=round((bytes1 - bytes0) / 2**20, 2))
+                peak_rss_mb=round(peak / 2**20, 1), peak_pss_mb=round(peak_pss / 2**20, 1), files=files1 - files0, disk_mb=round((bytes1 - bytes0) / 2**20, 2))
 
 
 def run_size(n: int, stages: list[str], root: Path, image_size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -189,6 +195,17 @@ def run_size(n: int, stages: list[str], root: Path, image_size: tuple[int, int])
     return rows
 
 
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with each (size, stage) that ``new`` measured again replaced, so that one stage can be rerun alone
+    (``--stages 06``). A generation row that found the competition already drawn (no file written) keeps the
+    stored row of the run that drew it."""
+    reused = {r["size"] for r in new if r["stage"] == "00" and r["files"] == 0}
+    new = [r for r in new if not (r["stage"] == "00" and r["size"] in reused
+                                  and any(o["size"] == r["size"] and o["stage"] == "00" for o in old))]
+    done = {(r["size"], r["stage"]) for r in new}
+    return [r for r in old if (r["size"], r["stage"]) not in done] + new
+
+
 def exponents(rows: list[dict[str, Any]], key: str = "wall_s") -> dict[tuple[str, int], float]:
     """``(stage, size) -> log(v / v_prev) / log(size / size_prev)`` against the next smaller size run."""
     out = {}
@@ -209,7 +226,7 @@ def span_table(rows: list[dict[str, Any]], lo: int = 5000, stages: tuple[str, ..
     n0, n1 = sizes[0], sizes[-1]
     by = {(r["stage"], r["size"]): r for r in rows}
     lines = [f"| stage | CPU s at {n0:,} | CPU s at {n1:,} | CPU exponent {n0:,} -> {n1:,} | wall exponent | "
-             f"peak RSS MB at {n1:,} |", "|---|---|---|---|---|---|"]
+             f"peak RSS / PSS MB at {n1:,} |", "|---|---|---|---|---|---|"]
     for stage in sorted({r["stage"] for r in rows}):
         a, b = by.get((stage, n0)), by.get((stage, n1))
         if a is None or b is None or min(a["cpu_s"], a["wall_s"]) <= 0:
@@ -217,7 +234,7 @@ def span_table(rows: list[dict[str, Any]], lo: int = 5000, stages: tuple[str, ..
         span = math.log(n1 / n0)
         lines.append(f"| {stage} {STAGE_NAMES[stage]} | {a['cpu_s']:.1f} | {b['cpu_s']:.1f} | "
                      f"{math.log(b['cpu_s'] / a['cpu_s']) / span:.2f} | {math.log(b['wall_s'] / a['wall_s']) / span:.2f} | "
-                     f"{b['peak_rss_mb']:.0f} |")
+                     f"{b['peak_rss_mb']:.0f} / {_pss(b)} |")
     totals = []
     for n in sorted({r["size"] for r in rows}):
         got = [by[(s, n)]["wall_s"] for s in stages if (s, n) in by]
@@ -250,18 +267,22 @@ def plot(rows: list[dict[str, Any]], path: Path, key: str = "cpu_s") -> Path:
     return path
 
 
+def _pss(row: dict[str, Any]) -> str:
+    return "-" if row.get("peak_pss_mb") is None else f"{row['peak_pss_mb']:.0f}"  # rows measured before PSS: -
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every row, with the wall-time exponent against the previous size."""
     exp_wall, exp_cpu, exp_rss = exponents(rows), exponents(rows, "cpu_s"), exponents(rows, "peak_rss_mb")
-    lines = ["| images | stage | wall s | CPU s | peak RSS MB | files | disk MB | loader wait | wall exponent "
-             "| CPU exponent | RSS exponent | MAP@5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| images | stage | wall s | CPU s | peak RSS MB | peak PSS MB | files | disk MB | loader wait "
+             "| wall exponent | CPU exponent | RSS exponent | MAP@5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["size"], r["stage"])):
         key = (r["stage"], r["size"])
         e, c, m = exp_wall.get(key), exp_cpu.get(key), exp_rss.get(key)
         wait, mp = r.get("loader_wait"), r.get("map5")
         lines.append(
             f"| {r['size']:,} | {r['stage']} {STAGE_NAMES[r['stage']]} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['files']:,} | {r['disk_mb']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {_pss(r)} | {r['files']:,} | {r['disk_mb']:.1f} | "
             f"{'-' if wait is None else f'{100 * wait:.1f} %'} | {'-' if e is None else f'{e:.2f}'} | "
             f"{'-' if c is None else f'{c:.2f}'} | {'-' if m is None else f'{m:.2f}'} | "
             f"{'-' if mp is None else f'{mp:.3f}'} |")
@@ -377,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     started = utc_stamp()
     for n in [] if args.no_run else args.sizes:
         new = run_size(n, parse_stages(args.stages), root, tuple(args.image_size))
-        rows = [r for r in rows if r["size"] != n] + new
+        rows = merge_rows(rows, new)
         store_file.write_text(json.dumps(rows, indent=1))
     text = table(rows)
     span = span_table(rows)

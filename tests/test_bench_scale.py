@@ -44,12 +44,24 @@ def test_exponents_between_consecutive_sizes(scale):
 
 def test_table_lists_every_row_with_its_exponents(scale):
     rows = [_row(1000, "04", 2.0, map5=0.5), _row(4000, "04", 8.0, cpu=2.0, map5=0.25)]
-    rows[1]["loader_wait"] = 0.0123
+    rows[1]["loader_wait"], rows[1]["peak_pss_mb"] = 0.0123, 61.6
     lines = scale.table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 1,000 | 04 retrieve+submit | 2.0 |")
+    assert [c.strip() for c in lines[2].strip("|").split("|")][5] == "-"  # a row measured before PSS
     cells = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert cells[7] == "1.2 %" and cells[8] == "1.00" and cells[9] == "0.50" and cells[10] == "0.00"
-    assert cells[11] == "0.250"
+    assert cells[4] == "100" and cells[5] == "62"
+    assert cells[8] == "1.2 %" and cells[9] == "1.00" and cells[10] == "0.50" and cells[11] == "0.00"
+    assert cells[12] == "0.250"
+
+
+def test_merge_rows_replaces_only_the_stages_run_again(scale):
+    old = [_row(1000, "00", 3.0), _row(1000, "01", 5.0), _row(1000, "06", 7.0), _row(5000, "06", 9.0)]
+    drawn_again = dict(_row(1000, "00", 0.5), files=0)  # the competition was already there: nothing drawn
+    merged = scale.merge_rows(old, [drawn_again, _row(1000, "06", 8.0)])
+    assert sorted((r["size"], r["stage"], r["wall_s"]) for r in merged) == [
+        (1000, "00", 3.0), (1000, "01", 5.0), (1000, "06", 8.0), (5000, "06", 9.0)]
+    # with no stored generation row, the new one is kept
+    assert [r["stage"] for r in scale.merge_rows([], [drawn_again])] == ["00"]
 
 
 def test_tree_usage_counts_files_and_bytes(scale, tmp_path):
@@ -138,7 +150,7 @@ def test_span_table_gives_the_exponent_over_the_whole_range(scale):
     line01 = next(ln for ln in text.splitlines() if ln.startswith("| 01"))
     line02 = next(ln for ln in text.splitlines() if ln.startswith("| 02"))
     assert line01.split(" | ")[3] == "1.00" and line01.split(" | ")[4] == "1.00"
-    assert line02.split(" | ")[3] == "1.25" and line02.split(" | ")[5].rstrip(" |") == "5000"
+    assert line02.split(" | ")[3] == "1.25" and line02.split(" | ")[5].rstrip(" |") == "5000 / -"
     # stages 01-02 together: 50 s at 5k, 800 s at 80k; at 1k stage 02 is missing, so no total there
     assert "5,000 images 0.8 min; 80,000 images 13.3 min" in text and "1,000 images" not in text.split("together")[1]
     assert scale.span_table([_row(5000, "01", 1.0)]) == ""
