@@ -9,15 +9,17 @@ import os
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from common.config import EmbedderConfig, ExtractConfig
+from common.config import EmbedderConfig, ExtractConfig, RetrievalConfig
 from common.core import store
 from common.data import artefacts
 from common.data.competition import build_transforms, read_rgb
 from common.engine import embedder as train
 from common.stages import extract_embeddings as embed
+from common.stages import retrieve_submit as submit
 from common.stages import train_embedder
 
 
@@ -199,3 +201,27 @@ def test_run_extraction_needs_a_finished_fold(comp):
     cfg = ExtractConfig(data=str(comp.root), exp="none", n_folds=2, folds="0", device="cpu")
     with pytest.raises(FileNotFoundError, match="fold 0 has not finished training"):
         embed.run_extraction(cfg, comp)
+
+
+def test_full_fit_model_answers_the_test_and_the_folds_tune_the_threshold(comp):
+    common = dict(data=str(comp.root), exp="full", n_folds=2, folds="0", full_fit=True, device="cpu")
+    cfg = EmbedderConfig(**common, backbone="mobilenetv3_small_050", pretrained="none", image_size=32,
+                         embedding_dim=16, epochs=1, batch_size=8, oof_new_share=0.3)
+    folds = train_embedder.prepare_folds(cfg, comp)
+    logs = train_embedder.run_training(cfg, comp, folds)
+    assert sorted(logs["fold"].unique()) == [0, 2]
+    meta = store.read_json(train.fold_dir("full", 2) / "config.json")
+    assert meta["n_fit"] == len(comp.train)  # every image, the individuals new in fold 0 included
+    assert store.read_json(train.fold_dir("full", 0) / "config.json")["n_fit"] < len(folds[folds["fold"] == 1])
+    table = embed.run_extraction(ExtractConfig(**common, tta_flip=False), comp)
+    assert sorted(set(zip(table["fold"], table["split"], strict=True))) == [
+        (0, "test"), (0, "train"), (2, "test"), (2, "train")]
+    rcfg = RetrievalConfig(**common, knn_k=10)
+    result = submit.run_retrieval(rcfg, comp)
+    assert result.metrics["folds"] == [0] and result.metrics["test_folds"] == [2]
+    # the test's scores are the full model's alone; the out-of-fold queries are fold 0's
+    expected = submit.test_scores(rcfg, comp, [2])
+    pd.testing.assert_frame_equal(result.test_scores.reset_index(drop=True), expected.reset_index(drop=True))
+    assert set(result.oof_scores["image"]) <= set(folds.loc[folds["fold"] == 0, "image"])
+    with pytest.raises(Exception, match="fold3"):  # full_fit asked of a run whose full model is missing
+        submit.test_folds(RetrievalConfig(**{**common, "n_folds": 3}), [0])

@@ -154,3 +154,16 @@ def test_max_regret_by_hand():
     assert openset.max_regret(sweep, (0.1, 0.1)).tolist() == pytest.approx([0.0, 0.19, 0.05])
     with pytest.raises(ValueError, match="minimax shares"):
         openset.max_regret(sweep, (0.9, 0.1))
+
+
+def test_the_full_model_trains_on_every_image_and_every_individual(comp):
+    cfg = EmbedderConfig(data=str(comp.root), exp="open", n_folds=3, folds="1", oof_new_share=0.3, full_fit=True)
+    assert cfg.model_folds() == [1, 3] and EmbedderConfig(n_folds=3, folds="1").model_folds() == [1]
+    table = prepare_folds(cfg, comp)
+    fit, valid, _ = fold_split(cfg, comp, table, 3)
+    assert sorted(fit["image"]) == sorted(table["image"])  # the individuals new in every fold included
+    # the loss is monitored on the first requested fold's validation part, which the full model also trains on
+    assert sorted(valid["image"]) == sorted(table.loc[table["fold"] == 1, "image"])
+    # without full_fit, fold n_folds does not exist
+    with pytest.raises(Exception, match="fold 3"):
+        fold_split(EmbedderConfig(data=str(comp.root), exp="open", n_folds=3, folds="1"), comp, table, 3)

@@ -200,8 +200,9 @@ def run_params(exp: str, stage: str) -> dict[str, Any]:
 
 
 def run_folds(exp: str, stage: str = "03") -> list[int]:
-    """The folds stage 03 of ``exp`` embedded with, or stage 05 trained (those inference uses)."""
-    return STAGE_CONFIGS[stage](**_known(stage, run_params(exp, stage))).fold_list()
+    """The folds stage 03 of ``exp`` embedded with (with the full model's, ``full_fit``), or stage 05 trained
+    (those inference uses)."""
+    return STAGE_CONFIGS[stage](**_known(stage, run_params(exp, stage))).model_folds()
 
 
 def used_crops(exp: str, stage: str = "02") -> bool:

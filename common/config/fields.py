@@ -44,6 +44,21 @@ class FoldConfig(StageConfig):
             raise ValueError(f"folds={self.folds!r}: each fold must be in 0..{self.n_folds - 1}")
         return folds
 
+    def model_folds(self) -> list[int]:
+        """The models to train or use: :meth:`fold_list`, then, with ``full_fit`` (:class:`FullFitField`), the
+        model trained on every training image, numbered ``n_folds`` (its folder is ``fold{n_folds}``)."""
+        return self.fold_list() + ([self.n_folds] if getattr(self, "full_fit", False) else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class FullFitField(StageConfig):
+    """The embedder's model on every training image (stages 02-04; a mixin: list it before the base class)."""
+
+    full_fit: bool = param(False, "after the folds, train one more model on every training image (no validation "
+                           "fold, no individual left out; folder fold{n_folds}); stages 03 and 04 answer the test "
+                           "with it alone, while the folds' models still tune the threshold out of fold. The "
+                           "Happywhale winners retrained on all data the same way.")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(FoldConfig):

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from common.config import params as _params
 from common.config.base import StageConfig, document, param
-from common.config.fields import FoldConfig, LocalFields, SweepFields, TrainConfig
+from common.config.fields import FoldConfig, FullFitField, LocalFields, SweepFields, TrainConfig
 from common.config.pretrain import PretrainConfig
 
 
@@ -67,7 +67,7 @@ class CropConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbedderConfig(TrainConfig):
+class EmbedderConfig(FullFitField, TrainConfig):
     """Stage 02: train a GeM + ArcFace embedder per fold."""
 
     stage: ClassVar[str] = "02"
@@ -85,7 +85,7 @@ class EmbedderConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractConfig(FoldConfig):
+class ExtractConfig(FullFitField, FoldConfig):
     """Stage 03: 512-d embeddings of every train and test image, per fold model."""
 
     stage: ClassVar[str] = "03"
@@ -97,7 +97,7 @@ class ExtractConfig(FoldConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalConfig(SweepFields, LocalFields, FoldConfig):
+class RetrievalConfig(SweepFields, LocalFields, FullFitField, FoldConfig):
     """Stage 04: KNN retrieval, ``new_individual`` threshold, submission and metrics."""
 
     stage: ClassVar[str] = "04"

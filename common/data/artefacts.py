@@ -62,7 +62,8 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
 
     When the fold table has a ``new_fold`` column (stage 02's open-set validation), the individuals treated as
     new in ``fold`` are left out of its training part: the fold's model never sees them, as the test's new
-    individuals are never seen. Their validation images stay.
+    individuals are never seen. Their validation images stay. ``fold == n_folds`` with ``full_fit`` is the model
+    on every training image.
 
     Args:
         cfg: a config with ``exp`` and ``use_crops`` (:class:`~common.config.EmbedderConfig` or
@@ -74,6 +75,11 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
     table = folds.merge(comp.train[["image", "path"]], on="image", how="left", validate="one_to_one")
     used_crops = cfg.use_crops and crops_available(cfg.exp)
     table = table.assign(path=image_paths(table, cfg.exp, "train", used_crops))
+    if getattr(cfg, "full_fit", False) and fold == cfg.n_folds:
+        # the full model (FullFitField): every image trains; the first fold's validation part is kept only to
+        # monitor the loss, and is seen in training (so its figures are optimistic)
+        _, valid = split_fold(table, table["fold"].to_numpy(), cfg.fold_list()[0])
+        return table.reset_index(drop=True), valid, used_crops
     fit, valid = split_fold(table, table["fold"].to_numpy(), fold)
     if "new_fold" in fit.columns:
         fit = fit[fit["new_fold"] != fold].reset_index(drop=True)

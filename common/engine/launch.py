@@ -84,7 +84,7 @@ def train_elsewhere(stage: str, cfg, out: Path):
         return cfg
     launch(stage, cfg.to_dict(), cfg.nproc, out, nnodes, getattr(cfg, "node_rank", 0),
            getattr(cfg, "rdzv_endpoint", ""))
-    missing = [k for k in cfg.fold_list() if not (Path(out) / f"fold{k}" / "_done.json").exists()]
+    missing = [k for k in cfg.model_folds() if not (Path(out) / f"fold{k}" / "_done.json").exists()]
     if getattr(cfg, "node_rank", 0) > 0 and missing:  # global rank 0 wrote the models on node 0's disk
         raise LaunchError(f"node_rank={cfg.node_rank} finished its share of stage {stage}; the models were "
                           f"written on node 0 ({Path(out) / f'fold{missing[0]}'} is not on this machine): run "

@@ -60,7 +60,8 @@ def extract(
 
 
 def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
-    """Embed train and test images with each requested fold's model; skip files that already exist.
+    """Embed train and test images with each requested fold's model (and the full model, ``full_fit``); skip
+    files that already exist.
 
     Returns:
         One row per fold and split: file, rows, dimension, whether it was computed now or reused.
@@ -68,10 +69,10 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
     device = resolve_device(cfg.device)
     splits = [("test", comp.test)] if cfg.inference_only else [("train", comp.train), ("test", comp.test)]
     if cfg.inference_only:  # every fold's gallery must be there before any image is embedded
-        for fold in cfg.fold_list():
+        for fold in cfg.model_folds():
             load_fold_embeddings(cfg.exp, fold, "train", comp.train["image"])
     rows = []
-    for fold in cfg.fold_list():
+    for fold in cfg.model_folds():  # with full_fit, the full model (fold n_folds) too
         model, meta = load_embedder(cfg.exp, fold, device)
         tcfg = meta["config"]
         weights = paths.find_stage_dir(cfg.exp, "02", f"fold{fold}/model.pt") / f"fold{fold}" / "model.pt"

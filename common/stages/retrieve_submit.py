@@ -73,6 +73,17 @@ def available_folds(cfg: RetrievalConfig) -> list[int]:
     return folds
 
 
+def test_folds(cfg: RetrievalConfig, folds: list[int]) -> list[int]:
+    """The models whose embeddings answer the test: the full model alone with ``full_fit`` (its embeddings must
+    exist), else ``folds``. The threshold is tuned out of fold on ``folds`` either way."""
+    if not cfg.full_fit:
+        return folds
+    paths.find_stage_dir(cfg.exp, "03", f"fold{cfg.n_folds}/test.npz",
+                         hint=f"full_fit=true: the full model's embeddings (fold{cfg.n_folds}) are missing; run "
+                              "stages 02 and 03 with full_fit=true")
+    return [cfg.n_folds]
+
+
 def oof_scores(cfg: RetrievalConfig, comp: Competition, folds: list[int], rerank: Reranker | None = None
                ) -> tuple[pd.DataFrame, pd.Series]:
     """Per-individual out-of-fold scores and the truth (``new_label`` for individuals unseen in training);
@@ -308,6 +319,7 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
         "new_share": float((first == cfg.new_label).mean()),
         "oof_map5": float(best_row["map5"]),
         "folds": cfg.fold_list() if folds is None else list(folds),
+        "test_folds": test_folds(cfg, cfg.fold_list() if folds is None else list(folds)),
         "fold_merge": cfg.fold_merge,
         "n_test": len(submission),
     }
@@ -416,7 +428,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     if reranker is not None:
         local, chosen_oof = local_rerank.set_weight(cfg, reranker, oof=lambda r: oof_scores(cfg, comp, folds, r),
                                                     stored=lambda: stored_local_weight(cfg))
-    test = test_scores(cfg, comp, folds, reranker)
+    test = test_scores(cfg, comp, test_folds(cfg, folds), reranker)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
         oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)

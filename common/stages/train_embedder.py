@@ -37,13 +37,14 @@ def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
 
 
 def run_training(cfg: EmbedderConfig, comp: Competition, folds: pd.DataFrame) -> pd.DataFrame:
-    """Train every requested fold; returns all logs stacked with a ``fold`` column.
+    """Train every requested fold, then the full model when ``full_fit`` (fold ``n_folds``); returns all logs
+    stacked with a ``fold`` column.
 
     With ``cfg.nproc > 1`` (and not already inside torchrun) the folds are trained by ``nproc`` processes
     started with torchrun (:func:`common.engine.launch.launch`); this process then reads their finished logs.
     """
     cfg = launch.train_elsewhere("02", cfg, paths.stage_dir(cfg.exp, "02"))
-    logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
+    logs = [train_fold(cfg, comp, folds, k).assign(fold=k) for k in cfg.model_folds()]
     if distributed.launch_info().is_main:
         store.mark_done(paths.stage_dir(cfg.exp, "02"), stage_fingerprint(cfg))
     return pd.concat(logs, ignore_index=True)
