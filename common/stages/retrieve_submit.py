@@ -372,7 +372,8 @@ def score_labelled(cfg: RetrievalConfig, comp: Competition, submission: pd.DataF
                     "test_map5_all_new": float(sweep["map5"].iloc[-1])})
         known_images = [i for i, t in mapped.items() if t != cfg.new_label]
         if known_images:  # a threshold below every score: new_individual is never ranked above a candidate
-            ranked = retrieval.predict(part[part["image"].astype(str).isin(known_images)], NEVER_NEW, k=5, new_label=cfg.new_label, images=known_images)
+            known_part = part[part["image"].astype(str).isin(known_images)]
+            ranked = retrieval.predict(known_part, NEVER_NEW, k=5, new_label=cfg.new_label, images=known_images)
             out["test_map5_known_ranking"] = metrics.map_at_k([mapped[i] for i in known_images],
                                                               ranked["predictions"].tolist())
     return out
