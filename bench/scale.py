@@ -99,9 +99,22 @@ def run_child(stage: str, spec_file: str) -> None:
 
         embed.run_extraction(cfg, comp)
     elif stage == "04":
+        from common.lib import retrieval
         from common.stages import retrieve_submit as submit
 
+        search, spent = retrieval.search, {"search_cpu_s": 0.0, "search_wall_s": 0.0}
+
+        def timed_search(*a, **k):  # the faiss search, reported apart (queries x gallery: inherently quadratic)
+            c, w = time.process_time(), time.perf_counter()
+            try:
+                return search(*a, **k)
+            finally:
+                spent["search_cpu_s"] += time.process_time() - c
+                spent["search_wall_s"] += time.perf_counter() - w
+
+        retrieval.search = timed_search
         extra = {k: v for k, v in submit.run_retrieval(cfg, comp).metrics.items() if k.startswith("map5")}
+        extra.update(spent)
     elif stage == "05":
         from common.stages import train_classifier as classify
 
@@ -189,7 +202,7 @@ def run_size(n: int, stages: list[str], root: Path, image_size: tuple[int, int])
         t = json.loads(timing.read_text())
         wait = t["wait_s"] / t["loop_s"] if t.get("loop_s") else None
         rows.append(dict(size=n, stage=stage, **row, loader_wait=None if wait is None else round(wait, 4),
-                         **{k: v for k, v in t.items() if k.startswith("map5")}))
+                         **{k: v for k, v in t.items() if k.startswith(("map5", "search_"))}))
         print(f"{n} images, {stage} {STAGE_NAMES[stage]}: {rows[-1]}", flush=True)
         (root / f"scale_rows_partial_{n}.json").write_text(json.dumps(rows, indent=1))  # survives a killed run
     return rows
@@ -235,6 +248,11 @@ def span_table(rows: list[dict[str, Any]], lo: int = 5000, stages: tuple[str, ..
         lines.append(f"| {stage} {STAGE_NAMES[stage]} | {a['cpu_s']:.1f} | {b['cpu_s']:.1f} | "
                      f"{math.log(b['cpu_s'] / a['cpu_s']) / span:.2f} | {math.log(b['wall_s'] / a['wall_s']) / span:.2f} | "
                      f"{b['peak_rss_mb']:.0f} / {_pss(b)} |")
+        if "search_cpu_s" in a and "search_cpu_s" in b:  # stage 04: the faiss search apart from the rest
+            for name, x, y in (("the faiss search alone", a["search_cpu_s"], b["search_cpu_s"]),
+                               ("without the faiss search", a["cpu_s"] - a["search_cpu_s"],
+                                b["cpu_s"] - b["search_cpu_s"])):
+                lines.append(f"| {stage} {name} | {x:.1f} | {y:.1f} | {math.log(y / x) / span:.2f} | - | - |")
     totals = []
     for n in sorted({r["size"] for r in rows}):
         got = [by[(s, n)]["wall_s"] for s in stages if (s, n) in by]
@@ -275,17 +293,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every row, with the wall-time exponent against the previous size."""
     exp_wall, exp_cpu, exp_rss = exponents(rows), exponents(rows, "cpu_s"), exponents(rows, "peak_rss_mb")
     lines = ["| images | stage | wall s | CPU s | peak RSS MB | peak PSS MB | files | disk MB | loader wait "
-             "| wall exponent | CPU exponent | RSS exponent | MAP@5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wall exponent | CPU exponent | RSS exponent | MAP@5 | search CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["size"], r["stage"])):
         key = (r["stage"], r["size"])
         e, c, m = exp_wall.get(key), exp_cpu.get(key), exp_rss.get(key)
-        wait, mp = r.get("loader_wait"), r.get("map5")
+        wait, mp, search = r.get("loader_wait"), r.get("map5"), r.get("search_cpu_s")
         lines.append(
             f"| {r['size']:,} | {r['stage']} {STAGE_NAMES[r['stage']]} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {_pss(r)} | {r['files']:,} | {r['disk_mb']:.1f} | "
             f"{'-' if wait is None else f'{100 * wait:.1f} %'} | {'-' if e is None else f'{e:.2f}'} | "
             f"{'-' if c is None else f'{c:.2f}'} | {'-' if m is None else f'{m:.2f}'} | "
-            f"{'-' if mp is None else f'{mp:.3f}'} |")
+            f"{'-' if mp is None else f'{mp:.3f}'} | "
+            f"{'-' if search is None else f'{search:.1f}'} |")
     return "\n".join(lines)
 
 

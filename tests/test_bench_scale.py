@@ -154,3 +154,10 @@ def test_span_table_gives_the_exponent_over_the_whole_range(scale):
     # stages 01-02 together: 50 s at 5k, 800 s at 80k; at 1k stage 02 is missing, so no total there
     assert "5,000 images 0.8 min; 80,000 images 13.3 min" in text and "1,000 images" not in text.split("together")[1]
     assert scale.span_table([_row(5000, "01", 1.0)]) == ""
+    # stage 04 with the search timed: 2 -> 32 s of search (exponent 1), 8 -> 288 s in all, so 6 -> 256 without it
+    rows = [_row(5000, "04", 9.0, cpu=8.0, search_cpu_s=2.0), _row(80000, "04", 300.0, cpu=288.0, search_cpu_s=32.0)]
+    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in scale.span_table(rows, stages=("04",)).splitlines()}
+    assert lines["| 04 retrieve+submit"][3] == f"{math.log(36) / math.log(16):.2f}"
+    assert lines["| 04 the faiss search alone"][1:4] == ["2.0", "32.0", "1.00"]
+    assert lines["| 04 without the faiss search"][1:4] == ["6.0", "256.0", f"{math.log(256 / 6) / math.log(16):.2f}"]
+    assert scale.table(rows).splitlines()[-1].rstrip(" |").endswith("| 32.0")
