@@ -133,6 +133,21 @@ def test_kernel_density_matches_scipy_and_integrates_to_one():
     assert dens == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
+def test_kernel_density_on_many_points_interpolates_a_grid_within_its_bound():
+    rng = np.random.default_rng(3)
+    sample = rng.normal(0.5, 0.1, 2000)
+    at = np.sort(rng.uniform(0.2, 0.8, 3 * openset.GRID_POINTS))
+    exact = np.concatenate([openset.kernel_density(sample, at[i : i + 4000]) for i in range(0, len(at), 4000)])
+    fast = openset.kernel_density(sample, at)
+    # the bound: (step / h)^2 / 8 of a kernel's peak, with step <= h / 8
+    assert np.abs(fast - exact).max() <= exact.max() / 64 / 8
+    assert not np.array_equal(fast, exact)  # the grid was used
+    # a grid too coarse for the bandwidth (points spread far wider than the sample): exact
+    wide = np.linspace(-50, 50, openset.GRID_POINTS + 1)
+    assert openset.kernel_density(sample, wide) == pytest.approx(
+        np.concatenate([openset.kernel_density(sample, wide[:4000]), openset.kernel_density(sample, wide[4000:])]))
+
+
 def test_share_for_tuning_given_then_estimated_then_oof():
     from common.config import RetrievalConfig
     from common.stages.retrieve_submit import share_for_tuning

@@ -97,21 +97,39 @@ def estimate_new_share(known: np.ndarray, new: np.ndarray, test: np.ndarray, ite
     return pi
 
 
+GRID_POINTS = 4096  # kernel_density: above this many evaluation points, an even grid of this size is used
+
+
 def kernel_density(sample: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Gaussian kernel density of ``sample`` evaluated ``at`` each point, Silverman's rule-of-thumb bandwidth
     ``0.9 * min(sd, IQR / 1.34) * n^(-1/5)`` (floored at 1e-3, for samples of equal scores), plus 1e-12 so that
-    no density is exactly 0."""
+    no density is exactly 0.
+
+    Exact up to :data:`GRID_POINTS` points. Beyond (the test's queries at Happywhale's size: 28k points against
+    tens of thousands of out-of-fold scores), the density is computed on an even grid of that many points over
+    ``at``'s range and interpolated linearly, when the grid step is at most an eighth of the bandwidth (error
+    under 0.2 % of a kernel's peak): the cost grows with ``len(sample)``, not ``len(at) x len(sample)``."""
     sample = np.asarray(sample, dtype=np.float64)
+    at = np.asarray(at, dtype=np.float64)
     spread = np.std(sample)
     iqr = np.subtract(*np.percentile(sample, [75, 25])) / 1.34
     if iqr > 0:
         spread = min(spread, iqr)
     h = max(0.9 * spread * len(sample) ** -0.2, 1e-3)
+    if len(at) > GRID_POINTS:
+        lo, hi = float(at.min()), float(at.max())
+        if (hi - lo) / (GRID_POINTS - 1) <= h / 8:
+            grid = np.linspace(lo, hi, GRID_POINTS)
+            return np.interp(at, grid, _gaussian_density(sample, grid, h)) + 1e-12
+    return _gaussian_density(sample, at, h) + 1e-12
+
+
+def _gaussian_density(sample: np.ndarray, at: np.ndarray, h: float) -> np.ndarray:
     out = np.empty(len(at))
     for a in range(0, len(at), 4096):  # bounded memory: 4096 x len(sample) at a time
-        z = (np.asarray(at[a : a + 4096], dtype=np.float64)[:, None] - sample[None, :]) / h
+        z = (at[a : a + 4096, None] - sample[None, :]) / h
         out[a : a + 4096] = np.exp(-0.5 * z * z).mean(axis=1) / (h * np.sqrt(2 * np.pi))
-    return out + 1e-12
+    return out
 
 
 def separation(known: np.ndarray, new: np.ndarray) -> float:
