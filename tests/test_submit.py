@@ -140,6 +140,7 @@ def test_run_retrieval_known_answers(comp, fold_merge):
         "exp": EXP, "threshold": pytest.approx(0.82), "threshold_tuned": True,
         "new_share": pytest.approx(0.2),  # t4 only
         "oof_map5": pytest.approx(1.0), "folds": [0, 1], "fold_merge": fold_merge, "n_test": 5,
+        "test_folds": [0, 1],  # full_fit off: the folds answer the test
         "map5": pytest.approx((1 + 1 + 1 + 1 + 0.25) / 5),  # t5's A at rank 4 -> 1/4
         "map5_known": pytest.approx((1 + 1 + 1 + 0.25) / 4), "map5_new": pytest.approx(1.0),
         "n": 5, "n_known": 4, "n_new": 1, "top1": pytest.approx(0.8),
