@@ -15,6 +15,7 @@ from common.lib.retrieval import (
     average_scores,
     concat_embeddings,
     individual_scores,
+    known_ranking_map5,
     l2_normalize,
     leave_one_out_map5,
     oof_truth,
@@ -226,6 +227,23 @@ def test_predict_insertion_rule():
         "none": NEW,  # no candidates at all
     }
     assert all(len(set(p.split())) == len(p.split()) for p in out["predictions"])  # always distinct
+
+
+def test_known_ranking_map5_ignores_the_threshold_and_new_queries():
+    t = table(
+        [
+            ("q1", "A", 0.1),  # low score: a threshold would put new first; the ranking alone gives A at rank 1
+            ("q1", "B", 0.05),
+            ("q2", "B", 0.9),  # truth A at rank 2 -> 1/2
+            ("q2", "A", 0.8),
+            ("q3", "C", 0.9),  # truth A absent from the candidates -> 0
+            ("q4", "A", 0.9),  # a new query: left out
+            ("extra", "A", 0.9),  # not in truth: ignored
+        ]
+    )
+    truth = {"q1": "A", "q2": "A", "q3": "A", "q4": NEW}
+    assert known_ranking_map5(t, truth, NEW) == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert math.isnan(known_ranking_map5(t, {"q4": NEW}, NEW))
 
 
 def test_predict_rejects_bad_tables():

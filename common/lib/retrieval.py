@@ -24,6 +24,7 @@ from common.lib.metrics import NEW_LABEL, map_at_k
 TABLE_COLUMNS = ["image", "individual_id", "score"]
 # faiss' GPU k-selection is limited to 2048 (GPU_MAX_SELECTION_K); beyond it the CPU index is used.
 _GPU_MAX_K = 2048
+NEVER_NEW = -2.0  # below every score (cosines, and SIFT-fused scores, lie in [-1, 1]): new_individual never first
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -348,6 +349,28 @@ def predict(
     empty = ([], np.empty(0))
     rows = [" ".join(_insert_new(*top.get(image, empty), threshold, k, new_label)) for image in images]
     return pd.DataFrame({"image": images, "predictions": rows})
+
+
+def known_ranking_map5(table: pd.DataFrame, truth: Mapping[str, str], new_label: str = NEW_LABEL, k: int = 5) -> float:
+    """MAP@k of the known query images from the ranking alone: ``new_label`` is never ranked first (a threshold
+    below every score), so the figure measures how well the embeddings find known individuals, apart from the
+    ``new_individual`` threshold. A thresholded MAP@k on the same images is at most this.
+
+    Args:
+        table: ``image, individual_id, score`` of the queries (extra images are ignored).
+        truth: image -> true individual; images whose truth is ``new_label`` are left out.
+        new_label: the "not in the gallery" label.
+        k: predictions per image.
+
+    Returns:
+        The MAP@k over the known images, or ``nan`` when there are none.
+    """
+    known = [str(i) for i, t in truth.items() if t != new_label]
+    if not known:
+        return float("nan")
+    part = table[table["image"].astype(str).isin(set(known))]
+    ranked = predict(part, NEVER_NEW, k=k, new_label=new_label, images=known)
+    return map_at_k([truth[i] for i in known], ranked["predictions"].tolist(), k)
 
 
 def tune_threshold(
