@@ -302,12 +302,15 @@ def average_fold_scores(neighbours: list[tuple[np.ndarray, np.ndarray]], labels:
 
 
 def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, threshold: float,
-          sweep: pd.DataFrame, folds: list[int] | None = None, test_table: pd.DataFrame | None = None) -> dict:
+          sweep: pd.DataFrame, folds: list[int] | None = None, test_table: pd.DataFrame | None = None,
+          answered_by: list[int] | None = None) -> dict:
     """``metrics.json``: threshold, share of ``new_individual`` answers, OOF MAP@5 beside the all-``new_individual``
     answer's, and, when ``test.csv`` labels test images, test MAP@5 on those (:func:`score_labelled`).
 
     ``folds`` are the folds actually used (:func:`available_folds`); default: the requested ones.
+    ``answered_by``: the models that answered the test (:func:`test_folds`); default: computed from ``folds``.
     """
+    folds = cfg.fold_list() if folds is None else list(folds)
     first = submission["predictions"].str.split().str[0]
     best_row = sweep.iloc[(sweep["threshold"] - threshold).abs().argmin()]
     all_new = sweep[sweep["threshold"] >= ALL_NEW]
@@ -317,8 +320,8 @@ def score(cfg: RetrievalConfig, comp: Competition, submission: pd.DataFrame, thr
         "threshold_tuned": cfg.new_threshold < 0,
         "new_share": float((first == cfg.new_label).mean()),
         "oof_map5": float(best_row["map5"]),
-        "folds": cfg.fold_list() if folds is None else list(folds),
-        "test_folds": test_folds(cfg, cfg.fold_list() if folds is None else list(folds)),
+        "folds": folds,
+        "test_folds": test_folds(cfg, folds) if answered_by is None else list(answered_by),
         "fold_merge": cfg.fold_merge,
         "n_test": len(submission),
     }
@@ -424,7 +427,8 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     if reranker is not None:
         local, chosen_oof = local_rerank.set_weight(cfg, reranker, oof=lambda r: oof_scores(cfg, comp, folds, r),
                                                     stored=lambda: stored_local_weight(cfg))
-    test = test_scores(cfg, comp, test_folds(cfg, folds), reranker)
+    answered_by = test_folds(cfg, folds)
+    test = test_scores(cfg, comp, answered_by, reranker)
     if cfg.inference_only:
         threshold, sweep = stored_threshold(cfg)
         oof, truth = pd.DataFrame(columns=["image", "individual_id", "score"]), pd.Series(dtype=str)
@@ -436,7 +440,7 @@ def run_retrieval(cfg: RetrievalConfig, comp: Competition) -> RetrievalResult:
     submission = retrieval.predict(test, threshold, k=5, new_label=cfg.new_label, images=comp.test["image"])
     if reranker is not None:
         local.update(local_rerank.save_pairs(cfg, reranker))
-    result_metrics = {**score(cfg, comp, submission, threshold, sweep, folds, test), **local}
+    result_metrics = {**score(cfg, comp, submission, threshold, sweep, folds, test, answered_by), **local}
     if not cfg.inference_only:
         result_metrics.update({**shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source})
         result_metrics = _json_safe(result_metrics)
