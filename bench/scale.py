@@ -12,6 +12,10 @@ one fold of five. The parent records per stage and size:
 * for the training stages (02, 05) the loader wait share: the time the training loop spends in ``next()`` on
   the training loader over the loop's time. The child wraps :func:`common.core.distributed.epoch_loader`
   (a monkeypatch in this script; the library is not changed);
+* the part of a stage that is an inherent product, timed apart by wrapping the function in the child: stage 04's
+  faiss search (queries x gallery), and stages 05 and 06's classifier head outside training (every image scored
+  against every class, images x classes; stage 05 trains with Partial FC, ``partial_fc=1024``, so its training
+  head is bounded);
 * growth exponents ``log(t2 / t1) / log(n2 / n1)`` between consecutive sizes, and a log-log plot.
 
 Rows accumulate in ``<root>/scale_rows.json`` so that sizes can be run by separate calls; ``--record`` appends
@@ -44,7 +48,14 @@ STAGE_NAMES = {"00": "generate", "01": "crop", "02": "train embedder", "03": "ex
 OVERRIDES: dict[str, Any] = dict(n_folds=5, folds="0", epochs=1, batch_size=64, num_workers=-1, image_size=64,
                                  detector_epochs=1, detector_imgsz=64, detector_batch=32, knn_k=50, n_examples=4,
                                  threshold_step=0.02)
-STAGE_OVERRIDES: dict[str, dict[str, Any]] = {"05": dict(backbone="mobilenetv3_small_050", pretrained="none")}
+# Stage 05's classes are the individuals (15.5k at 80k images): Partial FC keeps its training head at 1,024 classes
+# per batch (every class up to ~5k images), as a Happywhale-sized run of the classifier would.
+STAGE_OVERRIDES: dict[str, dict[str, Any]] = {"05": dict(backbone="mobilenetv3_small_050", pretrained="none",
+                                                         partial_fc=1024)}
+# The part of a stage that is an inherent queries x gallery (or x classes) product, timed apart by the child
+# (``search_cpu_s``) and reported beside the rest of the stage.
+SEARCH_NAMES = {"04": "the faiss search", "05": "scoring every class at prediction",
+                "06": "scoring every class at prediction"}
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -74,6 +85,34 @@ class _TimedLoader:
             yield batch
 
 
+def _time_calls(owner: Any, name: str, spent: dict[str, float], when: Any = None) -> None:
+    """Replace ``owner.name`` by a wrapper that adds its CPU and wall seconds to ``spent`` (``search_cpu_s``,
+    ``search_wall_s``), for the calls where ``when()`` is true (default: all)."""
+    plain = getattr(owner, name)
+
+    def timed(*a, **k):
+        if when is not None and not when():
+            return plain(*a, **k)
+        c, w = time.process_time(), time.perf_counter()
+        try:
+            return plain(*a, **k)
+        finally:
+            spent["search_cpu_s"] += time.process_time() - c
+            spent["search_wall_s"] += time.perf_counter() - w
+
+    setattr(owner, name, timed)
+
+
+def _time_head_at_prediction(spent: dict[str, float]) -> None:
+    """Stages 05 and 06: time the ArcFace head's forward outside training (validation and prediction score every
+    class: images x classes, the classifier's counterpart of the retrieval's search)."""
+    import torch
+
+    from common.lib.heads import ArcMarginProduct
+
+    _time_calls(ArcMarginProduct, "forward", spent, when=lambda: not torch.is_grad_enabled())
+
+
 def run_child(stage: str, spec_file: str) -> None:
     """One stage in this process (the parent measures it); writes the loader timings next to ``spec_file``."""
     from common.config import STAGE_CONFIGS
@@ -86,6 +125,7 @@ def run_child(stage: str, spec_file: str) -> None:
     cfg = STAGE_CONFIGS[stage].from_params(spec["params"], params_file="")
     comp = data_mod.open_competition(cfg.data)
     extra: dict[str, Any] = {}
+    spent = {"search_cpu_s": 0.0, "search_wall_s": 0.0}
     if stage == "01":
         from common.stages import crop_images as crop_stage
 
@@ -102,27 +142,20 @@ def run_child(stage: str, spec_file: str) -> None:
         from common.lib import retrieval
         from common.stages import retrieve_submit as submit
 
-        search, spent = retrieval.search, {"search_cpu_s": 0.0, "search_wall_s": 0.0}
-
-        def timed_search(*a, **k):  # the faiss search, reported apart (queries x gallery: inherently quadratic)
-            c, w = time.process_time(), time.perf_counter()
-            try:
-                return search(*a, **k)
-            finally:
-                spent["search_cpu_s"] += time.process_time() - c
-                spent["search_wall_s"] += time.perf_counter() - w
-
-        retrieval.search = timed_search
+        # the faiss search, reported apart (queries x gallery: inherently quadratic)
+        _time_calls(retrieval, "search", spent)
         extra = {k: v for k, v in submit.run_retrieval(cfg, comp).metrics.items() if k.startswith("map5")}
-        extra.update(spent)
     elif stage == "05":
         from common.stages import train_classifier as classify
 
+        _time_head_at_prediction(spent)
         classify.run_classification(cfg, comp)
     else:
         from common.stages import ensemble_postprocess as ensemble_stage
 
+        _time_head_at_prediction(spent)
         ensemble_stage.run_ensemble(cfg, comp)
+    extra.update({k: v for k, v in spent.items() if v})
     Path(spec["timing"]).write_text(json.dumps({**_TimedLoader.totals, **extra}))
 
 
@@ -248,10 +281,10 @@ def span_table(rows: list[dict[str, Any]], lo: int = 5000, stages: tuple[str, ..
         lines.append(f"| {stage} {STAGE_NAMES[stage]} | {a['cpu_s']:.1f} | {b['cpu_s']:.1f} | "
                      f"{math.log(b['cpu_s'] / a['cpu_s']) / span:.2f} | {math.log(b['wall_s'] / a['wall_s']) / span:.2f} | "
                      f"{b['peak_rss_mb']:.0f} / {_pss(b)} |")
-        if "search_cpu_s" in a and "search_cpu_s" in b:  # stage 04: the faiss search apart from the rest
-            for name, x, y in (("the faiss search alone", a["search_cpu_s"], b["search_cpu_s"]),
-                               ("without the faiss search", a["cpu_s"] - a["search_cpu_s"],
-                                b["cpu_s"] - b["search_cpu_s"])):
+        if "search_cpu_s" in a and "search_cpu_s" in b:  # 04's search, 05/06's class scoring apart from the rest
+            what = SEARCH_NAMES.get(stage, "the search")
+            for name, x, y in ((f"{what} alone", a["search_cpu_s"], b["search_cpu_s"]),
+                               (f"without {what}", a["cpu_s"] - a["search_cpu_s"], b["cpu_s"] - b["search_cpu_s"])):
                 lines.append(f"| {stage} {name} | {x:.1f} | {y:.1f} | {math.log(y / x) / span:.2f} | - | - |")
     totals = []
     for n in sorted({r["size"] for r in rows}):
@@ -293,7 +326,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every row, with the wall-time exponent against the previous size."""
     exp_wall, exp_cpu, exp_rss = exponents(rows), exponents(rows, "cpu_s"), exponents(rows, "peak_rss_mb")
     lines = ["| images | stage | wall s | CPU s | peak RSS MB | peak PSS MB | files | disk MB | loader wait "
-             "| wall exponent | CPU exponent | RSS exponent | MAP@5 | search CPU s |",
+             "| wall exponent | CPU exponent | RSS exponent | MAP@5 | search / class scoring CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["size"], r["stage"])):
         key = (r["stage"], r["size"])

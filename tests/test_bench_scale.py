@@ -140,6 +140,10 @@ def test_every_stage_runs_through_the_bench(scale, tmp_path):
     # the training stages report how long their loop waited for data
     assert {r["stage"] for r in rows if r.get("loader_wait") is not None} == {"02", "05"}
     assert "map5" in rows[4]
+    # the inherent products timed apart: 04's faiss search, 05/06's head scoring every class at prediction
+    by = {r["stage"]: r for r in rows}
+    assert all(0 < by[s]["search_cpu_s"] < by[s]["cpu_s"] for s in ("04", "05", "06"))
+    assert "search_cpu_s" not in by["02"]
 
 
 def test_span_table_gives_the_exponent_over_the_whole_range(scale):
@@ -161,3 +165,7 @@ def test_span_table_gives_the_exponent_over_the_whole_range(scale):
     assert lines["| 04 the faiss search alone"][1:4] == ["2.0", "32.0", "1.00"]
     assert lines["| 04 without the faiss search"][1:4] == ["6.0", "256.0", f"{math.log(256 / 6) / math.log(16):.2f}"]
     assert scale.table(rows).splitlines()[-1].rstrip(" |").endswith("| 32.0")
+    rows = [_row(5000, "05", 9.0, cpu=8.0, search_cpu_s=2.0), _row(80000, "05", 300.0, cpu=288.0, search_cpu_s=32.0)]
+    text = scale.span_table(rows, stages=("05",))
+    assert "| 05 scoring every class at prediction alone | 2.0 | 32.0 | 1.00 |" in text
+    assert "| 05 without scoring every class at prediction | 6.0 | 256.0 |" in text

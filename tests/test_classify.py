@@ -54,6 +54,9 @@ def tiny_cfg(comp, **overrides) -> ClassifierConfig:
     (dict(distill_weight=1.5), "distill_weight"),
     (dict(ema_decay=1.0), "ema_decay"),
     (dict(exp="a", distill_from="a"), "itself"),
+    (dict(partial_fc=-1), "partial_fc=-1"),
+    (dict(partial_fc=100, loss="eql"), "partial_fc=100 cannot be combined with loss='eql'"),
+    (dict(partial_fc=100, la_loss_tau=1.0, distill_from="t"), "la_loss_tau=1.0, distill_from='t'"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -145,11 +148,14 @@ def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
     return calls
 
 
-def test_kill_and_resume_matches_an_unbroken_run_with_every_stateful_trick(comp, monkeypatch):
-    """EMA, Softmax-EQL's accumulated gradients, the balanced sampler, CutMix/Mixup draws, dropout and
-    checkpoint averaging all carry state across epochs: a resumed run must end bit-identical."""
-    tricks = dict(epochs=3, dropout=0.2, ema_decay=0.5, loss="eql", sampler="balanced", cutmix_alpha=1.0,
-                  mixup_alpha=0.4, mix_prob=0.7, avg_last=2, head="arcface", optimizer="radam")
+@pytest.mark.parametrize("tricks", [
+    dict(epochs=3, dropout=0.2, ema_decay=0.5, loss="eql", sampler="balanced", cutmix_alpha=1.0,
+         mixup_alpha=0.4, mix_prob=0.7, avg_last=2, head="arcface", optimizer="radam"),
+    dict(epochs=3, partial_fc=5, cutmix_alpha=1.0, mix_prob=0.7, head="subcenter", arc_k=2, label_smoothing=0.1),
+], ids=["every-trick", "partial-fc"])
+def test_kill_and_resume_matches_an_unbroken_run_with_every_stateful_trick(comp, monkeypatch, tricks):
+    """EMA, Softmax-EQL's accumulated gradients, the balanced sampler, CutMix/Mixup draws, dropout, Partial FC's
+    class draws and checkpoint averaging all carry state across epochs: a resumed run must end bit-identical."""
     ref = tiny_cfg(comp, exp="unbroken", **tricks)
     folds = classify.prepare_folds(ref, comp)
     classify.train_fold(ref, comp, folds, 0)
@@ -171,6 +177,48 @@ def test_kill_and_resume_matches_an_unbroken_run_with_every_stateful_trick(comp,
     got = torch.load(out / "model.pt", weights_only=True)
     differ = [k for k in want if not torch.equal(want[k], got[k])]
     assert not differ, f"resumed weights differ: {differ[:5]}"
+
+
+@pytest.mark.parametrize("head", ["linear", "subcenter"])
+def test_partial_fc_scores_a_sample_of_the_classes_while_training(comp, monkeypatch, head):
+    """With ``partial_fc=n`` each training batch's logits cover n classes, its own among them; validation and
+    prediction score every class. ``partial_fc`` at or above the class count is the plain run, bit for bit."""
+    widths, plain_forward = [], ClassifierModel.forward
+
+    def spy(self, x, labels=None, return_aux=False, classes=None):
+        out = plain_forward(self, x, labels, return_aux, classes)
+        widths.append((self.training, out.shape[1]))
+        if classes is not None and labels is not None:
+            assert set(labels.tolist()) <= set(classes.tolist())
+        return out
+
+    monkeypatch.setattr(ClassifierModel, "forward", spy)
+    base = dict(epochs=1, head=head, **({"arc_k": 2} if head == "subcenter" else {}))
+    folds = classify.prepare_folds(tiny_cfg(comp, exp="pfc", partial_fc=3, **base), comp)
+    n_classes = len(store.read_json(classify.stage_dir("pfc") / "classes.json")["classes"])
+    assert n_classes > 4
+    classify.train_fold(tiny_cfg(comp, exp="pfc", partial_fc=3, **base), comp, folds, 0)
+    train_widths = {w for training, w in widths if training}
+    assert train_widths and max(train_widths) <= 4 and min(train_widths) >= 3  # 3, or the batch's 4 classes
+    assert {w for training, w in widths if not training} == {n_classes}
+    models = {}
+    for name, n in (("all", 0), ("over", n_classes)):
+        classify.prepare_folds(tiny_cfg(comp, exp=name, partial_fc=n, **base), comp)
+        classify.train_fold(tiny_cfg(comp, exp=name, partial_fc=n, **base), comp, folds, 0)
+        models[name] = torch.load(classify.fold_dir(name, 0) / "model.pt", weights_only=True)
+    pfc = torch.load(classify.fold_dir("pfc", 0) / "model.pt", weights_only=True)
+    assert all(torch.equal(models["all"][k], models["over"][k]) for k in pfc)
+    assert not all(torch.equal(models["all"][k], pfc[k]) for k in pfc)
+
+
+def test_model_logits_of_sampled_classes_are_the_full_logits_columns():
+    torch.manual_seed(0)
+    x, classes = torch.randn(2, 3, 32, 32), torch.tensor([0, 2, 3])
+    for head in ("linear", "subcenter"):
+        model = ClassifierModel("mobilenetv3_small_050", 5, pretrained="none", head=head, arc_k=2).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(model(x, classes=classes).numpy(), model(x)[:, classes].numpy(),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_averaging_is_the_mean_of_the_kept_epochs(comp):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.lib.heads import ArcMarginProduct, dynamic_margins
+from common.lib.heads import ArcMarginProduct, class_columns, dynamic_margins, sample_classes
 
 S, M = 30.0, 0.5
 
@@ -226,3 +226,52 @@ def test_matches_pytorch_metric_learning_subcenter_arcface():
     # pml's column c * k + j is sub-centre j of class c: the same order as our rows.
     ref.W.data.copy_(head.weight.detach().t())
     torch.testing.assert_close(F.cross_entropy(head(x, y), y), ref(x, y), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ Partial FC
+def test_sample_classes_keeps_the_positives_and_fills_up_with_others():
+    g = torch.Generator().manual_seed(0)
+    got = sample_classes(torch.tensor([7, 3, 7]), 20, 6, g)
+    assert got.dtype == torch.int64 and got.numel() == 6
+    assert got.tolist() == sorted(set(got.tolist()))  # sorted and distinct
+    assert {3, 7} <= set(got.tolist()) and all(0 <= c < 20 for c in got.tolist())
+    assert sample_classes(torch.tensor([1]), 5, 0).tolist() == [0, 1, 2, 3, 4]  # 0: every class
+    assert sample_classes(torch.tensor([1]), 5, 9).tolist() == [0, 1, 2, 3, 4]  # more than there are
+    assert sample_classes(torch.tensor([4, 0, 2]), 9, 2).tolist() == [0, 2, 4]  # more positives than n_sample
+    draws = {tuple(sample_classes(torch.tensor([0]), 50, 5, torch.Generator().manual_seed(s)).tolist())
+             for s in range(5)}
+    assert len(draws) > 1  # the negatives are random...
+    again = sample_classes(torch.tensor([7, 3, 7]), 20, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(got, again)  # ...and reproducible from the generator's seed
+    with pytest.raises(ValueError, match="n_sample must be >= 0"):
+        sample_classes(torch.tensor([0]), 5, -1)
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\)"):
+        sample_classes(torch.tensor([5]), 5, 2)
+
+
+def test_class_columns_and_missing_label():
+    classes = torch.tensor([1, 4, 6])
+    assert class_columns(classes, torch.tensor([6, 1, 4, 4])).tolist() == [2, 0, 1, 1]
+    with pytest.raises(ValueError, match="label 5 is not among the sampled classes"):
+        class_columns(classes, torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="label 9 is not among"):
+        class_columns(classes, torch.tensor([9]))  # beyond the last class
+
+
+@pytest.mark.parametrize("kwargs", [dict(m=M), dict(m=M, k=3), dict(margins=torch.linspace(0.1, 0.6, 7))])
+def test_sampled_classes_give_the_full_logits_columns(kwargs):
+    """Partial FC's logits are the full head's columns of the sampled classes, margin included; only the sampled
+    classes' weight rows get a gradient."""
+    torch.manual_seed(0)
+    head = ArcMarginProduct(8, 7, s=S, **kwargs)
+    x, labels, classes = torch.randn(4, 8), torch.tensor([5, 1, 5, 3]), torch.tensor([1, 3, 5, 6])
+    full = head(x, labels)
+    part = head(x, labels, classes)
+    np.testing.assert_allclose(part.detach().numpy(), full[:, classes].detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(head(x, classes=classes).detach().numpy(),
+                               head(x)[:, classes].detach().numpy(), rtol=1e-6, atol=1e-6)
+    part.sum().backward()
+    rows = head.weight.grad.view(7, head.k, 8).abs().sum((1, 2))
+    assert (rows[classes] > 0).all() and (rows[[0, 2, 4]] == 0).all()
+    with pytest.raises(ValueError, match="label 2 is not among"):
+        head(x, torch.tensor([2, 1, 5, 3]), classes)

@@ -152,6 +152,9 @@ class ClassifierConfig(TrainConfig):
                               "KL term).", model=True, choices=("mix", "kd"))
     distill_weight: float = param(0.2, "weight of the soft targets (2:8 soft:hard by default).", model=True)
     distill_temperature: float = param(1.0, "temperature of the kd term.", model=True)
+    partial_fc: int = param(0, "Partial FC: each training batch computes the logits of its own classes plus random "
+                            "others, this many in all (0: every class). Bounds the head's cost when the classes are "
+                            "thousands of individuals; prediction still scores every class.", model=True)
     aux_column: str = param("", "a train.csv column (a coarse class, species) learnt by an auxiliary linear head on "
                             "the same features, like the embedder's species head (empty: off).", model=True)
     aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
@@ -179,6 +182,15 @@ class ClassifierConfig(TrainConfig):
             raise ValueError(f"prob_topk={self.prob_topk}: use 0 (automatic), -1 (dense) or k >= 5")
         if self.distill_from and self.distill_from == self.exp:
             raise ValueError(f"distill_from={self.distill_from!r} is this experiment itself")
+        if self.partial_fc < 0:
+            raise ValueError(f"partial_fc={self.partial_fc}: must be >= 0 (0: every class)")
+        if self.partial_fc:  # these need every class's logit in the loss
+            clash = [f"{name}={value!r}" for name, value, on in (
+                ("loss", self.loss, self.loss == "eql"), ("la_loss_tau", self.la_loss_tau, self.la_loss_tau > 0),
+                ("distill_from", self.distill_from, bool(self.distill_from))) if on]
+            if clash:
+                raise ValueError(f"partial_fc={self.partial_fc} cannot be combined with {', '.join(clash)}: they "
+                                 "need every class's logit; set partial_fc=0")
 
     def avg_epoch_list(self) -> list[int]:
         """``avg_epochs`` as sorted integers (empty when unset); each must be in 1..epochs."""

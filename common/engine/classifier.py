@@ -5,6 +5,7 @@ Every trick is one :class:`~common.config.ClassifierConfig` field; :class:`Class
 
 * head (``linear``, ``arcface``, ``subcenter`` + ``dynamic_margin``): :class:`common.lib.models.ClassifierModel` on
   :class:`common.lib.heads.ArcMarginProduct`;
+* Partial FC (``partial_fc``: each batch scores a sample of the classes): :func:`common.lib.heads.sample_classes`;
 * loss, logit adjustment, distillation targets: :mod:`common.lib.losses`;
 * class-balanced sampling: :mod:`common.lib.sampling`; CutMix / Mixup: :mod:`common.lib.mixing`;
 * EMA and checkpoint averaging: :mod:`common.lib.averaging`;
@@ -38,7 +39,7 @@ from common.engine import fit as engine
 from common.engine.fit import Task
 from common.engine.predict import forward_images
 from common.lib.averaging import ModelEma, average_checkpoints, select_checkpoints
-from common.lib.heads import margins_from_config
+from common.lib.heads import class_columns, margins_from_config, sample_classes
 from common.lib.losses import build_criterion, distillation_loss, mix_hard_soft, to_soft_targets
 from common.lib.metrics import classification_report
 from common.lib.mixing import BatchMixer
@@ -194,6 +195,7 @@ class ClassifierTask(Task):
         self.soft: Scores | None = None  # teacher_targets: dense, or top-k rows made dense per batch
         self.aux: torch.Tensor | None = None  # auxiliary-head labels of the training rows (aux_column)
         self.sampler: ClassBalancedSampler | None = None
+        self.pfc_generator: torch.Generator | None = None  # Partial FC's class draws (partial_fc > 0)
 
     def describe(self, comp: Competition, fit: pd.DataFrame) -> dict[str, Any]:
         cfg = self.cfg
@@ -230,6 +232,8 @@ class ClassifierTask(Task):
         self.criterion = build_criterion(
             cfg.loss, self.n_classes, np.maximum(self.counts, 1), label_smoothing=cfg.label_smoothing,
             focal_gamma=cfg.focal_gamma, eql_tau=cfg.eql_tau, la_tau=cfg.la_loss_tau).to(device)
+        if cfg.partial_fc:
+            self.pfc_generator = torch.Generator()  # seeded per epoch in epoch_order: a resumed run draws the same
         if cfg.sampler != "random":
             self.sampler = ClassBalancedSampler(self.y_fit, power=1.0 if cfg.sampler == "balanced" else 0.5,
                                                 seed=cfg.seed * 1000 + self.fold)
@@ -246,6 +250,8 @@ class ClassifierTask(Task):
 
     def epoch_order(self, epoch: int, n: int) -> list[int]:
         self.mixer.set_epoch(epoch)
+        if self.pfc_generator is not None:
+            self.pfc_generator.manual_seed((self.cfg.seed * 1000 + self.fold) * 1000 + epoch)
         self.criterion.train()
         if self.sampler is None:
             return super().epoch_order(epoch, n)
@@ -261,9 +267,15 @@ class ClassifierTask(Task):
             x, target = self.mixer(x, to_soft_targets(target, n_classes))
         # ArcFace heads put the margin on the dominant class of a mixed target.
         margin_labels = target.argmax(1) if target.ndim == 2 else y
+        extra: dict[str, Any] = {"return_aux": True} if self.aux is not None else {}
+        if self.pfc_generator is not None and cfg.partial_fc < n_classes:  # Partial FC: a sample of the classes
+            present = target.sum(0).nonzero().view(-1) if target.ndim == 2 else target
+            extra["classes"] = classes = sample_classes(present, n_classes, cfg.partial_fc, self.pfc_generator)
+            target = target[:, classes] if target.ndim == 2 else class_columns(classes, target)
         with amp_context(x.device, cfg.amp):
-            logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None,
-                                 **({"return_aux": True} if self.aux is not None else {}))
+            logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None, **extra)
+        if "classes" in extra:  # the logits' columns are the sampled classes: count train_acc in them
+            margin_labels = class_columns(extra["classes"], margin_labels)
         if self.aux is not None:  # auxiliary head: one cross-entropy term on its classes
             logits, aux_logits = logits
         loss = self.criterion(logits.float(), target)

@@ -117,6 +117,58 @@ def class_counts(counts: Sequence[int] | np.ndarray | torch.Tensor, who: str) ->
     return n
 
 
+def sample_classes(positives: torch.Tensor, n_classes: int, n_sample: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Partial FC's class sampling: the classes whose logits one training batch computes.
+
+    The batch's own classes (``positives``) are always kept; random other classes fill the set up to ``n_sample``.
+    Scoring only these bounds the head's cost per image by ``n_sample`` instead of the number of classes, which
+    grows with the data when the classes are individuals (Happywhale: 15,587). The softmax is taken over the
+    sampled classes, so the loss sees ``n_sample - positives`` negatives per batch instead of all of them; An et
+    al. report accuracy comparable to the full softmax at 10 % of the classes (Partial FC, CVPR 2022,
+    https://arxiv.org/abs/2203.15565; first version https://arxiv.org/abs/2010.05222).
+
+    Args:
+        positives: class ids that must be sampled (a batch's labels; repeats allowed), any device.
+        n_classes: number of classes ``C``.
+        n_sample: classes to return; ``0`` or ``>= C`` returns all of them. When the batch holds more distinct
+            classes than ``n_sample``, all of them are returned.
+        generator: a CPU generator, for reproducible draws.
+
+    Returns:
+        Sorted int64 class ids on ``positives``' device.
+
+    Raises:
+        ValueError: on a negative ``n_sample`` or a positive outside ``[0, C)``.
+    """
+    if n_sample < 0:
+        raise ValueError(f"sample_classes: n_sample must be >= 0, got {n_sample}")
+    positives = positives.long().view(-1)
+    if positives.numel() and (int(positives.min()) < 0 or int(positives.max()) >= n_classes):
+        raise ValueError(f"sample_classes: class ids must be in [0, {n_classes}), got {positives.min()}.."
+                         f"{positives.max()}")
+    if n_sample == 0 or n_sample >= n_classes:
+        return torch.arange(n_classes, device=positives.device)
+    key = torch.rand(n_classes, generator=generator)
+    key[positives.cpu()] = 2.0  # above every uniform draw: the positives always rank first
+    n = max(n_sample, int(torch.unique(positives).numel()))
+    return torch.topk(key, n).indices.sort().values.to(positives.device)
+
+
+def class_columns(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The column of each label among sorted ``classes`` (Partial FC's logits).
+
+    Raises:
+        ValueError: if a label is not among ``classes``.
+    """
+    labels = labels.long().view(-1)
+    pos = torch.searchsorted(classes, labels).clamp(max=max(classes.numel() - 1, 0))
+    if classes.numel() == 0 or not bool((classes[pos] == labels).all()):
+        missing = labels[classes[pos] != labels] if classes.numel() else labels
+        raise ValueError(f"class_columns: label {int(missing[0])} is not among the sampled classes")
+    return pos
+
+
 class ArcMarginProduct(nn.Module):
     """ArcFace / sub-center ArcFace logits with a fixed or per-class additive angular margin.
 
@@ -196,39 +248,50 @@ class ArcMarginProduct(nn.Module):
             f"easy_margin={self.easy_margin}, k={self.k}, ls_eps={self.ls_eps}"
         )
 
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Cosine between each embedding and each class (max over sub-centres): float32 ``(N, out_features)``.
+    def cosine(self, embeddings: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine between each embedding and each class (max over sub-centres): float32 ``(N, out_features)``,
+        or ``(N, len(classes))`` over the given classes only (Partial FC, :func:`sample_classes`).
 
         Args:
             embeddings: ``(N, in_features)``, any float dtype; need not be normalised.
+            classes: optional sorted class ids whose columns are computed, in that order.
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.in_features:
             raise ValueError(
                 f"ArcMarginProduct: embeddings must have shape (N, {self.in_features}), "
                 f"got {tuple(embeddings.shape)}"
             )
+        weight, n_out = self.weight, self.out_features
+        if classes is not None:  # only these classes' rows (each class's k sub-centres stay together)
+            weight = weight.view(self.out_features, self.k, self.in_features)[classes].reshape(-1, self.in_features)
+            n_out = int(classes.numel())
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+            cos = F.linear(F.normalize(embeddings.float()), F.normalize(weight.float()))
             if self.k > 1:
-                cos = cos.view(-1, self.out_features, self.k).amax(dim=2)
+                cos = cos.view(-1, n_out, self.k).amax(dim=2)
         return cos
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
+                classes: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled cosine logits, with the margin on each row's target class when ``labels`` is given.
 
         Args:
             embeddings: ``(N, in_features)``.
             labels: optional ``(N,)`` integer class ids in ``[0, out_features)``.
+            classes: optional sorted class ids (Partial FC, :func:`sample_classes`): the logits are computed for
+                these classes only, column ``j`` being class ``classes[j]``; every label must be among them.
 
         Returns:
-            float32 logits of shape ``(N, out_features)``, also under autocast.
+            float32 logits of shape ``(N, out_features)`` (``(N, len(classes))`` with ``classes``), also under
+            autocast.
         """
-        cos = self.cosine(embeddings)
+        cos = self.cosine(embeddings, classes)
         if labels is None:
             return cos * self.s
         labels = labels.long().view(-1)
         if labels.shape[0] != cos.shape[0]:
             raise ValueError(f"ArcMarginProduct: {cos.shape[0]} embeddings but {labels.shape[0]} labels")
+        columns = labels if classes is None else class_columns(classes, labels)
         with torch.autocast(device_type=cos.device.type, enabled=False):
             if self.per_class:  # gather each row's own margin terms by its label
                 cos_m, sin_m = self.cos_m[labels, None], self.sin_m[labels, None]
@@ -243,8 +306,8 @@ class ArcMarginProduct(nn.Module):
                 # Beyond theta = pi - m, cos(theta + m) would increase again; use the linear
                 # cos(theta) - m * sin(m) so the target logit keeps falling as theta grows.
                 phi = torch.where(cos > th, phi, cos - mm)
-            one_hot = F.one_hot(labels, self.out_features).to(cos.dtype)
+            one_hot = F.one_hot(columns, cos.shape[1]).to(cos.dtype)
             if self.ls_eps > 0:
-                one_hot = (1.0 - self.ls_eps) * one_hot + self.ls_eps / self.out_features
+                one_hot = (1.0 - self.ls_eps) * one_hot + self.ls_eps / cos.shape[1]
             logits = one_hot * phi + (1.0 - one_hot) * cos
         return logits * self.s

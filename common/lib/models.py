@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.core.weights import (
@@ -290,12 +291,19 @@ class ClassifierModel(FrozenBlocks):
         out = self.backbone(x)
         return out.mean(dim=1) if out.ndim == 3 else out.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
-                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False,
+                classes: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits ``(N, n_classes)``; ArcFace heads put their margin on ``labels`` when given.
-        With ``return_aux`` (and an auxiliary head), ``(logits, aux_logits)``."""
+        With ``classes`` (sorted class ids, Partial FC: :func:`~common.lib.heads.sample_classes`), the logits of
+        those classes only, ``(N, len(classes))``. With ``return_aux`` (and an auxiliary head),
+        ``(logits, aux_logits)``."""
         f = self.dropout(self.features(x))
-        logits = self.head(f).float() if self.head_type == "linear" else self.head(f, labels)
+        if self.head_type != "linear":
+            logits = self.head(f, labels, classes)
+        elif classes is None:
+            logits = self.head(f).float()
+        else:
+            logits = F.linear(f, self.head.weight[classes], self.head.bias[classes]).float()
         if return_aux:
             if self.aux_head is None:
                 raise ValueError("ClassifierModel: return_aux=True but the model has no auxiliary head (n_aux=0)")
