@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from common.config import EmbedderConfig, ExtractConfig, RetrievalConfig
-from common.core import store
+from common.config import EmbedderConfig, EnsembleConfig, ExtractConfig, RetrievalConfig
+from common.core import paths, store
 from common.data import artefacts
 from common.data.competition import build_transforms, read_rgb
 from common.engine import embedder as train
+from common.stages import ensemble_postprocess as ensemble_stage
 from common.stages import extract_embeddings as embed
 from common.stages import retrieve_submit as submit
 from common.stages import train_embedder
@@ -225,3 +226,10 @@ def test_full_fit_model_answers_the_test_and_the_folds_tune_the_threshold(comp):
     assert set(result.oof_scores["image"]) <= set(folds.loc[folds["fold"] == 0, "image"])
     with pytest.raises(Exception, match="fold3"):  # full_fit asked of a run whose full model is missing
         submit.test_folds(RetrievalConfig(**{**common, "n_folds": 3}), [0])
+    # stage 06's retrieval side with this one member: the full model answers, fold 0 tunes; stage 04's numbers
+    res = ensemble_stage.run_ensemble(EnsembleConfig(data=str(comp.root), exp="full-ens", members="",
+                                                     embed_members="full", knn_k=10, device="cpu"), comp)
+    assert res["retrieval"]["folds"] == [0] and res["retrieval"]["test_folds"] == [2]
+    assert res["retrieval"]["threshold"] == result.metrics["threshold"]
+    pd.testing.assert_frame_equal(pd.read_csv(paths.submission_path(res["submission"])),
+                                  pd.read_csv(paths.submission_path("full")))

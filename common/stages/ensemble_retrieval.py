@@ -4,7 +4,8 @@
   (each part L2-normalised, then the whole), so one search scores the mean cosine similarity of the parts.
   Out of fold, query fold ``k`` uses the fold-``k`` models of every member (models that never saw it) against
   the other folds' images, as stage 04 does (``oof_new_share`` of the queries made unseen by hiding their
-  individual); on the test set every fold of every member is joined. The members must share the fold split
+  individual); on the test set every fold of every member is joined, or, when every member was trained with
+  ``full_fit``, each member's full-data model alone (:func:`answer_folds`). The members must share the fold split
   (``02_embedder/folds.csv``).
 * Blend (``blend_ratio > 0``): :func:`common.lib.ensemble.blend_scores` of those scores with the classifier
   ensemble's probabilities, on the out-of-fold images both sides have. The classifier knows the individuals
@@ -61,6 +62,24 @@ def embed_folds(names: list[str]) -> list[int]:
     if not common:
         raise FileNotFoundError(f"embed members share no fold with embeddings: {found}")
     return common
+
+
+def answer_folds(names: list[str], folds: list[int]) -> tuple[list[int], list[int]]:
+    """The members' shared embedding folds split in two: the cross-validation folds, scored out of fold, and the
+    models that answer the test. With stage 02's ``full_fit`` every member also has fold ``n_folds``, trained on
+    every image (a fold that ``02_embedder/folds.csv`` does not list): it alone answers the test, as in stage 04.
+    Otherwise the cross-validation folds answer it, joined.
+
+    Raises:
+        FileNotFoundError: when no cross-validation fold is shared (only the full models).
+    """
+    listed = set(read_folds(names[0])["fold"].astype(int))
+    cv = [k for k in folds if k in listed]
+    full = [k for k in folds if k not in listed]
+    if not cv:
+        raise FileNotFoundError(f"embed members {names}: only the full-data model's embeddings (fold {full}) are "
+                                "shared; the threshold is tuned out of fold, so the folds' embeddings are needed too")
+    return cv, full or cv
 
 
 def shared_split(names: list[str]) -> pd.DataFrame:
@@ -140,15 +159,15 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
             (nothing is scored out of fold); ``None``: tune them.
     """
     names = cfg.member_list("embed_members")
-    folds = embed_folds(names)
+    folds, answer = answer_folds(names, embed_folds(names))
     # local-feature re-ranking (local_features: sift) on the images the first embed member embedded
     reranker, local = local_rerank.make_reranker(cfg, comp, folds, images_exp=names[0]), {}
     if stored is not None:
-        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, folds, reranker)
+        return infer_retrieval_ensemble(cfg, comp, ens, out, stored, answer, reranker)
     if reranker is not None:
         local, _ = local_rerank.set_weight(cfg, reranker, oof=lambda r: oof_scores(cfg, comp, names, folds, r)[:2])
     oof, truth, gallery = oof_scores(cfg, comp, names, folds, reranker)
-    test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds, reranker), ens)
+    test = blend_test(cfg, comp, test_scores(cfg, comp, names, answer, reranker), ens)
     if cfg.blend_ratio > 0:
         oof, truth = blend_oof(cfg, oof, truth, gallery, ens)
     grid = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + 1e-9, cfg.threshold_step), 6)
@@ -158,8 +177,8 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
     share, source = share_for_tuning(cfg, shares)
     best, sweep = tune(cfg, oof, truth, share, minimax=source == "minimax")
     images = list(comp.test["image"].astype(str))
-    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
-                           "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max()),
+    res: dict[str, Any] = {"embed_members": names, "folds": folds, "test_folds": answer,
+                           "blend_ratio": cfg.blend_ratio, "threshold_mode": cfg.threshold_mode, "oof_map5_global": float(sweep["map5"].max()),
                            **shares, "tuned_for_new_share": share, "tuned_for_new_share_source": source, **local}
     if reranker is not None:
         res.update(local_rerank.save_pairs(cfg, reranker))
@@ -220,7 +239,7 @@ def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict |
                              ) -> tuple[dict[str, Any], pd.DataFrame]:
     """``inference_only``: the test search and blend of :func:`run_retrieval_ensemble` with the full run's
     thresholds and local weight (``share`` mode recomputes its threshold from the test scores, as the full run
-    did)."""
+    did); ``folds`` are the models that answer the test (:func:`answer_folds`)."""
     names = cfg.member_list("embed_members")
     local = {}
     if reranker is not None:
@@ -228,7 +247,7 @@ def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict |
             stored.get("local_weight"), stored.get("where", "the full stage-06 run's metrics.json")))
     test = blend_test(cfg, comp, test_scores(cfg, comp, names, folds, reranker), ens)
     images = list(comp.test["image"].astype(str))
-    res: dict[str, Any] = {"embed_members": names, "folds": folds, "blend_ratio": cfg.blend_ratio,
+    res: dict[str, Any] = {"embed_members": names, "test_folds": folds, "blend_ratio": cfg.blend_ratio,
                            "threshold_mode": cfg.threshold_mode, "inference_only": True,
                            "oof_map5": stored.get("oof_map5"), **local}  # the full run's, for reference
     if reranker is not None:
