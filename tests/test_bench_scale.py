@@ -52,6 +52,8 @@ def test_table_lists_every_row_with_its_exponents(scale):
     assert cells[4] == "100" and cells[5] == "62"
     assert cells[8] == "1.2 %" and cells[9] == "1.00" and cells[10] == "0.50" and cells[11] == "0.00"
     assert cells[12] == "0.250"
+    rows[1]["loader_wait_after_first"] = 0.004  # the wait once the first batch is there
+    assert [c.strip() for c in scale.table(rows).splitlines()[3].strip("|").split("|")][8] == "1.2 % (0.4 %)"
 
 
 def test_merge_rows_replaces_only_the_stages_run_again(scale):
@@ -88,7 +90,7 @@ def test_timed_loader_counts_waits_and_batches(scale):
         def __iter__(self):
             return slow()
 
-    scale._TimedLoader.totals.update(wait_s=0.0, loop_s=0.0, batches=0)
+    scale._TimedLoader.totals.update(wait_s=0.0, first_s=0.0, loop_s=0.0, batches=0)
     timed = scale._TimedLoader(Loader())
     assert len(timed) == 3
     for _ in timed:
@@ -96,6 +98,7 @@ def test_timed_loader_counts_waits_and_batches(scale):
     t = scale._TimedLoader.totals
     assert t["batches"] == 3 and 0.055 <= t["wait_s"] < t["loop_s"]
     assert 0.3 < t["wait_s"] / t["loop_s"] < 0.7  # about half the loop waits
+    assert 0.018 <= t["first_s"] < 0.055  # the first batch's wait alone
 
 
 def test_estimate_hours_from_flops():
