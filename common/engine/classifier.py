@@ -275,7 +275,7 @@ class ClassifierTask(Task):
         with amp_context(x.device, cfg.amp):
             logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None, **extra)
         if "classes" in extra:  # the logits' columns are the sampled classes: count train_acc in them
-            margin_labels = class_columns(extra["classes"], margin_labels)
+            margin_labels = class_columns(extra["classes"], margin_labels) if target.ndim == 2 else target
         if self.aux is not None:  # auxiliary head: one cross-entropy term on its classes
             logits, aux_logits = logits
         loss = self.criterion(logits.float(), target)
