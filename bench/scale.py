@@ -62,8 +62,9 @@ SEARCH_NAMES = {"04": "the faiss search", "05": "scoring every class at predicti
 # ------------------------------------------------------------------------------------------ child side
 class _TimedLoader:
     """Wraps a training loader: adds the seconds spent waiting in ``next()``, the part of it spent on each
-    epoch's first batch (the pipeline fill: no batch can be ready before the workers made one), and the loop's
-    seconds."""
+    epoch's first batch (the pipeline fill: what the workers had not made by the time the loop asked), and the
+    loop's seconds (from its first ``next()``, not from ``iter()``: the training loop starts the loader early, so
+    that its workers load while the model is built or the last epoch validates)."""
 
     totals = {"wait_s": 0.0, "first_s": 0.0, "loop_s": 0.0, "batches": 0}
 
@@ -73,23 +74,39 @@ class _TimedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        it, start, first = iter(self.loader), time.perf_counter(), True
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                _TimedLoader.totals["wait_s"] += time.perf_counter() - t
-                _TimedLoader.totals["loop_s"] += time.perf_counter() - start
-                return
-            waited = time.perf_counter() - t
-            _TimedLoader.totals["wait_s"] += waited
-            if first:
-                _TimedLoader.totals["first_s"] += waited
-            _TimedLoader.totals["batches"] += 1
-            first = False
-            yield batch
+    def __iter__(self) -> _TimedIter:
+        return _TimedIter(iter(self.loader), len(self.loader))  # starts the workers now, as the loader would
+
+
+class _TimedIter:
+    """One epoch's timed iterator (:class:`_TimedLoader`)."""
+
+    def __init__(self, it: Any, n: int) -> None:
+        self.it, self.n, self.start = it, n, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> _TimedIter:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        first = self.start is None
+        if first:
+            self.start = t
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            _TimedLoader.totals["wait_s"] += time.perf_counter() - t
+            _TimedLoader.totals["loop_s"] += time.perf_counter() - self.start
+            raise
+        waited = time.perf_counter() - t
+        _TimedLoader.totals["wait_s"] += waited
+        if first:
+            _TimedLoader.totals["first_s"] += waited
+        _TimedLoader.totals["batches"] += 1
+        return batch
 
 
 def _time_calls(owner: Any, name: str, spent: dict[str, float], when: Any = None) -> None:

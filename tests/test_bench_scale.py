@@ -84,16 +84,22 @@ def test_timed_loader_counts_waits_and_batches(scale):
             yield i
 
     class Loader:
+        started = 0
+
         def __len__(self):
             return 3
 
         def __iter__(self):
+            Loader.started += 1
             return slow()
 
     scale._TimedLoader.totals.update(wait_s=0.0, first_s=0.0, loop_s=0.0, batches=0)
     timed = scale._TimedLoader(Loader())
     assert len(timed) == 3
-    for _ in timed:
+    batches = iter(timed)
+    assert Loader.started == 1 and len(batches) == 3  # started at iter(), as the training loop expects
+    time.sleep(0.1)  # the loop builds the model: not part of the loop's seconds
+    for _ in batches:
         time.sleep(0.02)  # "training" between batches: not waiting
     t = scale._TimedLoader.totals
     assert t["batches"] == 3 and 0.055 <= t["wait_s"] < t["loop_s"]

@@ -59,3 +59,4 @@ def test_save_then_resume_restores_every_object_and_trims_the_log(tmp_path):
     with pytest.raises(RuntimeError, match="no 'criterion' state"):
         checkpoint.resume(out, {"criterion": torch.nn.Linear(3, 2)})
     assert checkpoint.resume(tmp_path / "empty", {"model": fresh}) == (0, [])
+    assert checkpoint.saved_epoch(out) == 2 and checkpoint.saved_epoch(tmp_path / "empty") == 0

@@ -86,6 +86,33 @@ def test_epoch_order_is_a_seeded_permutation():
     assert a == b and sorted(a) == list(range(10)) and a != distributed.epoch_order(10, 4)
 
 
+class WorkerSeed(torch.utils.data.Dataset):
+    """Each item is the seed of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        return torch.initial_seed()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_starting_an_epoch_loader_draws_nothing_from_the_global_rng(workers):
+    info = DistInfo(rank=0, world_size=1, local_rank=0)
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    seeds = [int(s) for b in distributed.epoch_loader(WorkerSeed(), [3, 1, 0, 2], 2, info, workers, cpu, seed=9)
+             for s in b]
+    assert torch.equal(torch.get_rng_state(), before)  # training draws the same wherever the loader started
+    if workers:  # the worker's seed is the loader generator's first draw (worker id 0), not the global RNG's
+        first = int(torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(9)))
+        assert seeds == [first] * 4
+        again = [int(s) for b in distributed.epoch_loader(WorkerSeed(), [0, 1, 2, 3], 2, info, workers, cpu,
+                                                          seed=10) for s in b]
+        assert again != seeds
+
+
 def test_image_augmentation_depends_on_epoch_and_index_only(tmp_path):
     from PIL import Image
 

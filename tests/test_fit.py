@@ -106,6 +106,9 @@ class FakeTask(engine.Task):
         self.calls.append(f"epoch_order {epoch}")
         return super().epoch_order(epoch, n)
 
+    def start_epoch(self, epoch):
+        self.calls.append(f"start_epoch {epoch}")
+
     def loss(self, train_model, x, y, batch):
         self.calls.append("loss")
         logits = train_model(x)
@@ -162,9 +165,12 @@ def test_hooks_are_called_in_order(data):
     task = FakeTask(fake_cfg())
     log = engine.fit(task, comp, folds, 0)
     steps = N_FIT // 4
-    epoch = lambda e: [f"epoch_order {e}", *["loss", "after_step"] * steps, "eval_model", "validate",  # noqa: E731
-                       f"epoch_weights {e}"]
-    assert task.calls == ["describe", "build_model", "setup", "datasets", *epoch(1), *epoch(2), "final_weights"]
+    # The next epoch's order is drawn (and its loader started) before this one validates; the first one's
+    # before the model is built.
+    epoch = lambda e, later: [f"start_epoch {e}", *["loss", "after_step"] * steps,  # noqa: E731
+                              *later, "eval_model", "validate", f"epoch_weights {e}"]
+    assert task.calls == ["describe", "datasets", "epoch_order 1", "build_model", "setup",
+                          *epoch(1, ["epoch_order 2"]), *epoch(2, []), "final_weights"]
     assert list(log.columns) == FakeTask.log_columns() == [
         "epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds", "images_per_s"]
     assert log["epoch"].tolist() == [1, 2] and task.steps.n == 2 * steps
@@ -209,6 +215,58 @@ def test_resume_after_a_kill_matches_an_unbroken_run(data, monkeypatch):
     ref_log = pd.read_csv(ref_dir / "log.csv")
     cols = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr"]
     pd.testing.assert_frame_equal(log[cols], ref_log[cols])
+
+
+class Marked(Vectors):
+    """Vectors whose loading leaves a file ``<sample_seed>-<index>`` in ``folder`` (seen across processes)."""
+
+    def __init__(self, n: int, seed: int, folder) -> None:
+        super().__init__(n, seed)
+        self.folder = folder
+
+    def __getitem__(self, i):
+        (self.folder / f"{self.sample_seed}-{i}").touch()
+        return super().__getitem__(i)
+
+
+def wait_for(folder, prefix: str, seconds: float = 30.0) -> bool:
+    """Whether a file named ``prefix*`` appears in ``folder`` within ``seconds``."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if any(folder.glob(prefix + "*")):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_loader_workers_load_while_the_model_is_built_and_while_an_epoch_validates(data, tmp_path):
+    comp, folds = data
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    seen: dict[str, bool] = {}
+
+    class Prefetched(FakeTask):
+        def datasets(self, fit, valid, meta):
+            return Marked(N_FIT, 1, marks), Vectors(N_VALID, 2)
+
+        def build_model(self, meta):  # the first epoch's images load before the model exists
+            seen["epoch 1 before the model"] = wait_for(marks, f"{self.cfg.seed * 1000 + 1}-")
+            return super().build_model(meta)
+
+        def validate(self, model, loader, device):  # epoch 2's load while epoch 1 validates
+            if "epoch 2 during validation" not in seen:
+                seen["epoch 2 during validation"] = wait_for(marks, f"{self.cfg.seed * 1000 + 2}-")
+            return super().validate(model, loader, device)
+
+    log = engine.fit(Prefetched(fake_cfg(exp="prefetch", num_workers=1)), comp, folds, 0)
+    assert seen == {"epoch 1 before the model": True, "epoch 2 during validation": True}
+    assert log["epoch"].tolist() == [1, 2]
+    # With workers or without, the same training: where the loader starts draws nothing from the global RNG.
+    engine.fit(FakeTask(fake_cfg(exp="inline", num_workers=0)), comp, folds, 0)
+    assert not states_equal(torch.load(engine.fold_dir("prefetch", "02", 0) / "model.pt", weights_only=True),
+                            torch.load(engine.fold_dir("inline", "02", 0) / "model.pt", weights_only=True))
 
 
 def test_final_weights_hook_decides_model_pt(data):

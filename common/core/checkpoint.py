@@ -87,6 +87,19 @@ def save_state(out: Path, epoch: int, objects: Mapping[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def saved_epoch(out: Path) -> int:
+    """The last finished epoch that ``last.pt`` holds (0: none), read without loading its tensors (memory-mapped),
+    so a loop can start the next epoch's data loading before it builds the model that :func:`resume` restores.
+
+    Args:
+        out: the fold folder.
+    """
+    last = out / "last.pt"
+    if not last.exists():
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
 def resume(out: Path, objects: Mapping[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Restore ``last.pt`` into ``objects``; returns the last finished epoch and the log rows up to it.
 

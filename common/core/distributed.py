@@ -173,15 +173,20 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, compile_m
 
 
 def epoch_loader(dataset: torch.utils.data.Dataset, order: Sequence[int], batch_size: int, info: DistInfo,
-                 num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+                 num_workers: int, device: torch.device, seed: int = 0) -> torch.utils.data.DataLoader:
     """This process's loader for one epoch: its :class:`ShardSampler` share of ``order`` in batches of
     ``batch_size / world_size``, pinned memory on CUDA, ``num_workers`` sized by
-    :func:`~common.core.runtime.loader_workers`."""
+    :func:`~common.core.runtime.loader_workers`.
+
+    The workers' seeds come from ``seed`` (the loader's own generator), not from the global RNG: starting the
+    loader (``iter()``) draws nothing from it, so it can start at any point of the training loop (the next
+    epoch's workers fill their queues while this epoch validates) without changing what the model draws.
+    """
     sampler = ShardSampler(order, batch_size, info.rank, info.world_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=sampler.per_process_batch, sampler=sampler, drop_last=False,
         num_workers=loader_workers(num_workers, info.world_size), pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init)
+        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -205,6 +205,9 @@ class ClassifierTask(Task):
         # A class absent from this fold's training part still has a logit; priors and margins count it once.
         self.counts = fit["label"].value_counts().reindex(classes).fillna(0).astype(int).to_numpy()
         self.mixer = BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, seed=cfg.seed * 1000 + self.fold)
+        if cfg.sampler != "random":  # built here: the first epoch's order is drawn before the model is built
+            self.sampler = ClassBalancedSampler(self.y_fit, power=1.0 if cfg.sampler == "balanced" else 0.5,
+                                                seed=cfg.seed * 1000 + self.fold)
         if cfg.distill_from and cfg.distill_mode == "kd" and self.mixer.enabled:
             raise ValueError("distill_mode=kd with CutMix/Mixup is not supported: the teacher saw unmixed images; "
                              "use distill_mode=mix (its soft targets are mixed with the images)")
@@ -234,9 +237,6 @@ class ClassifierTask(Task):
             focal_gamma=cfg.focal_gamma, eql_tau=cfg.eql_tau, la_tau=cfg.la_loss_tau).to(device)
         if cfg.partial_fc:
             self.pfc_generator = torch.Generator()  # seeded per epoch in epoch_order: a resumed run draws the same
-        if cfg.sampler != "random":
-            self.sampler = ClassBalancedSampler(self.y_fit, power=1.0 if cfg.sampler == "balanced" else 0.5,
-                                                seed=cfg.seed * 1000 + self.fold)
         return {"criterion": self.criterion, "ema": self.ema}
 
     def datasets(self, fit: pd.DataFrame, valid: pd.DataFrame, meta: dict[str, Any]
@@ -249,14 +249,16 @@ class ClassifierTask(Task):
                              transform=build_transforms(cfg.image_size, False, mean, std)))
 
     def epoch_order(self, epoch: int, n: int) -> list[int]:
-        self.mixer.set_epoch(epoch)
-        if self.pfc_generator is not None:
-            self.pfc_generator.manual_seed((self.cfg.seed * 1000 + self.fold) * 1000 + epoch)
-        self.criterion.train()
         if self.sampler is None:
             return super().epoch_order(epoch, n)
         self.sampler.set_epoch(epoch)
         return list(self.sampler)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.mixer.set_epoch(epoch)
+        if self.pfc_generator is not None:
+            self.pfc_generator.manual_seed((self.cfg.seed * 1000 + self.fold) * 1000 + epoch)
+        self.criterion.train()
 
     def loss(self, train_model, x, y, batch):
         cfg, soft, n_classes = self.cfg, self.soft, self.n_classes

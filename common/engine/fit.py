@@ -10,6 +10,9 @@ injected parts (https://github.com/WildlifeDatasets/wildlife-tools, ``wildlife_t
 * seed ``seed + fold`` before the model is built, and ``(seed + fold) * 1000 + epoch`` at the start of every
   epoch, so a resumed run draws what an unbroken one does; the epoch's image order and each image's augmentation
   depend on ``(seed, epoch)`` only (:attr:`~common.data.competition.ImageDataset.sample_seed`);
+* the loader workers never wait for the loop to ask: the first epoch's start loading while the model is built,
+  and each next epoch's while the last one validates (a small set's epoch is a few batches, and without this the
+  workers' first batch, made while the model sits idle, is a large share of it);
 * AdamW (or RAdam) with the neck and heads at ``head_lr_mult`` x ``lr``, a linear warmup then a cosine to zero
   stepped every batch, AMP with a GradScaler on CUDA fp16;
 * after every epoch ``last.pt`` (model, optimiser, scheduler, scaler and the task's own state), ``log.csv`` and,
@@ -58,9 +61,11 @@ class Task:
     """What one training stage adds to :func:`fit`; subclasses override the hooks (defaults: a plain shuffle, no
     per-step work, no extra state, the last epoch's weights).
 
-    Hooks are called in this order: :meth:`describe`, :meth:`build_model`, :meth:`setup`, :meth:`datasets`; then
-    per epoch :meth:`epoch_order`, per batch :meth:`loss` and :meth:`after_step`, then :meth:`eval_model`,
-    :meth:`validate` (rank 0) and :meth:`epoch_weights`; at the end :meth:`final_weights` (rank 0).
+    Hooks are called in this order: :meth:`describe`, :meth:`datasets`, :meth:`epoch_order` (of the first epoch:
+    its batches load while the model is built), :meth:`build_model`, :meth:`setup`; then per epoch
+    :meth:`start_epoch`, per batch :meth:`loss` and :meth:`after_step`, then :meth:`epoch_order` of the next epoch
+    (its batches load while this one validates), :meth:`eval_model`, :meth:`validate` (rank 0) and
+    :meth:`epoch_weights`; at the end :meth:`final_weights` (rank 0).
 
     Args:
         cfg: the stage config (every hook reads it as ``self.cfg``).
@@ -129,13 +134,21 @@ class Task:
                  ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
         """Training and validation datasets of the fold's rows (``meta`` as written to ``config.json``, with
         ``mean`` and ``std``); training items are dicts with ``image`` and ``label``, and the training dataset
-        has a ``sample_seed`` attribute (set every epoch)."""
+        has a ``sample_seed`` attribute (set every epoch). Called before the model is built."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ epoch hooks
     def epoch_order(self, epoch: int, n: int) -> list[int]:
-        """The epoch's sample order over ``n`` training items (every process gets the same list)."""
+        """The epoch's sample order over ``n`` training items (every process gets the same list).
+
+        Called ahead of the epoch: before the model is built (the first epoch) or while the previous epoch
+        validates. The order may depend on the epoch and on what :meth:`describe` set, not on the model or the
+        training state; work at the start of the epoch itself goes in :meth:`start_epoch`.
+        """
         return distributed.epoch_order(n, self.cfg.seed * 1000 + epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called at the start of every epoch, before its first batch (e.g. to seed the epoch's own draws)."""
 
     def loss(self, train_model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,6 +254,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, name: str = "adamw") -> 
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
+def _epoch_batches(task: Task, dataset: torch.utils.data.Dataset, epoch: int, info: distributed.DistInfo,
+                   device: torch.device):
+    """Epoch ``epoch``'s training batches, already loading: the loader's iterator, started (``iter()``) with the
+    epoch's augmentation seed and order set, so its workers make batches before the loop asks for the first.
+
+    Starting it draws nothing from the global RNGs (the loader has its own generator), so where the loop starts
+    it does not change what the model draws.
+    """
+    cfg = task.cfg
+    dataset.sample_seed = cfg.seed * 1000 + epoch  # read by the workers when they start, i.e. now
+    order = task.epoch_order(epoch, len(dataset))
+    loader = distributed.epoch_loader(dataset, order, cfg.batch_size, info, cfg.num_workers, device,
+                                      seed=(cfg.seed + task.fold) * 1000 + epoch)
+    return iter(loader)
+
+
 def _save_weights(path: Path, state: StateDict) -> None:
     with store.atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -275,6 +304,7 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     seed_everything(cfg.seed + fold)
     fit_rows, valid_rows, used_crops = fold_split(cfg, comp, folds, fold)
     checkpoint.check_resumable(out, params, defaults)
+    start_epoch = checkpoint.saved_epoch(out)
     mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
     meta = {"config": config, "fold": fold, **task.describe(comp, fit_rows), "mean": list(mean), "std": list(std),
             "used_crops": used_crops, "n_fit": len(fit_rows), "n_valid": len(valid_rows)}
@@ -282,17 +312,21 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     if info.is_main:
         store.write_json(out / "config.json", meta)
 
+    fit_ds, valid_ds = task.datasets(fit_rows, valid_rows, meta)
+    upcoming = _epoch_batches(task, fit_ds, start_epoch + 1, info, device) if start_epoch < cfg.epochs else None
     model = distributed.prepare_model(task.build_model(meta), info, device, cfg.sync_bn, cfg.channels_last)
     extra_state = task.setup(model, device)
     opt = build_optimizer(model, cfg, task.optimizer)
-    fit_ds, valid_ds = task.datasets(fit_rows, valid_rows, meta)
     steps_per_epoch = distributed.ShardSampler(range(len(fit_ds)), cfg.batch_size).n_batches
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
 
     training_state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, **extra_state}
-    start_epoch, rows = checkpoint.resume(out, training_state)
+    resumed, rows = checkpoint.resume(out, training_state)
+    if resumed != start_epoch:
+        raise RuntimeError(f"{out / 'last.pt'} changed while this run started (epoch {start_epoch}, now {resumed}): "
+                           "is another run training this fold?")
     train_model = distributed.wrap(model, info, device, cfg.compile)  # DDP across processes, else `model`
     columns = task.log_columns()
 
@@ -302,12 +336,10 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
         # the epoch's image order and each image's augmentation depend on (seed, epoch) only, so they are the
         # same for any number of processes and loader workers.
         seed_everything((cfg.seed + fold) * 1000 + epoch)
-        fit_ds.sample_seed = cfg.seed * 1000 + epoch
-        order = task.epoch_order(epoch, len(fit_ds))
-        loader = distributed.epoch_loader(fit_ds, order, cfg.batch_size, info, cfg.num_workers, device)
+        task.start_epoch(epoch)
         set_train_mode(model, cfg.norm_eval)
         total_loss = correct = seen = 0.0
-        bar = progress(loader, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False, disable=not info.is_main)
+        bar = progress(upcoming, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False, disable=not info.is_main)
         for batch in bar:
             x = to_memory_format(batch["image"].to(device, non_blocking=True), device, cfg.channels_last)
             y = batch["label"].to(device, non_blocking=True)
@@ -323,6 +355,8 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
             correct += (logits.argmax(1) == labels).sum().item()
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        # The next epoch's workers start now, and fill their queues while this epoch validates and saves.
+        upcoming = _epoch_batches(task, fit_ds, epoch + 1, info, device) if epoch < cfg.epochs else None
         total_loss, correct, seen = distributed.all_sum([total_loss, correct, seen], info, device)
         eval_model = task.eval_model(model)
         # Validation on rank 0 with the plain model (a DDP forward on one rank alone would wait for the others).
