@@ -39,10 +39,10 @@ SOURCE = ROOT.parent / "shared" / "datasets" / "grocery"
 POOLS = ("avg", "gem")
 
 
-@torch.no_grad()
 def pooled_features(model: torch.nn.Module, files: Sequence[str], image_size: int, mean: Sequence[float],
                     std: Sequence[float], batch_size: int = 32, num_workers: int = 1) -> dict[str, np.ndarray]:
-    """Average- and GeM-pooled (p = 3) features of ``files`` through ``model`` (eval mode, no augmentation).
+    """Average- and GeM-pooled (p = 3) features of ``files`` through ``model`` (eval mode, no augmentation), by the
+    project's one batched forward loop (:func:`common.engine.predict.forward_images`, no flip).
 
     Args:
         model: returns feature maps ``(N, C, H, W)`` (as :func:`common.lib.models.create_backbone` builds).
@@ -56,19 +56,20 @@ def pooled_features(model: torch.nn.Module, files: Sequence[str], image_size: in
     Returns:
         ``{"avg": (N, C), "gem": (N, C)}`` float32 arrays.
     """
-    from common.core.runtime import loader_workers, worker_init
-    from common.data.competition import ImageDataset, build_transforms
+    from common.engine.predict import forward_images
+    from common.lib.models import GeM
 
     model.eval()
-    ds = ImageDataset(list(files), transform=build_transforms(image_size, False, mean, std))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=loader_workers(num_workers),
-                                         worker_init_fn=worker_init)
-    avg, gem = [], []
-    for batch in loader:
-        fmap = model(batch["image"]).float()
-        avg.append(fmap.mean((2, 3)))
-        gem.append(fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3))
-    return {"avg": torch.cat(avg).numpy(), "gem": torch.cat(gem).numpy()}
+    gem = GeM(3.0, learnable=False)
+
+    def both(x: torch.Tensor) -> torch.Tensor:  # the two poolings side by side: one pass through the backbone
+        fmap = model(x).float()
+        return torch.cat([fmap.mean((2, 3)), gem(fmap)], 1)
+
+    out = forward_images(both, list(files), image_size, list(mean), list(std), batch_size=batch_size,
+                         tta_flip=False, num_workers=num_workers, desc="probe features")
+    half = out.shape[1] // 2
+    return {"avg": out[:, :half], "gem": out[:, half:]}
 
 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, n_classes: int,
