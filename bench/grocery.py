@@ -91,6 +91,9 @@ VARIANTS = (
     Variant("avg", "checkpoint averaging (last 3 epochs)", {"avg_last": 3}),
     Variant("distill", "self-distillation (mix 0.2, plain 5-fold teacher)", {"distill_weight": 0.2}),
     Variant("aux", "coarse-class auxiliary head (weight 0.3)", {"aux_column": "coarse", "aux_weight": 0.3}),
+    Variant("probe", "linear probe only (head fitted on the frozen features, no fine-tuning)",
+            {"probe_init": True, "epochs": 0}),
+    Variant("lpft", "LP-FT (linear probe, then the base's fine-tuning)", {"probe_init": True}),
     Variant("flip", "flip TTA (plain models, no training)", {}, source="flip"),
 )
 LITES = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")

@@ -55,6 +55,8 @@ def tiny_cfg(comp, **overrides) -> ClassifierConfig:
     (dict(ema_decay=1.0), "ema_decay"),
     (dict(exp="a", distill_from="a"), "itself"),
     (dict(partial_fc=-1), "partial_fc=-1"),
+    (dict(probe_init=True, head="arcface"), "probe_init=True needs head=linear"),
+    (dict(probe_l2=0.0), "probe_l2=0.0"),
     (dict(partial_fc=100, loss="eql"), "partial_fc=100 cannot be combined with loss='eql'"),
     (dict(partial_fc=100, la_loss_tau=1.0, distill_from="t"), "la_loss_tau=1.0, distill_from='t'"),
 ])
@@ -356,3 +358,36 @@ def test_aux_head_learns_another_column_and_changes_training(comp):
     with pytest.raises(DataError, match="no column 'nope'"):
         classify_train.train_fold(tiny_cfg(comp, exp="auxbad", aux_column="nope"), comp,
                                   classify.prepare_folds(tiny_cfg(comp, exp="auxbad"), comp), 0)
+
+
+def test_probe_init_starts_the_head_from_a_logistic_regression_on_the_frozen_features(comp):
+    from common.engine.predict import forward_images
+    from common.lib.probe import fit_linear_probe
+
+    probe = tiny_cfg(comp, exp="probe", epochs=0, probe_init=True, probe_l2=0.05, aux_column="species")
+    classify.run_classification(probe, comp)
+    out = classify_train.fold_dir("probe", 0)
+    meta, record = store.read_json(out / "config.json"), store.read_json(out / "probe.json")
+    assert record["images"] == meta["n_fit"] and record["l2"] == 0.05 and set(record) >= {"head", "aux_head"}
+    model, _ = classify.load_classifier("probe", 0)
+    # The head is the probe of the pretrained (here: seeded random) backbone's features of the fold's images.
+    folds = pd.read_csv(classify.stage_dir("probe") / "folds.csv")
+    fit = folds[folds["fold"] != 0]
+    paths = comp.train.set_index("image").loc[fit["image"], "path"].tolist()
+    feats = forward_images(model.features, paths, 32, meta["mean"], meta["std"], tta_flip=False)
+    expected = fit_linear_probe(feats, np.array([meta["classes"].index(c) for c in fit["label"]]),
+                                len(meta["classes"]), l2=0.05)
+    np.testing.assert_allclose(model.head.weight.detach().numpy(), expected.weight, atol=1e-4)
+    np.testing.assert_allclose(model.head.bias.detach().numpy(), expected.bias, atol=1e-4)
+    assert record["head"]["train_accuracy"] == pytest.approx(expected.train_accuracy, abs=1e-4)
+
+    # Without the probe, epochs=0 keeps the random head; fine-tuning from the probe starts at its weights.
+    classify.run_classification(tiny_cfg(comp, exp="noprobe", epochs=0), comp)
+    plain, _ = classify.load_classifier("noprobe", 0)
+    assert torch.equal(plain.backbone.state_dict()["conv_stem.weight"], model.backbone.state_dict()["conv_stem.weight"])
+    assert not torch.allclose(plain.head.weight, model.head.weight, atol=1e-2)
+    classify.run_classification(tiny_cfg(comp, exp="lpft", epochs=1, lr=1e-9, probe_init=True, probe_l2=0.05,
+                                          aux_column="species"), comp)
+    tuned, _ = classify.load_classifier("lpft", 0)
+    np.testing.assert_allclose(tuned.head.weight.detach().numpy(), expected.weight, atol=1e-4)
+    assert not (classify_train.fold_dir("noprobe", 0) / "probe.json").exists()

@@ -93,6 +93,9 @@ class FakeTask(engine.Task):
         self.calls.append("build_model")
         return TinyModel()
 
+    def initialise(self, model, meta, device):
+        self.calls.append("initialise")
+
     def setup(self, model, device):
         self.calls.append("setup")
         return {"steps": self.steps}
@@ -169,7 +172,7 @@ def test_hooks_are_called_in_order(data):
     # before the model is built.
     epoch = lambda e, later: [f"start_epoch {e}", *["loss", "after_step"] * steps,  # noqa: E731
                               *later, "eval_model", "validate", f"epoch_weights {e}"]
-    assert task.calls == ["describe", "datasets", "epoch_order 1", "build_model", "setup",
+    assert task.calls == ["describe", "datasets", "epoch_order 1", "build_model", "initialise", "setup",
                           *epoch(1, ["epoch_order 2"]), *epoch(2, []), "final_weights"]
     assert list(log.columns) == FakeTask.log_columns() == [
         "epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds", "images_per_s"]
@@ -207,6 +210,7 @@ def test_resume_after_a_kill_matches_an_unbroken_run(data, monkeypatch):
     resumed = FakeTask(cfg)
     log = engine.fit(resumed, comp, folds, 0)
     assert "epoch_order 1" not in resumed.calls and resumed.calls.count("validate") == 2
+    assert "initialise" not in resumed.calls  # the weights come from last.pt
     assert resumed.steps.n == 3 * (N_FIT // 4)  # the task's own state came back from last.pt
     assert log["epoch"].tolist() == [1, 2, 3]
     ref_dir = engine.fold_dir("unbroken", "02", 0)

@@ -158,6 +158,12 @@ class ClassifierConfig(TrainConfig):
     aux_column: str = param("", "a train.csv column (a coarse class, species) learnt by an auxiliary linear head on "
                             "the same features, like the embedder's species head (empty: off).", model=True)
     aux_weight: float = param(0.3, "weight of the auxiliary head's cross-entropy in the loss.", model=True)
+    probe_init: bool = param(False, "LP-FT: before fine-tuning, fit the linear head (and the auxiliary one) as a "
+                             "logistic regression on the frozen backbone's pooled features of the fold's training "
+                             "images, one pass at image_size without augmentation (common.lib.probe). With "
+                             "0 epochs the probe is the model. Needs the linear head.", model=True)
+    probe_l2: float = param(0.01, "L2 penalty of the probe's weights on standardised features (scikit-learn's C is "
+                            "1 / (probe_l2 x training images)).", model=True)
     tta_flip: bool = param(True, "average the logits of the image and of its horizontal flip at prediction.")
     prob_topk: int = param(0, "columns of oof.npz/test.npz: 0 automatic (dense up to 1000 classes, else the "
                            "100 most probable classes per image), -1 always dense, a k of 5 or more always the k most "
@@ -182,6 +188,11 @@ class ClassifierConfig(TrainConfig):
             raise ValueError(f"prob_topk={self.prob_topk}: use 0 (automatic), -1 (dense) or k >= 5")
         if self.distill_from and self.distill_from == self.exp:
             raise ValueError(f"distill_from={self.distill_from!r} is this experiment itself")
+        if self.probe_init and self.head != "linear":
+            raise ValueError(f"probe_init=True needs head=linear (got head={self.head!r}): the probe is a linear "
+                             "logistic regression")
+        if self.probe_l2 <= 0:
+            raise ValueError(f"probe_l2={self.probe_l2}: must be > 0")
         if self.partial_fc < 0:
             raise ValueError(f"partial_fc={self.partial_fc}: must be >= 0 (0: every class)")
         if self.partial_fc:  # these need every class's logit in the loss

@@ -7,6 +7,7 @@ Every trick is one :class:`~common.config.ClassifierConfig` field; :class:`Class
   :class:`common.lib.heads.ArcMarginProduct`;
 * Partial FC (``partial_fc``: each batch scores a sample of the classes): :func:`common.lib.heads.sample_classes`;
 * loss, logit adjustment, distillation targets: :mod:`common.lib.losses`;
+* LP-FT (``probe_init``: the head starts as a logistic regression on the frozen features): :mod:`common.lib.probe`;
 * class-balanced sampling: :mod:`common.lib.sampling`; CutMix / Mixup: :mod:`common.lib.mixing`;
 * EMA and checkpoint averaging: :mod:`common.lib.averaging`;
 * AdamW / RAdam with a per-batch warmup + cosine schedule and a head learning-rate multiplier: the loop's.
@@ -14,12 +15,14 @@ Every trick is one :class:`~common.config.ClassifierConfig` field; :class:`Class
 Per fold ``k`` the folder ``working/<exp>/05_classifier/fold{k}/`` holds ``config.json``, ``last.pt`` (model,
 optimiser, scheduler, scaler, EMA and loss state after the last finished epoch: a killed run resumes from it and
 ends bit-identical to an unbroken one), ``epoch{N}.pt`` (the weights of the epochs to average), ``model.pt`` (the
-final weights: the average, else the EMA, else the last epoch's), ``log.csv`` and ``_done.json``.
+final weights: the average, else the EMA, else the last epoch's), ``log.csv``, ``probe.json`` (``probe_init``) and
+``_done.json``.
 The stage as a whole (predictions, metrics, submission) is :mod:`common.stages.train_classifier`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from common.lib.losses import build_criterion, distillation_loss, mix_hard_soft,
 from common.lib.metrics import classification_report
 from common.lib.mixing import BatchMixer
 from common.lib.models import ClassifierModel
+from common.lib.probe import fit_linear_probe
 from common.lib.sampling import ClassBalancedSampler
 from common.lib.topk import Scores, TopK, read_scores, remap, to_dense
 
@@ -202,6 +206,7 @@ class ClassifierTask(Task):
         classes = store.read_json(stage_dir(cfg.exp) / "classes.json")["classes"]
         self.class_index = {c: i for i, c in enumerate(classes)}
         self.y_fit = np.array([self.class_index[c] for c in fit["label"]])
+        self.fit_paths = list(fit["path"])
         # A class absent from this fold's training part still has a logit; priors and margins count it once.
         self.counts = fit["label"].value_counts().reindex(classes).fillna(0).astype(int).to_numpy()
         self.mixer = BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, seed=cfg.seed * 1000 + self.fold)
@@ -227,6 +232,32 @@ class ClassifierTask(Task):
 
     def build_model(self, meta: dict[str, Any]) -> ClassifierModel:
         return build_model(meta)  # the module function, looked up at call time (tests replace it)
+
+    def initialise(self, model: nn.Module, meta: dict[str, Any], device: torch.device) -> None:
+        """``probe_init`` (LP-FT): the linear head, and the auxiliary head if any, start as logistic regressions
+        fitted on the frozen backbone's pooled features of this fold's training images (:mod:`common.lib.probe`);
+        ``probe.json`` in the fold folder records the fit."""
+        cfg = self.cfg
+        if not cfg.probe_init:
+            return
+        t0 = time.perf_counter()
+        model.eval()
+        features = forward_images(model.features, self.fit_paths, cfg.image_size, meta["mean"], meta["std"],
+                                  self.eval_batch_size, tta_flip=False, device=device, num_workers=cfg.num_workers,
+                                  amp=cfg.amp, desc=f"fold {self.fold} probe features", n_out=model.num_features)
+        heads = [("head", model.head, self.y_fit, len(meta["classes"]))]
+        if self.aux is not None:
+            heads.append(("aux_head", model.aux_head, self.aux.numpy(), len(meta["aux_classes"])))
+        record: dict[str, Any] = {"images": len(features), "l2": cfg.probe_l2}
+        for name, head, labels, n_classes in heads:
+            probe = fit_linear_probe(features, labels, n_classes, l2=cfg.probe_l2)
+            with torch.no_grad():
+                head.weight.copy_(torch.from_numpy(probe.weight))
+                head.bias.copy_(torch.from_numpy(probe.bias))
+            record[name] = {"train_accuracy": round(probe.train_accuracy, 4), "iterations": probe.iterations,
+                            "converged": probe.converged}
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        store.write_json(self.fold_dir(self.fold) / "probe.json", record)
 
     def setup(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         cfg = self.cfg

@@ -62,7 +62,8 @@ class Task:
     per-step work, no extra state, the last epoch's weights).
 
     Hooks are called in this order: :meth:`describe`, :meth:`datasets`, :meth:`epoch_order` (of the first epoch:
-    its batches load while the model is built), :meth:`build_model`, :meth:`setup`; then per epoch
+    its batches load while the model is built), :meth:`build_model`, :meth:`initialise` (a fold started from
+    scratch, rank 0), :meth:`setup`; then per epoch
     :meth:`start_epoch`, per batch :meth:`loss` and :meth:`after_step`, then :meth:`epoch_order` of the next epoch
     (its batches load while this one validates), :meth:`eval_model`, :meth:`validate` (rank 0) and
     :meth:`epoch_weights`; at the end :meth:`final_weights` (rank 0).
@@ -124,6 +125,18 @@ class Task:
         """The model ``config.json``'s ``meta`` describes (weights not loaded); it has ``backbone_parameters()``
         and ``head_parameters()`` (the two learning rates)."""
         raise NotImplementedError
+
+    def initialise(self, model: nn.Module, meta: dict[str, Any], device: torch.device) -> None:
+        """Change the new model's weights before training (e.g. stage 05's ``probe_init``: a head fitted on the
+        frozen backbone's features). Called once per fold, on rank 0 only, when the fold starts from scratch
+        (never on resume: ``last.pt`` holds the weights then), after :meth:`build_model` and before
+        :meth:`setup`; under DDP the other processes get rank 0's weights when the model is wrapped.
+
+        Args:
+            model: the model on ``device``.
+            meta: the fold's ``config.json`` (with ``classes``, ``mean`` and ``std``).
+            device: where the model is.
+        """
 
     def setup(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         """Objects the task needs during training, built once the model is on ``device``; returns those whose
@@ -315,6 +328,8 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     fit_ds, valid_ds = task.datasets(fit_rows, valid_rows, meta)
     upcoming = _epoch_batches(task, fit_ds, start_epoch + 1, info, device) if start_epoch < cfg.epochs else None
     model = distributed.prepare_model(task.build_model(meta), info, device, cfg.sync_bn, cfg.channels_last)
+    if start_epoch == 0 and info.is_main:
+        task.initialise(model, meta, device)
     extra_state = task.setup(model, device)
     opt = build_optimizer(model, cfg, task.optimizer)
     steps_per_epoch = distributed.ShardSampler(range(len(fit_ds)), cfg.batch_size).n_batches
