@@ -125,7 +125,7 @@ def split_features(backbone: str, image_size: int, split: str, files: Sequence[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0:224"],
-                    help="timm name:input size pairs (offline weights: tf_efficientnet_lite0/1/2)")
+                    help="timm name:input size pairs (offline weights: tf_efficientnet_lite0/1/2, mobilenetv2_100)")
     ap.add_argument("--c", type=float, nargs="+", default=[0.05, 0.5], help="inverse L2 strengths to try")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature extraction")
     ap.add_argument("--source", default=str(SOURCE), help="the grocery folder")

