@@ -25,7 +25,8 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.grocery --record
 
-``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
+``--probes tf_efficientnet_lite2:288 ...`` adds linear probes (stage 05, ``probe_init``, no fine-tuning) at their own
+input sizes and stage 06's ensemble of them. ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -204,6 +205,30 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
     return rows
 
 
+def probe_rows(args, base: dict, data: Path, comp) -> list[dict]:
+    """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, seed 42's fold 0),
+    then stage 06's accuracy-power-weighted ensemble of them: the frozen backbones at larger sizes than fine-tuning
+    affords on two cores."""
+    from common.config import EnsembleConfig
+    from common.stages.ensemble_postprocess import run_ensemble
+
+    rows, members = [], []
+    for spec in args.probes:
+        backbone, _, size = spec.partition(":")
+        cfg = make_config(f"probe-{backbone}-{size}", base, data, {
+            "backbone": backbone, "image_size": int(size), "probe_init": True, "epochs": 0})
+        print(f"linear probe {backbone} at {size} px: {cfg.exp}", flush=True)
+        rows.append(summarise(f"probe-{backbone}-{size}", f"linear probe only, {backbone} at {size} px (seed 42)",
+                              [train(cfg, comp)]))
+        members.append(cfg.exp)
+    if len(members) > 1:
+        ens = run_ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-probe-ensemble",
+                                          members=",".join(members), weight_factor=25.0, device="cpu"), comp)
+        rows.append(summarise("probe-ensemble", f"stage 06: the {len(members)} probes, weights (OOF acc / min) ** 25",
+                              [{**ens["test"], "exp": "bench-grocery-probe-ensemble", "train_s": 0.0}]))
+    return rows
+
+
 def noise_rows(args, base: dict, work: Path) -> list[dict]:
     """Plain on noisy labels (every fold), stage 06's cleaning of it, plain retrained on the cleaned folder."""
     from common.config import EnsembleConfig
@@ -275,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", metavar="K1,K2", help=f"trick rows: {[v.key for v in VARIANTS]}")
     ap.add_argument("--no-ensemble", action="store_true", help="skip Lite1/Lite2, the ensemble and the soup")
     ap.add_argument("--no-noise", action="store_true", help="skip the label-noise rows")
+    ap.add_argument("--probes", nargs="*", default=[], metavar="BACKBONE:PX",
+                    help="add linear-probe rows at their own sizes and stage 06's ensemble of them, e.g. "
+                         "tf_efficientnet_lite2:288 mobilenetv2_100:224")
     ap.add_argument("--ssl", action="store_true", help="add the stage-00 row (self-supervised, then plain)")
     ap.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"), help="stage 00's method")
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs")
@@ -312,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows += ssl_rows(args, base, data, comp, rows[0])
     if not args.no_ensemble:
         rows += ensemble_rows(args, base, data, comp, exps)
+    if args.probes:
+        rows += probe_rows(args, base, data, comp)
     if not args.no_noise:
         rows += noise_rows(args, base, work)
     total = time.perf_counter() - t_start

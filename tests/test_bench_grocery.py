@@ -54,3 +54,25 @@ def test_grocery_layout_on_the_real_set(tmp_path):
     assert (pairs["individual_id"].map(coarse_of) == pairs["coarse"]).all()  # never leaves its coarse class
     test = pd.read_csv(root / "test.csv")
     assert Counter(test["individual_id"]).total() == 296 and set(test["individual_id"]) <= set(train["clean_label"])
+
+
+def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated, one_torch_thread):
+    import argparse
+
+    from bench import grocery
+    from common.core import store
+    from common.engine.classifier import fold_dir
+
+    base = {**grocery.BASE, "backbone": "mobilenetv3_small_050", "pretrained": "none", "n_folds": 2,
+            "batch_size": 4, "use_crops": False, "amp": False}
+    args = argparse.Namespace(probes=["mobilenetv3_small_050:32", "mobilenetv3_small_050:48"])
+    rows = grocery.probe_rows(args, base, comp.root, comp)
+    assert [r["key"] for r in rows] == ["probe-mobilenetv3_small_050-32", "probe-mobilenetv3_small_050-48",
+                                        "probe-ensemble"]
+    exps = [r["runs"][0]["exp"] for r in rows[:2]]
+    for exp, size in zip(exps, (32, 48), strict=True):
+        meta = store.read_json(fold_dir(exp, 0) / "config.json")
+        assert meta["config"]["image_size"] == size and meta["config"]["epochs"] == 0
+        assert (fold_dir(exp, 0) / "probe.json").is_file()  # the head is the probe
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert store.read_json(isolated / "working" / "bench-grocery-probe-ensemble" / "06_ensemble" / "metrics.json")
