@@ -22,6 +22,12 @@ def test_finished_log_skips_refuses_and_forces(tmp_path):
     assert checkpoint.finished_log(out, {"lr": 1.0, "freeze_blocks": 0}, False, defaults)["train_loss"].tolist() == [0.5]
     with pytest.raises(RuntimeError, match=r"changed: freeze_blocks\)"):
         checkpoint.finished_log(out, {"lr": 1.0, "freeze_blocks": 2}, False, defaults)
+    # a fold finished by a newer version, with a model field this version lacks: refused, and the field named
+    newer = tmp_path / "newer"
+    store.write_csv(newer / "log.csv", pd.DataFrame({"epoch": [1], "train_loss": [0.5]}))
+    store.mark_done(newer, {"lr": 1.0, "probe_init": False})
+    with pytest.raises(RuntimeError, match=r"changed: probe_init, which this version does not know"):
+        checkpoint.finished_log(newer, {"lr": 1.0}, force=False)
     assert checkpoint.finished_log(out, {"lr": 2.0}, force=True) is None
     assert not out.exists()  # force deleted the old fold
 

@@ -43,8 +43,12 @@ def finished_log(out: Path, params: dict[str, Any], force: bool,
         return pd.read_csv(out / "log.csv")
     if store.stage_done(out):
         old = store.read_json(out / "_done.json").get("params", {})
+        changed = _changed(old, params, defaults)
+        unknown = sorted(set(old) - set(params))  # saved by a version of the code with more model parameters
+        if unknown:
+            changed.append(f"{', '.join(unknown)}, which this version does not know: a newer version trained it")
         raise RuntimeError(f"{out} holds a model trained with other parameters or data (changed: "
-                           f"{', '.join(_changed(old, params, defaults))}); use force=True (--force) to retrain")
+                           f"{'; '.join(changed)}); use force=True (--force) to retrain")
     return None
 
 
