@@ -359,3 +359,35 @@ def test_inference_only_reproduces_the_full_run_from_attached_sources(comp, tmp_
     fake_kaggle(tmp_path / "other-settings", sources, "slug", monkeypatch)
     with pytest.raises(ValueError, match=r"was written by a full run with .*blend0.5.*: run inference with"):
         ensemble_stage.run_ensemble(dataclasses.replace(sp, blend_ratio=0.3), comp)
+
+
+def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(tmp_path):
+    # Grocery's official splits reuse file names (train/Golden-Delicious_001.jpg is not val/Golden-Delicious_001.jpg):
+    # the cleaned folder once linked the test name to the training file, so the "test" was training images.
+    from PIL import Image
+
+    root = tmp_path / "comp"
+    for sub, names, colour in (("train_images", ["a.jpg", "b.jpg"], "red"), ("test_images", ["a.jpg", "c.jpg"], "blue")):
+        (root / sub).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (16, 16), colour).save(root / sub / name)
+    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "species": ["s", "s"], "individual_id": ["x", "y"]}).to_csv(
+        root / "train.csv", index=False)
+    pd.DataFrame({"image": ["a.jpg", "c.jpg"], "predictions": ["x", "x"]}).to_csv(
+        root / "sample_submission.csv", index=False)
+    with pytest.warns(UserWarning, match="also in train.csv"):
+        comp = load_competition(root, check_pixels=False)
+
+    def colour(path):  # JPEG moves the values a little: the dominant channel names the colour
+        with Image.open(path) as im:
+            return ("red", "green", "blue")[int(np.argmax(im.convert("RGB").getpixel((0, 0))))]
+
+    train = comp.train.drop(columns=["path"])
+    pseudo = pd.DataFrame({"image": ["c.jpg"], "species": ["s"], "individual_id": ["x"], "round": [1]})
+    out = ensemble_stage.write_competition(comp, pd.concat([train.assign(round=0), pseudo]), tmp_path / "out")
+    assert colour(out / "train_images" / "a.jpg") == "red"  # the training file
+    assert colour(out / "test_images" / "a.jpg") == "blue"  # the test file of the same name
+    assert colour(out / "train_images" / "c.jpg") == "blue"  # a pseudo-label row: the test file
+    clash = pd.DataFrame({"image": ["a.jpg"], "species": ["s"], "individual_id": ["x"], "round": [1]})
+    with pytest.raises(ValueError, match=r"'a.jpg' is in the new train.csv twice \(row 3\)"):
+        ensemble_stage.write_competition(comp, pd.concat([train.assign(round=0), clash]), tmp_path / "bad")

@@ -91,26 +91,45 @@ def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.P
 
     ``train_images/`` and ``test_images/`` hold symbolic links to the original files (copies where links
     cannot be made); ``sample_submission.csv`` and ``test.csv`` are copied and ``boxes.csv`` is filtered to the
-    folder's images when ``comp`` has them. A ``train`` row may be a test image (a pseudo-label): its file comes from the test images.
+    folder's images when ``comp`` has them. A ``train`` row may be a test image (a pseudo-label, ``round`` > 0): its
+    file comes from the test images. A training image and a test image may share a name (their files differ): each
+    link points to the file of its own split.
 
     Args:
         comp: the competition the rows come from.
         train: the new training table (``image, species, individual_id``, extra columns kept; ``path``
             dropped).
         folder: the folder to write.
+
+    Raises:
+        ValueError: an image that ``comp`` does not have, or a name twice in ``train`` (a pseudo-labelled test
+            image named like a training image cannot share ``train_images/`` with it).
     """
     folder = Path(folder)
-    source = {**dict(zip(comp.test["image"], comp.test["path"], strict=True)),
-              **dict(zip(comp.train["image"], comp.train["path"], strict=True))}
-    unknown = [i for i in train["image"].astype(str) if i not in source]
-    if unknown:
-        raise ValueError(f"write_competition: image {unknown[0]!r} is neither a training nor a test image of "
-                         f"{comp.root}")
+    images = train["image"].astype(str)
+    twice = images.duplicated()
+    if twice.any():
+        row = int(np.flatnonzero(twice.to_numpy())[0]) + 1
+        raise ValueError(f"write_competition: image {images.iloc[row - 1]!r} is in the new train.csv twice (row "
+                         f"{row}): a training image and a pseudo-labelled test image share its name")
+    train_files = dict(zip(comp.train["image"], comp.train["path"], strict=True))
+    test_files = dict(zip(comp.test["image"], comp.test["path"], strict=True))
+    pseudo = (pd.to_numeric(train["round"], errors="coerce").fillna(0) > 0 if "round" in train.columns
+              else pd.Series(False, index=train.index))
+    files = []
+    for image, is_pseudo in zip(images, pseudo, strict=True):
+        first, second = (test_files, train_files) if is_pseudo else (train_files, test_files)
+        path = first.get(image, second.get(image))
+        if path is None:
+            raise ValueError(f"write_competition: image {image!r} is neither a training nor a test image of "
+                             f"{comp.root}")
+        files.append(path)
     with store.atomic_dir(folder) as tmp:
-        for sub, images in (("train_images", train["image"]), ("test_images", comp.test["image"])):
+        for sub, names, paths in (("train_images", images, files),
+                                  ("test_images", comp.test["image"].astype(str), comp.test["path"])):
             (tmp / sub).mkdir(parents=True)
-            for image in images.astype(str):
-                _link(Path(source[image]).resolve(), tmp / sub / image)
+            for image, path in zip(names, paths, strict=True):
+                _link(Path(path).resolve(), tmp / sub / image)
         train.drop(columns=["path"], errors="ignore").to_csv(tmp / "train.csv", index=False)
         for name in ("sample_submission.csv", "test.csv"):
             if (comp.root / name).exists():
