@@ -181,6 +181,16 @@ def trick_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], dict[str
     return rows, exps
 
 
+def weighted_ensemble(key: str, label: str, exp: str, members: list[str], data: Path, comp) -> dict:
+    """The row of stage 06's accuracy-power-weighted ensemble (``weight_factor`` 25, the reference's) of ``members``."""
+    from common.config import EnsembleConfig
+    from common.stages.ensemble_postprocess import run_ensemble
+
+    ens = run_ensemble(EnsembleConfig(data=str(data), exp=exp, members=",".join(members), weight_factor=25.0,
+                                      device="cpu"), comp)
+    return summarise(key, label, [{**ens["test"], "exp": exp, "train_s": 0.0}])
+
+
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]) -> list[dict]:
     """Plain Lite1 and Lite2 (seed 42), stage 06's weighted ensemble of Lite0/1/2, and the greedy soup."""
     from common.config import EnsembleConfig
@@ -192,10 +202,8 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
         print(f"plain {backbone}: {cfg.exp}", flush=True)
         rows.append(summarise(f"plain-{backbone}", f"plain fine-tuning, {backbone} (seed 42)", [train(cfg, comp)]))
         members.append(cfg.exp)
-    ens = run_ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-ensemble", members=",".join(members),
-                                      weight_factor=25.0, device="cpu"), comp)
-    rows.append(summarise("ensemble", "stage 06: Lite0+1+2, weights (OOF acc / min) ** 25",
-                          [{**ens["test"], "exp": "bench-grocery-ensemble", "train_s": 0.0}]))
+    rows.append(weighted_ensemble("ensemble", "stage 06: Lite0+1+2, weights (OOF acc / min) ** 25",
+                                  "bench-grocery-ensemble", members, data, comp))
     souped = [e[0] for k, e in exps.items() if k not in ("aux", "flip")]  # aux adds a head: not soupable
     if len(souped) > 1:
         soup = run_ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
@@ -209,9 +217,6 @@ def probe_rows(args, base: dict, data: Path, comp) -> list[dict]:
     """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, seed 42's fold 0),
     then stage 06's accuracy-power-weighted ensemble of them: the frozen backbones at larger sizes than fine-tuning
     affords on two cores."""
-    from common.config import EnsembleConfig
-    from common.stages.ensemble_postprocess import run_ensemble
-
     rows, members = [], []
     for spec in args.probes:
         backbone, _, size = spec.partition(":")
@@ -222,10 +227,9 @@ def probe_rows(args, base: dict, data: Path, comp) -> list[dict]:
                               [train(cfg, comp)]))
         members.append(cfg.exp)
     if len(members) > 1:
-        ens = run_ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-probe-ensemble",
-                                          members=",".join(members), weight_factor=25.0, device="cpu"), comp)
-        rows.append(summarise("probe-ensemble", f"stage 06: the {len(members)} probes, weights (OOF acc / min) ** 25",
-                              [{**ens["test"], "exp": "bench-grocery-probe-ensemble", "train_s": 0.0}]))
+        rows.append(weighted_ensemble("probe-ensemble",
+                                      f"stage 06: the {len(members)} probes, weights (OOF acc / min) ** 25",
+                                      "bench-grocery-probe-ensemble", members, data, comp))
     return rows
 
 

@@ -89,8 +89,7 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l
 
     if len(present) > 1:  # one class: nothing to separate, the zero head is the optimum
         opt.step(objective)
-    state = opt.state[opt._params[0]]
-    iterations = int(state.get("n_iter", 0))
+    iterations = int(opt.state[w].get("n_iter", 0))  # L-BFGS keeps its counters with the first parameter
     with torch.no_grad():
         fitted = z @ w.T + b
         accuracy = float((fitted.argmax(1) == target).double().mean())

@@ -114,8 +114,7 @@ def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.P
                          f"{row}): a training image and a pseudo-labelled test image share its name")
     train_files = dict(zip(comp.train["image"], comp.train["path"], strict=True))
     test_files = dict(zip(comp.test["image"], comp.test["path"], strict=True))
-    pseudo = (pd.to_numeric(train["round"], errors="coerce").fillna(0) > 0 if "round" in train.columns
-              else pd.Series(False, index=train.index))
+    pseudo = row_rounds(train) > 0
     files = []
     for image, is_pseudo in zip(images, pseudo, strict=True):
         first, second = (test_files, train_files) if is_pseudo else (train_files, test_files)
@@ -148,11 +147,19 @@ def _link(target: Path, link: Path) -> None:
         shutil.copy2(target, link)
 
 
+def row_rounds(train: pd.DataFrame) -> pd.Series:
+    """The pseudo-label round of each row of a ``train.csv`` table, as floats: 0 for an original training row
+    (``round`` empty, unreadable or 0), and 0 for every row when there is no ``round`` column."""
+    if "round" not in train.columns:
+        return pd.Series(0.0, index=train.index)
+    return pd.to_numeric(train["round"], errors="coerce").fillna(0)
+
+
 def original_train(comp: Competition) -> pd.DataFrame:
     """``comp``'s training rows without earlier pseudo-label rounds (``round`` column 0 or absent), no ``path``."""
     train = comp.train.drop(columns=["path"])
     if "round" in train.columns:
-        train = train[pd.to_numeric(train["round"], errors="coerce").fillna(0) == 0].reset_index(drop=True)
+        train = train[row_rounds(train) == 0].reset_index(drop=True)
     return train
 
 
@@ -160,7 +167,7 @@ def earlier_rounds(comp: Competition, label_column: str) -> pd.DataFrame:
     """The pseudo-label rows ``comp``'s ``train.csv`` already holds (a folder written by an earlier round)."""
     if "round" not in comp.train.columns:
         return pd.DataFrame(columns=["image", label_column, "confidence", "round"])
-    rounds = pd.to_numeric(comp.train["round"], errors="coerce").fillna(0).astype(int)
+    rounds = row_rounds(comp.train).astype(int)
     rows = comp.train[rounds > 0]
     return pd.DataFrame({"image": rows["image"], label_column: rows[label_column],
                          "confidence": pd.to_numeric(rows["confidence"], errors="coerce"),
