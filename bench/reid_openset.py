@@ -21,6 +21,11 @@ images); untrained ImageNet features through the same pipeline (``epochs=0``: th
 untrained neck, the same label-free threshold tuning); and untrained ImageNet features (EfficientNet-Lite0,
 average-pooled, full images, the run's image size) with the threshold chosen on the test itself (optimistic for
 that baseline).
+
+``--ssl simclr`` (or ``byol``) adds the stage-00 comparison: stage 00 pretrains ``backbone`` self-supervised on the
+competition's train and test images (no labels; ``--ssl-epochs``, continued from the ImageNet weights), then
+every seed runs again with ``pretrained=<stage-00 exp>``. The table then has both arms on the same split and
+seeds (ImageNet alone, and ImageNet + stage 00) and their paired differences.
 """
 
 from __future__ import annotations
@@ -205,6 +210,51 @@ def exp_name(args: argparse.Namespace, suffix: str) -> str:
     return f"bench-openset-{args.dataset}{'-' + args.tag if args.tag else ''}-{suffix}"
 
 
+def ssl_params(args: argparse.Namespace, params: dict, comp_dir: Path) -> dict:
+    """The stage-00 run of ``--ssl``: the run's backbone and image size, ``--ssl-epochs`` from ImageNet."""
+    return {**params, "data": str(comp_dir), "exp": exp_name(args, f"ssl-{args.ssl}{args.ssl_epochs}"),
+            "seed": 0, "ssl_method": args.ssl, "ssl_epochs": args.ssl_epochs, "ssl_pretrained": "auto",
+            "ssl_image_size": int(params.get("image_size", 128))}
+
+
+def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: str = "",
+              extra: dict | None = None) -> list[dict]:
+    """Stages 01-04 once per ``--seeds`` seed (experiments ``<prefix>s<seed>``); each run's stage-04 metrics."""
+    from common.cli import pipeline
+
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        exp = exp_name(args, f"{prefix}s{seed}")
+        run_params = {**params, **(extra or {}), "data": str(comp_dir), "exp": exp, "seed": seed}
+        t0 = time.perf_counter()
+        metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
+        if args.rescore:  # stage 04 again on the stored embeddings (after a change to stage 04 itself)
+            metrics = pipeline.run(["04"], run_params, force=True, log_output=False)
+        crop_file = paths.stage_dir(exp, "01") / "metrics.json"
+        if crop_file.exists():  # stage 01 writes its method to its own metrics.json, not the experiment's
+            metrics.setdefault("crop_method", json.loads(crop_file.read_text()).get("crop_method", "?"))
+        runs.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
+        print(f"{exp}: MAP@5 {metrics['map5']:.3f} known {metrics.get('map5_known')} new "
+              f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
+    return runs
+
+
+def pipeline_row(label: str, runs: list[dict]) -> str:
+    """One table row: mean ± sd over the seeds' stage-04 metrics."""
+    return (f"| {label} ({len(runs)} seed(s): mean ± sd) | {fmt([r['map5'] for r in runs])} | "
+            f"{fmt([r.get('map5_known') for r in runs])} | {fmt([r.get('map5_new') for r in runs])} | "
+            f"{fmt([r['threshold'] for r in runs])} | {fmt([r.get('test_best_threshold') for r in runs])} | "
+            f"{fmt([r.get('test_map5_best') for r in runs])} | "
+            f"{fmt([r.get('test_map5_known_ranking') for r in runs])} |")
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> list[float]:
+    """``b - a`` of ``key`` per seed, for the seeds both arms ran."""
+    by_seed = {r["seed"]: r for r in a}
+    return [r[key] - by_seed[r["seed"]][key] for r in b
+            if r["seed"] in by_seed and r.get(key) is not None and by_seed[r["seed"]].get(key) is not None]
+
+
 def fmt(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -231,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rescore", action="store_true",
                     help="rerun stage 04 of every (cached) run: after a change to stage 04 itself")
     ap.add_argument("--tag", default="", help="suffix of the experiment names (keeps configurations apart)")
+    ap.add_argument("--ssl", choices=("simclr", "byol"), default=None,
+                    help="also run stage 00 (this method) and every seed again from its weights")
+    ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs (with --ssl)")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
     from common.cli import pipeline
@@ -247,20 +300,16 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.p:
         key, _, value = item.partition("=")
         params[key] = parse_cli_value(value)
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        exp = exp_name(args, f"s{seed}")
-        run_params = {**params, "data": str(comp_dir), "exp": exp, "seed": seed}
-        t0 = time.perf_counter()
-        metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
-        if args.rescore:  # stage 04 again on the stored embeddings (after a change to stage 04 itself)
-            metrics = pipeline.run(["04"], run_params, force=True, log_output=False)
-        crop_file = paths.stage_dir(exp, "01") / "metrics.json"
-        if crop_file.exists():  # stage 01 writes its method to its own metrics.json, not the experiment's
-            metrics.setdefault("crop_method", json.loads(crop_file.read_text()).get("crop_method", "?"))
-        runs.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
-        print(f"seed {seed}: MAP@5 {metrics['map5']:.3f} known {metrics.get('map5_known')} new "
-              f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
+    runs = run_seeds(args, params, comp_dir)
+    ssl_runs, ssl_meta = [], {}
+    if args.ssl:
+        pre = ssl_params(args, params, comp_dir)
+        print(f"stage 00 ({args.ssl}, {args.ssl_epochs} epochs): {pre['exp']}", flush=True)
+        pipeline.run(["00"], pre, log_output=False)
+        ssl_meta = json.loads((paths.stage_dir(pre["exp"], "00") / "metrics.json").read_text())
+        ssl_runs = run_seeds(args, params, comp_dir, prefix=f"ssl-{args.ssl}{args.ssl_epochs}-",
+                             extra={"pretrained": pre["exp"]})
+        ssl_runs = [{**r, "arm": "stage 00 "} for r in ssl_runs]
     image_size = int(params.get("image_size", 128))
     base = None if args.no_baseline else untrained_baseline(comp_dir, image_size, np.round(np.arange(0, 1.0001, 0.02), 6))
     same = None
@@ -275,12 +324,18 @@ def main(argv: list[str] | None = None) -> None:
         "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it "
         "| known MAP@5, ranking alone |",
         "|---|---|---|---|---|---|---|---|",
-        f"| pipeline ({len(runs)} seed(s): mean ± sd) | {fmt([r['map5'] for r in runs])} | "
-        f"{fmt([r.get('map5_known') for r in runs])} | {fmt([r.get('map5_new') for r in runs])} | "
-        f"{fmt([r['threshold'] for r in runs])} | {fmt([r.get('test_best_threshold') for r in runs])} | "
-        f"{fmt([r.get('test_map5_best') for r in runs])} | {fmt([r.get('test_map5_known_ranking') for r in runs])} |",
+        pipeline_row("pipeline" + (", ImageNet weights" if args.ssl else ""), runs),
         f"| new_individual alone for every image | {new_share:.3f} | 0.000 | 1.000 | - | - | - | - |",
     ]
+    if ssl_runs:
+        lines.append(pipeline_row(
+            f"pipeline from stage 00 ({args.ssl}, {args.ssl_epochs} epoch(s) from ImageNet on "
+            f"{ssl_meta.get('images', '?')} train+test images, loss {ssl_meta.get('first_loss', float('nan')):.3f}"
+            f" -> {ssl_meta.get('last_loss', float('nan')):.3f}, {ssl_meta.get('seconds', float('nan')):.0f} s)",
+            ssl_runs))
+        diff = {k: paired(runs, ssl_runs, k) for k in ("map5", "map5_known", "map5_new", "test_map5_known_ranking")}
+        lines.append(f"| stage 00 minus ImageNet, paired by seed | {fmt(diff['map5'])} | {fmt(diff['map5_known'])} | "
+                     f"{fmt(diff['map5_new'])} | - | - | - | {fmt(diff['test_map5_known_ranking'])} |")
     if same:
         lines.append(f"| untrained (epochs=0) through the same pipeline: ImageNet backbone, GeM, untrained neck, "
                      f"the same threshold tuning | {same['map5']:.3f} | {same['map5_known']:.3f} | "
@@ -301,12 +356,12 @@ def main(argv: list[str] | None = None) -> None:
             how = ", ".join(sorted({v["source"] for v in vals}))
             lines.append(f"| {name} | {fmt([v['map5'] for v in vals])} | {fmt([v['threshold'] for v in vals])} | "
                          f"{how}{': ' + fmt(shares) if shares else ''} |")
-    extra = ", ".join(f"seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
+    extra = ", ".join(f"{r.get('arm', '')}seed {r['seed']}: OOF MAP@5 {r.get('oof_map5', float('nan')):.3f} (all-new "
                       f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "
                       f"{r.get('test_new_share_estimate') or float('nan'):.2f}, threshold tuned for the "
                       f"{r.get('tuned_for_new_share_source', 'oof')} share, crops: {r.get('crop_method', '?')}, "
-                      f"{r['minutes']:.1f} min" for r in runs)
+                      f"{r['minutes']:.1f} min" for r in runs + ssl_runs)
     cmd = "HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = (

@@ -3,10 +3,12 @@ the others with three or more images as known test images, deterministic."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +56,21 @@ def test_open_set_split_with_a_known_share():
     assert 0.18 < len(known) / len(eligible) < 0.32  # about a quarter of their images
     kept = table[split == "train"]["individual_id"].value_counts()
     assert (kept.reindex(sorted(set(eligible["individual_id"]))) >= 1).all()  # each keeps a gallery image
+
+
+def test_paired_differences_match_seeds_and_skip_missing_values():
+    bench = _bench()
+    imagenet = [{"seed": 0, "map5": 0.60, "map5_known": 0.30}, {"seed": 1, "map5": 0.70, "map5_known": None}]
+    ssl = [{"seed": 1, "map5": 0.65, "map5_known": 0.2}, {"seed": 0, "map5": 0.62, "map5_known": 0.35},
+           {"seed": 2, "map5": 0.9, "map5_known": 0.9}]  # seed 2 has no ImageNet run: left out
+    assert bench.paired(imagenet, ssl, "map5") == pytest.approx([-0.05, 0.02])
+    assert bench.paired(imagenet, ssl, "map5_known") == pytest.approx([0.05])  # seed 1's ImageNet value is missing
+
+
+def test_ssl_params_pretrain_at_the_run_size_from_imagenet():
+    bench = _bench()
+    args = argparse.Namespace(dataset="nyala", tag="full", ssl="simclr", ssl_epochs=6)
+    pre = bench.ssl_params(args, {"image_size": 160, "epochs": 10}, Path("/tmp/comp"))
+    assert pre["exp"] == "bench-openset-nyala-full-ssl-simclr6"
+    assert (pre["ssl_method"], pre["ssl_epochs"], pre["ssl_image_size"], pre["ssl_pretrained"]) == ("simclr", 6, 160, "auto")
+    assert pre["data"] == "/tmp/comp" and pre["epochs"] == 10  # the run's own parameters are kept
