@@ -181,20 +181,33 @@ def trick_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], dict[str
     return rows, exps
 
 
+def ensemble(cfg, comp) -> dict:
+    """Stage 06 of ``cfg``, or its stored ``metrics.json`` when it finished with the same fingerprint (parameters,
+    data, members), as the runner would reuse it: a rerun of the table does not recompute an unchanged soup."""
+    from common.config import EnsembleConfig
+    from common.core import store
+    from common.data.fingerprint import stage_fingerprint
+    from common.stages.ensemble_postprocess import run_ensemble, stage_dir
+
+    out = stage_dir(cfg.exp)
+    if store.stage_done(out, stage_fingerprint(cfg), EnsembleConfig.defaults()) and (out / "metrics.json").exists():
+        print(f"stage 06 {cfg.exp}: reused (unchanged)", flush=True)
+        return store.read_json(out / "metrics.json")
+    return run_ensemble(cfg, comp)
+
+
 def weighted_ensemble(key: str, label: str, exp: str, members: list[str], data: Path, comp) -> dict:
     """The row of stage 06's accuracy-power-weighted ensemble (``weight_factor`` 25, the reference's) of ``members``."""
     from common.config import EnsembleConfig
-    from common.stages.ensemble_postprocess import run_ensemble
 
-    ens = run_ensemble(EnsembleConfig(data=str(data), exp=exp, members=",".join(members), weight_factor=25.0,
-                                      device="cpu"), comp)
+    ens = ensemble(EnsembleConfig(data=str(data), exp=exp, members=",".join(members), weight_factor=25.0,
+                                  device="cpu"), comp)
     return summarise(key, label, [{**ens["test"], "exp": exp, "train_s": 0.0}])
 
 
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]) -> list[dict]:
     """Plain Lite1 and Lite2 (seed 42), stage 06's weighted ensemble of Lite0/1/2, and the greedy soup."""
     from common.config import EnsembleConfig
-    from common.stages.ensemble_postprocess import run_ensemble
 
     rows, members = [], [exps["plain"][0]]
     for backbone in LITES:
@@ -206,8 +219,8 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
                                   "bench-grocery-ensemble", members, data, comp))
     souped = [e[0] for k, e in exps.items() if k not in ("aux", "flip")]  # aux adds a head: not soupable
     if len(souped) > 1:
-        soup = run_ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
-                                           soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
+        soup = ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
+                                       soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
         rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed 42)",
                               [{**soup["soup"]["test"], "exp": "bench-grocery-soup", "train_s": 0.0}]))
     return rows
@@ -237,7 +250,6 @@ def noise_rows(args, base: dict, work: Path) -> list[dict]:
     """Plain on noisy labels (every fold), stage 06's cleaning of it, plain retrained on the cleaned folder."""
     from common.config import EnsembleConfig
     from common.data.competition import load_competition
-    from common.stages.ensemble_postprocess import run_ensemble
 
     noisy = convert(work, args.shared, NOISE)
     comp = load_competition(noisy, check_pixels=False)
@@ -245,8 +257,8 @@ def noise_rows(args, base: dict, work: Path) -> list[dict]:
     print(f"plain on noisy labels: {cfg.exp}", flush=True)
     rows = [summarise("noisy", f"plain, {round(100 * NOISE)}% of train labels flipped within coarse class",
                       [train(cfg, comp)])]
-    ens = run_ensemble(EnsembleConfig(data=str(noisy), exp="bench-grocery-clean", members=cfg.exp,
-                                      clean_threshold=CLEAN_THRESHOLD, device="cpu"), comp)
+    ens = ensemble(EnsembleConfig(data=str(noisy), exp="bench-grocery-clean", members=cfg.exp,
+                                  clean_threshold=CLEAN_THRESHOLD, device="cpu"), comp)
     cleaned = Path(ens["clean"]["folder"])
     table = pd.read_csv(cleaned / "train.csv", dtype=str)
     still = float((table["individual_id"] != table["clean_label"]).mean())

@@ -56,7 +56,7 @@ def test_grocery_layout_on_the_real_set(tmp_path):
     assert Counter(test["individual_id"]).total() == 296 and set(test["individual_id"]) <= set(train["clean_label"])
 
 
-def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated, one_torch_thread):
+def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated, one_torch_thread, monkeypatch):
     import argparse
 
     from bench import grocery
@@ -76,3 +76,19 @@ def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated,
         assert (fold_dir(exp, 0) / "probe.json").is_file()  # the head is the probe
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert store.read_json(isolated / "working" / "bench-grocery-probe-ensemble" / "06_ensemble" / "metrics.json")
+
+    # a second call reuses the unchanged stage 06 (the runner's rule: same parameters, data and members)
+    from common.stages import ensemble_postprocess
+
+    def refuse(*a, **k):
+        raise AssertionError("stage 06 recomputed although nothing changed")
+
+    monkeypatch.setattr(ensemble_postprocess, "run_ensemble", refuse)
+    again = grocery.probe_rows(args, base, comp.root, comp)
+    assert again[-1]["accuracy"] == rows[-1]["accuracy"]
+    from common.config import EnsembleConfig
+
+    changed = EnsembleConfig(data=str(comp.root), exp="bench-grocery-probe-ensemble", members=",".join(exps),
+                             weight_factor=5.0, device="cpu")  # another weight: stage 06 must run again
+    with pytest.raises(AssertionError, match="recomputed"):
+        grocery.ensemble(changed, comp)
