@@ -43,6 +43,12 @@ def test_check_resumable_compares_the_given_fields(tmp_path):
     checkpoint.check_resumable(out, {"lr": 1.0, "freeze_blocks": 0}, {"freeze_blocks": 0})  # added at its default
     with pytest.raises(RuntimeError, match="freeze_blocks"):
         checkpoint.check_resumable(out, {"lr": 1.0, "freeze_blocks": 0})
+    # started by a newer version, whose config.json lists a model field this version lacks: refused, named
+    store.write_json(out / "config.json", {"config": {"lr": 1.0, "probe_init": True, "num_workers": 4},
+                                           "model_fields": ["lr", "probe_init"]})
+    with pytest.raises(RuntimeError, match=r"changed: probe_init, which this version does not know"):
+        checkpoint.check_resumable(out, {"lr": 1.0})
+    checkpoint.check_resumable(out, {"lr": 1.0, "probe_init": True})  # the version that knows it resumes
 
 
 def test_save_then_resume_restores_every_object_and_trims_the_log(tmp_path):

@@ -53,7 +53,8 @@ def finished_log(out: Path, params: dict[str, Any], force: bool,
 
 
 def check_resumable(out: Path, params: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
-    """Refuse a ``last.pt`` written under other parameters (read from the fold's ``config.json``).
+    """Refuse a ``last.pt`` written under other parameters (read from the fold's ``config.json``), or by a version
+    with model fields this one lacks (``config.json``'s ``model_fields``: the fields that decided that model).
 
     Args:
         out: the fold folder.
@@ -65,6 +66,9 @@ def check_resumable(out: Path, params: dict[str, Any], defaults: dict[str, Any] 
     meta = store.read_json(out / "config.json")
     old = {**meta["config"], **{k: meta[k] for k in ("data_fingerprint", "upstream") if k in meta}}
     changed = _changed(old, params, defaults)
+    unknown = sorted(set(meta.get("model_fields", ())) - set(params))  # a newer version's model fields
+    if unknown:
+        changed.append(f"{', '.join(unknown)}, which this version does not know: a newer version started it")
     if changed:
         raise RuntimeError(f"{out / 'last.pt'}: checkpoint from other parameters or data (changed: "
                            f"{', '.join(changed)}); use force=True to start over")

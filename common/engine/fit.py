@@ -320,7 +320,8 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
     start_epoch = checkpoint.saved_epoch(out)
     mean, std = backbone_normalization(cfg.backbone, cfg.pretrained)
     meta = {"config": config, "fold": fold, **task.describe(comp, fit_rows), "mean": list(mean), "std": list(std),
-            "used_crops": used_crops, "n_fit": len(fit_rows), "n_valid": len(valid_rows)}
+            "used_crops": used_crops, "n_fit": len(fit_rows), "n_valid": len(valid_rows),
+            "model_fields": sorted(task.model_fields)}
     meta.update(identity)
     if info.is_main:
         store.write_json(out / "config.json", meta)
