@@ -255,6 +255,33 @@ def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch)
     assert matched  # and matched again
 
 
+def test_an_attached_run_s_train_descriptors_are_read_not_recomputed(textured, tmp_path, monkeypatch):
+    import shutil
+
+    cfg = cfg_for(local_features="sift", local_side=240)
+    first, _ = local_rerank.descriptors(cfg, textured, [0])
+    # the finished run, attached to an inference notebook as a dataset; this kernel's working/ has no descriptors
+    src = tmp_path / "attached"
+    local = paths.stage_dir(EXP, "04") / "local"
+    shutil.copytree(local, src / EXP / "04_retrieval" / "local")
+    shutil.rmtree(local)
+    (src / EXP / "04_retrieval" / "local" / "test.npz").unlink()  # the hidden test set: new images
+    monkeypatch.setattr(paths, "attached_dirs", lambda: [src])
+    calls = []
+    real = lf.sift_descriptors
+    monkeypatch.setattr(lf, "sift_descriptors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, _ = local_rerank.descriptors(cfg, textured, [0])
+    assert len(calls) == len(TEST)  # only the test images are computed
+    assert not (local / "train.npz").exists()  # the train descriptors are read where they are
+    assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
+    # a train image that differs from the attached run's: its train descriptors are computed again
+    image = textured.root / "train_images" / TRAIN[0][0]
+    assert cv2.imwrite(str(image), window(texture(99), 0, 0)[:100])
+    calls.clear()
+    local_rerank.descriptors(cfg, textured, [0])
+    assert len(calls) == len(TRAIN)  # the test descriptors of this kernel are reused
+
+
 def test_unreadable_image_is_named(textured):
     bad = textured.root / "test_images" / "t3.png"
     bad.write_bytes(b"not an image")

@@ -4,7 +4,8 @@ Each train and test image (stage 01's crop when stage 02 trained on crops, else 
 first embed member's) gets SIFT descriptors once. They are kept in ``04_retrieval/local/`` (``06_ensemble/local/``
 in stage 06): ``{split}.npz`` holds the ``image`` ids and each image's descriptor ``count``,
 ``{split}_descriptors.npy`` the concatenated ``uint8`` rows, memory-mapped when read, so memory does not grow
-with the images. They are reused while the images, the crops and the SIFT settings are unchanged. Retrieval then
+with the images. They are reused while the images, the crops and the SIFT settings are unchanged, also from a
+finished run attached to a Kaggle notebook (an inference kernel computes only the new test images'). Retrieval then
 re-scores each query's first ``local_top`` global neighbours with :func:`common.lib.local_features.rerank`, out
 of fold and on the test alike, so the ``new_individual`` threshold is tuned on scores of the test's form.
 ``local_weight`` < 0 chooses the weight out of fold: the weight of :data:`WEIGHTS` whose out-of-fold MAP@5 on
@@ -14,6 +15,7 @@ known individuals (their ranking alone, no threshold) is best.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -152,32 +154,56 @@ def auto_side(files: list[str]) -> int:
     return int(np.clip(2 * np.median(sides), *AUTO_SIDE)) if sides else AUTO_SIDE[1]
 
 
+def split_key(settings: dict, split: str, ids: list[str], files: list[str]) -> str:
+    """The key one split's descriptor files are complete for: the SIFT ``settings``, the split's image ids in
+    order, and its image files' names and sizes (no modification times: a copy of the files, such as a finished
+    run attached to a Kaggle notebook, keeps the key)."""
+    images = hashlib.sha256("\n".join(f"{i}|{Path(f).name}|{os.path.getsize(f)}" for i, f in zip(
+        ids, files, strict=True)).encode()).hexdigest()
+    return fingerprint_key({**settings, "split": split, "images": images})
+
+
+def stored_copy(cfg: RetrievalConfig | EnsembleConfig, split: str, key: str) -> Path | None:
+    """A complete ``local/<split>.npz`` with ``key`` in a source attached to a Kaggle notebook (the training run's
+    stage folder, :func:`common.core.paths.stage_candidates`), else ``None``: an inference kernel then reads the
+    training run's train descriptors instead of recomputing them."""
+    for folder in paths.stage_candidates(cfg.exp, cfg.stage)[1:]:
+        candidate = folder / local_dir(cfg).name / f"{split}.npz"
+        if complete(candidate, key):
+            return candidate
+    return None
+
+
 def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds: list[int],
                 images_exp: str = "") -> tuple[dict[str, np.ndarray], int]:
     """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``, and the
     longer side they were computed at. The images are those experiment ``images_exp`` (default ``cfg.exp``)
-    embedded: its stage-01 crops when its stage 02 trained on them; the files go to ``cfg``'s stage folder."""
+    embedded: its stage-01 crops when its stage 02 trained on them; the files go to ``cfg``'s stage folder.
+    A split whose descriptors an attached source already holds for the same images (:func:`stored_copy`) is read
+    from there."""
     exp = images_exp or cfg.exp
     crops = used_crops(exp, folds)
     folder = local_dir(cfg)
     files = {split: image_paths(table, exp, split, crops)
              for split, table in (("train", comp.train), ("test", comp.test))}
     side = cfg.local_side or auto_side(files["train"])
-    params = {"layout": DESCRIPTOR_LAYOUT, "side": side, "n_features": cfg.local_n_features, "used_crops": crops,
-              "data_files": data_fingerprint(comp.root),
+    settings = {"layout": DESCRIPTOR_LAYOUT, "side": side, "n_features": cfg.local_n_features, "used_crops": crops}
+    params = {**settings, "data_files": data_fingerprint(comp.root),
               "crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
     if not store.stage_done(folder, params):  # match counts of other descriptors are stale
         (folder / PAIRS_FILE).unlink(missing_ok=True)
-    key = fingerprint_key(params)
     out: dict[str, np.ndarray] = {}
     for split, table in (("train", comp.train), ("test", comp.test)):
         target = folder / f"{split}.npz"
         ids = [str(i) for i in table["image"]]
-        if not complete(target, key):
+        key = split_key(settings, split, ids, files[split])
+        source = target if complete(target, key) else stored_copy(cfg, split, key)
+        if source is None:
             names = files[split]
             save_descriptors(target, ids, lambda i, names=names: local_features.sift_descriptors(
                 read_grey(names[i]), side, cfg.local_n_features), key)
-        out.update({f"{split}/{k}": v for k, v in load_descriptors(target, ids).items()})
+            source = target
+        out.update({f"{split}/{k}": v for k, v in load_descriptors(source, ids).items()})
     store.mark_done(folder, params)
     return out, side
 
