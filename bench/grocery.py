@@ -183,14 +183,14 @@ def trick_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], dict[str
 
 def ensemble(cfg, comp) -> dict:
     """Stage 06 of ``cfg``, or its stored ``metrics.json`` when it finished with the same fingerprint (parameters,
-    data, members), as the runner would reuse it: a rerun of the table does not recompute an unchanged soup."""
-    from common.config import EnsembleConfig
+    data, members), by the runner's own rule: a rerun of the table does not recompute an unchanged soup."""
+    from common.cli.pipeline import is_fresh
     from common.core import store
     from common.data.fingerprint import stage_fingerprint
     from common.stages.ensemble_postprocess import run_ensemble, stage_dir
 
     out = stage_dir(cfg.exp)
-    if store.stage_done(out, stage_fingerprint(cfg), EnsembleConfig.defaults()) and (out / "metrics.json").exists():
+    if is_fresh(cfg.exp, "06", stage_fingerprint(cfg)) and (out / "metrics.json").exists():
         print(f"stage 06 {cfg.exp}: reused (unchanged)", flush=True)
         return store.read_json(out / "metrics.json")
     return run_ensemble(cfg, comp)
