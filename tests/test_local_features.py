@@ -227,7 +227,7 @@ def test_given_weight_puts_the_matching_coat_first(textured):
                                 ).metrics["local_side_used"] == 256  # 0 (auto): twice 120 px, at least 256
     assert result.metrics["map5_known"] > plain.metrics["map5_known"]
     out = paths.stage_dir(EXP, "04") / "local"
-    assert {p.name for p in out.iterdir()} >= {"train.npz", "test.npz", "_done.json"}
+    assert {p.name for p in out.iterdir()} >= {"train.npz", "test.npz", "pairs.npz"}
 
 
 def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch):
@@ -255,11 +255,27 @@ def test_weight_chosen_out_of_fold_and_descriptors_reused(textured, monkeypatch)
     assert matched  # and matched again
 
 
+def test_a_new_test_set_keeps_the_out_of_fold_match_counts(textured):
+    cfg = cfg_for(local_features="sift", local_side=240, local_weight=1.0)
+    submit.run_retrieval(cfg, textured)
+    path = local_rerank.local_dir(cfg) / local_rerank.PAIRS_FILE
+    stored = local_rerank.stored_pairs(path, local_rerank.descriptors(cfg, textured, [0]).keys)
+    splits = {(a.split("/")[0], b.split("/")[0]) for a, b in stored}
+    assert splits == {("train", "train"), ("test", "train")}  # the out-of-fold sweep and the test queries
+    image = textured.root / "test_images" / "t1.png"
+    assert cv2.imwrite(str(image), window(texture(99), 0, 0)[:100])  # another test set
+    keys = local_rerank.descriptors(cfg, textured, [0]).keys
+    kept = local_rerank.stored_pairs(path, keys)
+    assert kept == {k: v for k, v in stored.items() if k[0].startswith("train/")}  # only train-train is valid
+    assert kept
+    assert local_rerank.stored_pairs(path, {**keys, "crops": "other"}) == {}  # other crops: none
+
+
 def test_an_attached_run_s_train_descriptors_are_read_not_recomputed(textured, tmp_path, monkeypatch):
     import shutil
 
     cfg = cfg_for(local_features="sift", local_side=240)
-    first, _ = local_rerank.descriptors(cfg, textured, [0])
+    first = local_rerank.descriptors(cfg, textured, [0]).rows
     # the finished run, attached to an inference notebook as a dataset; this kernel's working/ has no descriptors
     src = tmp_path / "attached"
     local = paths.stage_dir(EXP, "04") / "local"
@@ -270,7 +286,7 @@ def test_an_attached_run_s_train_descriptors_are_read_not_recomputed(textured, t
     calls = []
     real = lf.sift_descriptors
     monkeypatch.setattr(lf, "sift_descriptors", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again, _ = local_rerank.descriptors(cfg, textured, [0])
+    again = local_rerank.descriptors(cfg, textured, [0]).rows
     assert len(calls) == len(TEST)  # only the test images are computed
     assert not (local / "train.npz").exists()  # the train descriptors are read where they are
     assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)

@@ -31,7 +31,7 @@ from common.core import paths, store
 from common.core.runtime import usable_cores
 from common.data.artefacts import image_paths
 from common.data.competition import Competition, DataError
-from common.data.fingerprint import data_fingerprint, fingerprint_key, marker_hash
+from common.data.fingerprint import fingerprint_key, marker_hash
 from common.lib import local_features, metrics
 
 DESCRIPTOR_LAYOUT = 2  # 2: index .npz + memory-mapped .npy (1: one .npz, read whole)
@@ -174,13 +174,28 @@ def stored_copy(cfg: RetrievalConfig | EnsembleConfig, split: str, key: str) -> 
     return None
 
 
+@dataclasses.dataclass
+class Descriptors:
+    """What :func:`descriptors` returns.
+
+    Args:
+        rows: SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``.
+        side: the longer side they were computed at.
+        keys: each split's :func:`split_key`, plus ``"crops"``: the stage-01 marker hash of the crops they
+            were computed on (``None`` on full images). Stored match counts are valid for the same keys.
+    """
+
+    rows: dict[str, np.ndarray]
+    side: int
+    keys: dict[str, str | None]
+
+
 def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds: list[int],
-                images_exp: str = "") -> tuple[dict[str, np.ndarray], int]:
-    """SIFT descriptors of every train and test image, keyed ``"train/<image>"`` and ``"test/<image>"``, and the
-    longer side they were computed at. The images are those experiment ``images_exp`` (default ``cfg.exp``)
-    embedded: its stage-01 crops when its stage 02 trained on them; the files go to ``cfg``'s stage folder.
-    A split whose descriptors an attached source already holds for the same images (:func:`stored_copy`) is read
-    from there."""
+                images_exp: str = "") -> Descriptors:
+    """SIFT descriptors of every train and test image. The images are those experiment ``images_exp`` (default
+    ``cfg.exp``) embedded: its stage-01 crops when its stage 02 trained on them; the files go to ``cfg``'s stage
+    folder. A split whose descriptors an attached source already holds for the same images (:func:`stored_copy`)
+    is read from there."""
     exp = images_exp or cfg.exp
     crops = used_crops(exp, folds)
     folder = local_dir(cfg)
@@ -188,15 +203,12 @@ def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds:
              for split, table in (("train", comp.train), ("test", comp.test))}
     side = cfg.local_side or auto_side(files["train"])
     settings = {"layout": DESCRIPTOR_LAYOUT, "side": side, "n_features": cfg.local_n_features, "used_crops": crops}
-    params = {**settings, "data_files": data_fingerprint(comp.root),
-              "crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
-    if not store.stage_done(folder, params):  # match counts of other descriptors are stale
-        (folder / PAIRS_FILE).unlink(missing_ok=True)
+    keys: dict[str, str | None] = {"crops": marker_hash(paths.stage_dir(exp, "01")) if crops else None}
     out: dict[str, np.ndarray] = {}
     for split, table in (("train", comp.train), ("test", comp.test)):
         target = folder / f"{split}.npz"
         ids = [str(i) for i in table["image"]]
-        key = split_key(settings, split, ids, files[split])
+        key = keys[split] = split_key(settings, split, ids, files[split])
         source = target if complete(target, key) else stored_copy(cfg, split, key)
         if source is None:
             names = files[split]
@@ -204,8 +216,7 @@ def descriptors(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, folds:
                 read_grey(names[i]), side, cfg.local_n_features), key)
             source = target
         out.update({f"{split}/{k}": v for k, v in load_descriptors(source, ids).items()})
-    store.mark_done(folder, params)
-    return out, side
+    return Descriptors(out, side, keys)
 
 
 @dataclasses.dataclass
@@ -219,6 +230,7 @@ class Reranker:
         half: match count of local similarity 0.5.
         top: neighbours re-scored per query.
         side: the longer side the descriptors were computed at (reported in ``metrics.json``).
+        keys: :attr:`Descriptors.keys`, stored with the match counts (:func:`save_pairs`).
     """
 
     matcher: local_features.PairMatcher
@@ -226,6 +238,7 @@ class Reranker:
     half: float
     top: int
     side: int = 0
+    keys: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
     def __call__(self, scores: np.ndarray, idx: np.ndarray, query_ids, gallery_ids,
                  query_split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,23 +264,37 @@ def make_reranker(cfg: RetrievalConfig | EnsembleConfig, comp: Competition, fold
     ``images_exp``: as in :func:`descriptors`."""
     if cfg.local_features == "none":
         return None
-    desc, side = descriptors(cfg, comp, folds, images_exp)
-    matcher = local_features.PairMatcher(desc.__getitem__, threads=usable_cores())
-    pairs = local_dir(cfg) / PAIRS_FILE
-    if pairs.exists():
-        with np.load(pairs, allow_pickle=False) as npz:
-            matcher.cache.update(zip(zip(npz["a"].tolist(), npz["b"].tolist(), strict=True),
-                                     npz["matches"].tolist(), strict=True))
-    return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, side)
+    desc = descriptors(cfg, comp, folds, images_exp)
+    matcher = local_features.PairMatcher(desc.rows.__getitem__, threads=usable_cores())
+    matcher.cache.update(stored_pairs(local_dir(cfg) / PAIRS_FILE, desc.keys))
+    return Reranker(matcher, max(cfg.local_weight, 0.0), cfg.local_half, cfg.local_top, desc.side, desc.keys)
+
+
+def stored_pairs(path: Path, keys: dict[str, str | None]) -> dict[tuple[str, str], int]:
+    """The match counts :func:`save_pairs` stored in ``path`` that are still valid: those whose images' splits
+    have the same descriptor keys now (a new test set keeps the train-train counts of the out-of-fold sweep);
+    none when the crops differ or the file predates the keys."""
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as npz:
+        stored = {k[:-len("_key")]: str(npz[k]) for k in npz.files if k.endswith("_key")}
+        if "crops" not in stored or stored["crops"] != str(keys["crops"]):
+            return {}
+        valid = {split for split in ("train", "test") if stored.get(split) == keys[split]}
+        a, b, matches = npz["a"].tolist(), npz["b"].tolist(), npz["matches"].tolist()
+    return {(x, y): m for x, y, m in zip(a, b, matches, strict=True)
+            if x.split("/", 1)[0] in valid and y.split("/", 1)[0] in valid}
 
 
 def save_pairs(cfg: RetrievalConfig | EnsembleConfig, reranker: Reranker) -> dict[str, int]:
-    """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run; returns
-    the ``metrics.json`` field ``local_pairs_matched``."""
+    """Store the matcher's match counts (``a``, ``b``: the two image keys; ``matches``) for the next run, with the
+    descriptor keys they are valid for (``train_key``, ``test_key``, ``crops_key``: :func:`stored_pairs`);
+    returns the ``metrics.json`` field ``local_pairs_matched``."""
     keys = sorted(reranker.matcher.cache)
+    valid = {f"{name}_key": np.asarray(str(value)) for name, value in reranker.keys.items()}
     with store.atomic_path(local_dir(cfg) / PAIRS_FILE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, a=np.array([k[0] for k in keys], dtype=str), b=np.array([k[1] for k in keys], dtype=str),
-                 matches=np.array([reranker.matcher.cache[k] for k in keys], np.int32))
+                 matches=np.array([reranker.matcher.cache[k] for k in keys], np.int32), **valid)
     return {"local_pairs_matched": len(keys)}
 
 
