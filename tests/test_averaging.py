@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from common.lib.averaging import ModelEma, average_checkpoints, average_state_dicts, select_checkpoints
+from common.lib.averaging import (
+    UPDATES_KEY,
+    ModelEma,
+    average_checkpoints,
+    average_state_dicts,
+    model_weights,
+    select_checkpoints,
+)
 
 
 def state(w: list[float], b: float, steps: int) -> dict[str, torch.Tensor]:
@@ -168,7 +175,7 @@ def test_model_ema_state_dict_round_trip_and_mismatch():
         fresh[0].weight.fill_(7.0)
     ema.load_state_dict(fresh.state_dict())
     assert torch.equal(ema.module[0].weight, torch.full((3, 2), 7.0))
-    model.load_state_dict(ema.state_dict())  # no prefix: loads into a plain model
+    model.load_state_dict(model_weights(ema.state_dict()))  # no prefix: loads into a plain model
     with pytest.raises(ValueError, match=r"'1\.weight'"):
         ema.update(nn.Sequential(nn.Linear(2, 3)))
 
@@ -186,7 +193,7 @@ def test_model_ema_is_timms_update_plus_a_key_check_and_plain_keys():
         opt.step()
         ours.update(model)
         theirs.update(model)
-    for key, value in ours.state_dict().items():  # bit for bit the same average
+    for key, value in model_weights(ours.state_dict()).items():  # bit for bit the same average
         assert torch.equal(value, theirs.state_dict()[f"module.{key}"]), key
     # What the class adds, and why it is kept: timm's keys carry a "module." prefix (checkpoints of earlier runs
     # hold plain keys), and timm pairs the two state dicts by position, so a model without the BatchNorm
@@ -195,3 +202,44 @@ def test_model_ema_is_timms_update_plus_a_key_check_and_plain_keys():
     theirs.update(nn.Sequential(nn.Linear(2, 3)))
     with pytest.raises(ValueError, match=r"'1\.weight'"):
         ours.update(nn.Sequential(nn.Linear(2, 3)))
+
+
+def test_model_ema_warmup_decays_by_hand_and_survive_a_resume():
+    model = nn.Linear(1, 1, bias=False)
+    values = [4.0, 8.0, 16.0, 2.0]
+    ema = ModelEma(model, decay=0.5, warmup=True)
+    expected = None
+    for t, v in enumerate(values[:3], start=1):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update(model)
+        d = min(0.5, 1 - t ** -0.75) if t > 1 else 0.0  # 0, 0.405, 0.5 (capped: 1 - 3^-0.75 = 0.561)
+        expected = v if expected is None else d * expected + (1 - d) * v
+        assert ema.current_decay() == pytest.approx(d)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.5 * (0.4054 * 4 + 0.5946 * 8) + 0.5 * 16, rel=1e-3)  # by hand: 11.19
+    state = ema.state_dict()
+    assert int(state[UPDATES_KEY]) == 3
+    resumed = ModelEma(nn.Linear(1, 1, bias=False), decay=0.5, warmup=True)
+    resumed.load_state_dict(state)
+    assert resumed.updates == 3 and resumed.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    old = ModelEma(nn.Linear(1, 1, bias=False), decay=0.5, warmup=True)
+    old.load_state_dict(model_weights(state))  # a checkpoint from before the count was kept: warm-up finished
+    with torch.no_grad():
+        model.weight.fill_(values[3])
+    old.update(model)
+    assert old.module.weight.item() == pytest.approx(0.5 * expected + 0.5 * 2.0, rel=1e-6)
+
+
+def test_model_ema_without_warmup_keeps_the_starting_weights_share():
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    plain, warm = ModelEma(model, decay=0.995), ModelEma(model, decay=0.995, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # the model moves away from its start and stays there
+    for _ in range(200):
+        plain.update(model)
+        warm.update(model)
+    assert plain.module.weight.item() == pytest.approx(1 - 0.995 ** 200, rel=1e-4)  # 0.633: 37 % is the start
+    assert warm.module.weight.item() == pytest.approx(1.0)  # the first update copied the model

@@ -262,7 +262,7 @@ class ClassifierTask(Task):
     def setup(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         cfg = self.cfg
         self.n_classes = len(self.class_index)
-        self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.ema = ModelEma(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay else None
         self.criterion = build_criterion(
             cfg.loss, self.n_classes, np.maximum(self.counts, 1), label_smoothing=cfg.label_smoothing,
             focal_gamma=cfg.focal_gamma, eql_tau=cfg.eql_tau, la_tau=cfg.la_loss_tau).to(device)

@@ -217,30 +217,43 @@ def select_checkpoints(
     return sorted(chosen)
 
 
+UPDATES_KEY = "_ema_updates"  # ModelEma.state_dict: how many updates the average has had
+
+
 class ModelEma:
     """timm's ModelEmaV3 doing the update, plus a prefix-free state_dict (earlier checkpoints) and a key check.
 
     ``ema = decay * ema + (1 - decay) * model``, by ``timm.utils.ModelEmaV3.update`` (a ``lerp`` of every
     floating-point parameter *and* buffer, BatchNorm running statistics included; integer buffers such as
-    ``num_batches_tracked`` are copied). This class keeps what timm does not give: :meth:`state_dict` is that
-    of the averaged model itself (timm's is prefixed ``module.``), so checkpoints written before load
-    unchanged and it loads into a fresh model; and :meth:`update` names a key that is missing, extra or of
-    another shape (timm pairs the two state dicts by position, unchecked). :attr:`module` is a deep copy of the
+    ``num_batches_tracked`` are copied). This class keeps what timm does not give: :meth:`state_dict` holds
+    the averaged model's own keys (timm's are prefixed ``module.``), so checkpoints written before load
+    unchanged, and :func:`model_weights` of it loads into a fresh model; and :meth:`update` names a key that is
+    missing, extra or of another shape (timm pairs the two state dicts by position, unchecked). :attr:`module` is a deep copy of the
     model in eval mode with gradients off; call :meth:`update` after each optimiser step and evaluate or save
     :attr:`module`. With ``decay = 0.999`` the average spans roughly the last 1,000 steps.
+
+    A short run needs ``warmup``: with a fixed decay of 0.995, 200 steps leave ``0.995**200 = 37 %`` of the
+    average on the weights it started from (an untrained head). With ``warmup`` the decay of update ``t`` (from 1)
+    is timm's ``min(decay, 1 - t**-3/4)`` (0 at the first update, which copies the model; 0.981 after 200 steps;
+    ``decay`` from about 1,170 steps on for 0.995), so the average always spans the recent part of the run.
+    The number of updates is kept in :meth:`state_dict` (key :data:`UPDATES_KEY`), so a resumed run goes on with
+    the same decays.
 
     Args:
         model: the model being trained; copied once here, then never modified.
         decay: weight of the running average at each update, in ``[0, 1]``.
+        warmup: ramp the decay up from 0 as above (timm's ``use_warmup``, ``warmup_power=3/4``).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
         from timm.utils import ModelEmaV3
 
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ModelEma: decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
-        self._ema = ModelEmaV3(model, decay=self.decay)
+        self.warmup = bool(warmup)
+        self.updates = 0
+        self._ema = ModelEmaV3(model, decay=self.decay, use_warmup=self.warmup, warmup_power=0.75)
         self.module = self._ema.module
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -257,16 +270,32 @@ class ModelEma:
             ValueError: naming the first key that is missing, extra or of another shape.
         """
         _check_same_layout(self.module.state_dict(), "the EMA model", model.state_dict(), "ModelEma.update")
-        self._ema.update(model)
+        self.updates += 1
+        # timm's step t gives decay 0 at t <= 1, then min(decay, 1 - (t - 1) ** -0.75) with warmup
+        self._ema.update(model, step=self.updates if self.warmup else None)
+
+    def current_decay(self) -> float:
+        """The decay the last :meth:`update` used (``decay`` itself before any, or without ``warmup``)."""
+        return self._ema.get_decay(self.updates if self.warmup and self.updates else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """The averaged model's state dict."""
-        return self.module.state_dict()
+        """The averaged model's state dict, plus the number of updates under :data:`UPDATES_KEY` (load the
+        weights into a plain model with ``module.state_dict()`` or :func:`model_weights`)."""
+        return {**self.module.state_dict(), UPDATES_KEY: torch.tensor(self.updates)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the averaged weights (e.g. when resuming a run).
 
         Args:
-            state: a state dict from :meth:`state_dict` (or of the same architecture).
+            state: a state dict from :meth:`state_dict` (or of the same architecture). Without
+                :data:`UPDATES_KEY` (a checkpoint written before it was kept) the warm-up counts as finished.
         """
+        state = dict(state)
+        updates = state.pop(UPDATES_KEY, None)
+        self.updates = int(updates) if updates is not None else 10**9
         self.module.load_state_dict(state)
+
+
+def model_weights(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A :meth:`ModelEma.state_dict` without its update count: the averaged model's own state dict."""
+    return {k: v for k, v in state.items() if k != UPDATES_KEY}
