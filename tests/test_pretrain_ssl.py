@@ -112,6 +112,23 @@ def test_kill_and_resume_matches_an_unbroken_run(comp, monkeypatch):
                                pretrain_ssl.training_log("broken")["loss"], rtol=1e-5)
 
 
+def test_worker_processes_decode_and_two_runs_draw_the_same_views(comp, monkeypatch):
+    workers = []
+    real = torch.utils.data.DataLoader
+
+    def loader(*args, **kwargs):
+        workers.append(kwargs.get("num_workers", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_ssl.torch.utils.data, "DataLoader", loader)
+    monkeypatch.setattr(pretrain_ssl, "loader_workers", lambda n: 1 if n < 0 else n)  # as on a 2-core machine
+    for exp in ("w1", "w2"):
+        pretrain_ssl.run_pretrain(tiny(comp, exp=exp, ssl_epochs=1, num_workers=-1), comp)
+    assert workers == [1, 1]  # -1: sized to the machine, not 0 (the main process)
+    np.testing.assert_allclose(pretrain_ssl.training_log("w1")["loss"], pretrain_ssl.training_log("w2")["loss"],
+                               rtol=1e-6)  # the worker's augmentations are seeded per epoch
+
+
 def test_mae_on_a_tiny_vit_and_refuses_a_cnn(comp):
     with pytest.raises(ValueError, match="needs a ViT"):
         pretrain_ssl.SSLModel(tiny(comp, ssl_method="mae"), create_backbone("mobilenetv3_small_050", "none"))

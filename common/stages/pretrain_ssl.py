@@ -36,7 +36,14 @@ from torch import nn
 
 from common.config.pretrain import PretrainConfig
 from common.core import checkpoint, paths, store
-from common.core.runtime import amp_context, progress, resolve_device, seed_everything, warmup_cosine
+from common.core.runtime import (
+    amp_context,
+    loader_workers,
+    progress,
+    resolve_device,
+    seed_everything,
+    warmup_cosine,
+)
 from common.core.weights import backbone_normalization
 from common.data.competition import Competition, build_transforms, open_competition
 from common.lib.models import create_backbone, feature_channels
@@ -218,7 +225,8 @@ def run_pretrain(cfg: PretrainConfig, comp: Competition | None = None) -> dict[s
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.ssl_lr,
                             weight_decay=cfg.ssl_weight_decay)
     loader_args = dict(batch_size=cfg.ssl_batch_size, drop_last=len(files) >= 2 * cfg.ssl_batch_size,
-                       collate_fn=_collate, num_workers=max(cfg.num_workers, 0))
+                       collate_fn=_collate, num_workers=loader_workers(cfg.num_workers),
+                       pin_memory=device.type == "cuda")
     steps = len(files) // cfg.ssl_batch_size if loader_args["drop_last"] else -(-len(files) // cfg.ssl_batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps * cfg.ssl_epochs, int(cfg.ssl_warmup_epochs * steps)))
