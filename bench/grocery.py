@@ -88,7 +88,7 @@ VARIANTS = (
     Variant("balanced", "class-balanced sampler", {"sampler": "balanced"}),
     Variant("eql", "Softmax-EQL", {"loss": "eql"}),
     Variant("la", "logit-adjusted loss (tau 1)", {"la_loss_tau": 1.0}),
-    Variant("ema", "EMA of weights (0.995, decay warm-up)", {"ema_decay": 0.995}),
+    Variant("ema", "EMA of weights (0.995, decay warm-up)", {"ema_decay": 0.995, "ema_warmup": True}),
     Variant("avg", "checkpoint averaging (last 3 epochs)", {"avg_last": 3}),
     Variant("distill", "self-distillation (mix 0.2, plain 5-fold teacher)", {"distill_weight": 0.2}),
     Variant("aux", "coarse-class auxiliary head (weight 0.3)", {"aux_column": "coarse", "aux_weight": 0.3}),

@@ -151,12 +151,12 @@ def count_evaluate(monkeypatch, fail_on: int | None = None) -> dict:
 
 
 @pytest.mark.parametrize("tricks", [
-    dict(epochs=3, dropout=0.2, ema_decay=0.5, loss="eql", sampler="balanced", cutmix_alpha=1.0,
+    dict(epochs=3, dropout=0.2, ema_decay=0.9, ema_warmup=True, loss="eql", sampler="balanced", cutmix_alpha=1.0,
          mixup_alpha=0.4, mix_prob=0.7, avg_last=2, head="arcface", optimizer="radam"),
     dict(epochs=3, partial_fc=5, cutmix_alpha=1.0, mix_prob=0.7, head="subcenter", arc_k=2, label_smoothing=0.1),
 ], ids=["every-trick", "partial-fc"])
 def test_kill_and_resume_matches_an_unbroken_run_with_every_stateful_trick(comp, monkeypatch, tricks):
-    """EMA, Softmax-EQL's accumulated gradients, the balanced sampler, CutMix/Mixup draws, dropout, Partial FC's
+    """EMA (and its warm-up count), Softmax-EQL's accumulated gradients, the balanced sampler, CutMix/Mixup draws, dropout, Partial FC's
     class draws and checkpoint averaging all carry state across epochs: a resumed run must end bit-identical."""
     ref = tiny_cfg(comp, exp="unbroken", **tricks)
     folds = classify.prepare_folds(ref, comp)

@@ -141,8 +141,9 @@ class ClassifierConfig(TrainConfig):
     mix_prob: float = param(1.0, "probability that a batch is mixed at all.", model=True)
     ema_decay: float = param(0.0, "exponential moving average of the weights (e.g. 0.999); 0 disables it.",
                              model=True)
-    ema_warmup: bool = param(True, "ramp the EMA decay up from 0 (update t: min(ema_decay, 1 - t^-3/4)), so a "
-                             "short run's average does not keep the starting weights.", model=True)
+    ema_warmup: bool = param(False, "ramp the EMA decay up from 0 (update t: min(ema_decay, 1 - t^-3/4)), so a "
+                             "short run's average does not keep its starting weights (off by default, as in timm: "
+                             "earlier runs stay valid).", model=True)
     avg_last: int = param(0, "average the weights of the last N epochs into the final model; 0 disables it.",
                           model=True)
     avg_epochs: str = param("", "epochs whose weights are averaged too, as a comma list such as 6,8,10.",
