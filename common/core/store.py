@@ -223,7 +223,8 @@ def stage_done(stage_dir: str | os.PathLike, params: dict[str, Any] | None = Non
 def changed_params(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """The keys whose value differs between a recorded ``old`` and a current ``new`` set of parameters (compared
     as JSON), sorted. A key that ``old`` lacks is unchanged when its ``new`` value is its default: a parameter
-    added to the code after the run was recorded, left at the default, does not make every earlier run stale.
+    added to the code after the run was recorded, left at the default, does not make every earlier run stale;
+    so a new parameter's default must reproduce what the code did before it existed.
 
     Args:
         old: the recorded parameters.
