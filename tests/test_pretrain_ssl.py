@@ -141,6 +141,18 @@ def test_mae_on_a_tiny_vit_and_refuses_a_cnn(comp):
     assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 3)
 
 
+def test_mae_loss_runs_under_bf16_autocast(comp):
+    # Under CUDA AMP the decoder hands back bf16 tokens while its mask token stays float32; lightly's scatter
+    # needs one dtype (found on a GPU). CPU autocast in bf16 reproduces the mixed dtypes here.
+    cfg = tiny(comp, ssl_method="mae", backbone="vit_tiny_patch16_224", ssl_image_size=224, ssl_decoder_dim=64,
+               ssl_decoder_depth=1)
+    torch.manual_seed(0)
+    model = pretrain_ssl.SSLModel(cfg, create_backbone("vit_tiny_patch16_224", "none"))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = model.loss([torch.randn(2, 3, 224, 224)])
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
 def test_spread_keeps_evenly_spaced_items():
     assert pretrain_ssl.spread(list("abcde"), 3) == ["a", "c", "e"]
     assert pretrain_ssl.spread(list("abcdefghij"), 4) == ["a", "d", "g", "j"]  # positions 0, 3, 6, 9

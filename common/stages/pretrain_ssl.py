@@ -39,6 +39,7 @@ from common.core import checkpoint, paths, store
 from common.core.runtime import (
     amp_context,
     loader_workers,
+    needs_grad_scaler,
     progress,
     resolve_device,
     seed_everything,
@@ -165,8 +166,10 @@ class SSLModel(nn.Module):
         idx_keep, idx_mask = utils.random_token_mask(size=(images.shape[0], self.encoder.sequence_length),
                                                      mask_ratio=self.mask_ratio, device=images.device)
         encoded = self.encoder.encode(images=images, idx_keep=idx_keep)
-        tokens = utils.repeat_token(self.decoder.mask_token, (images.shape[0], self.encoder.sequence_length))
-        tokens = utils.set_at_index(tokens, idx_keep, self.decoder.embed(encoded))
+        embedded = self.decoder.embed(encoded)  # bf16/fp16 under autocast: the float32 mask token must match it
+        tokens = utils.repeat_token(self.decoder.mask_token.to(embedded.dtype),
+                                    (images.shape[0], self.encoder.sequence_length))
+        tokens = utils.set_at_index(tokens, idx_keep, embedded)
         predicted = utils.get_at_index(self.decoder.predict(self.decoder.decode(tokens)), idx_mask - 1)
         target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - 1)
         return self.criterion(predicted, target)
@@ -230,7 +233,7 @@ def run_pretrain(cfg: PretrainConfig, comp: Competition | None = None) -> dict[s
     steps = len(files) // cfg.ssl_batch_size if loader_args["drop_last"] else -(-len(files) // cfg.ssl_batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps * cfg.ssl_epochs, int(cfg.ssl_warmup_epochs * steps)))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))  # fp16 only, as stage 02/05
     state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     start, rows = checkpoint.resume(out, state)
     dataset = ViewDataset(files, build_transform(cfg, mean, std))
