@@ -8,8 +8,11 @@ same thing everywhere, and they write the command that reproduces a run with :fu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +110,22 @@ def finish(args: argparse.Namespace, text: str) -> None:
     print(text)
     if args.record:
         print(f"appended to {append_section(args.results, text)}")
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    """Set environment variable ``name`` to ``value`` for the ``with`` block, then restore (or remove) it.
+
+    Args:
+        name: the variable (for example ``REID_WORKING_DIR``, where the project's stages write).
+        value: its value inside the block.
+    """
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -48,7 +48,7 @@ os.environ.setdefault("REID_PROGRESS", "text")  # as the papermill runner sets i
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common_args import add_record_args, command_line  # noqa: E402
+from bench.common_args import add_record_args, command_line, env_set  # noqa: E402
 from common.data import artefacts  # noqa: E402
 from common.stages import train_embedder  # noqa: E402
 
@@ -580,18 +580,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    before = os.environ.get("REID_WORKING_DIR")
-    with tempfile.TemporaryDirectory(prefix="loopbench-") as tmp:
-        os.environ["REID_WORKING_DIR"] = tmp  # the project's stage outputs: thrown away after
-        try:
-            res = measure(args)
-            if args.profile:
-                res["profile"] = profile_project(res["setup"], args.profile)
-        finally:
-            if before is None:
-                os.environ.pop("REID_WORKING_DIR", None)
-            else:
-                os.environ["REID_WORKING_DIR"] = before
+    with tempfile.TemporaryDirectory(prefix="loopbench-") as tmp, env_set("REID_WORKING_DIR", tmp):
+        res = measure(args)  # the project's stage outputs go to tmp: thrown away after
+        if args.profile:
+            res["profile"] = profile_project(res["setup"], args.profile)
     command = command_line("loop_overhead", argv)
     text = report(args, res, command, (load0, os.getloadavg()[0]), time.perf_counter() - t0)
     print(res.get("profile", "") + text)

@@ -22,6 +22,7 @@ Run from the repository root on the machine in question (``--record`` appends a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -35,7 +36,7 @@ os.environ.setdefault("REID_PROGRESS", "text")
 
 import pandas as pd  # noqa: E402
 
-from bench.common_args import add_param_arg, add_record_args, command_line, parse_overrides  # noqa: E402
+from bench.common_args import add_param_arg, add_record_args, command_line, env_set, finish, parse_overrides  # noqa: E402
 
 SCALES = ((3_000, "Grocery-sized"), (50_000, "a Kaggle-sized set"), (1_000_000, "ACCV WebFG-5000 scale"))
 """Set sizes (train + test images) that the report extrapolates to."""
@@ -111,7 +112,8 @@ def cost_table(params: dict[str, Any], ssl_rate: float, ft_rate: float | None) -
 
 
 def measure(args: argparse.Namespace, params: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Generate the data, run stage 00 then stage 05 (fold 0), and return their logs and peak memory."""
+    """Generate the data under ``root``, run stage 00 then stage 05 (fold 0) with ``REID_WORKING_DIR`` set by the
+    caller, and return their logs and peak memory."""
     import torch
 
     from common.config import ClassifierConfig, PretrainConfig, for_stage
@@ -124,7 +126,6 @@ def measure(args: argparse.Namespace, params: dict[str, Any], root: Path) -> dic
     data = make_demo(root / "inputs" / "speed", n_individuals=n_ind, n_unseen=max(2, n_ind // 5),
                      image_size=tuple(args.demo_size), seed=0)
     made_s = time.perf_counter() - t0
-    os.environ["REID_WORKING_DIR"] = str(root / "working")
     base = {**params, "data": str(data), "exp": "speed", "pretrained": "speed", "device": args.device,
             "ssl_epochs": args.epochs, "epochs": args.finetune_epochs, "folds": "0"}
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -195,27 +196,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(args.images, args.epochs) < 1 or args.finetune_epochs < 0:
         ap.error("--images and --epochs must be >= 1, --finetune-epochs >= 0")
 
-    from bench._report import append_section
     from common.config import known_params, load_params
 
     params = {**load_params(args.params), **parse_overrides(args.param, known_params(), "a parameter")}
     t0 = time.perf_counter()
-    before = os.environ.get("REID_WORKING_DIR")
-    try:
-        if args.root:
-            res = measure(args, params, Path(args.root))
-        else:
-            with tempfile.TemporaryDirectory(prefix="pretrainspeed-") as tmp:
-                res = measure(args, params, Path(tmp))
-    finally:
-        if before is None:
-            os.environ.pop("REID_WORKING_DIR", None)
-        else:
-            os.environ["REID_WORKING_DIR"] = before
+    with contextlib.ExitStack() as stack:
+        root = Path(args.root or stack.enter_context(tempfile.TemporaryDirectory(prefix="pretrainspeed-")))
+        stack.enter_context(env_set("REID_WORKING_DIR", str(root / "working")))
+        res = measure(args, params, root)
     text = report(args, params, res, command_line("pretrain_speed", argv), time.perf_counter() - t0)
-    print(text)
-    if args.record:
-        print(f"appended to {append_section(args.results, text)}")
+    finish(args, text)
     res["text"] = text
     return res
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -47,3 +48,16 @@ def test_record_args_and_finish_append_only_when_asked(tmp_path, capsys):
     results.write_text("# old\n")
     common_args.finish(ap.parse_args(["--record", "--results", str(results)]), "\n## two\n")
     assert results.read_text() == "# old\n\n## two\n"  # appended, never rewritten
+
+
+def test_env_set_restores_or_removes_the_variable(monkeypatch):
+    from bench.common_args import env_set
+
+    monkeypatch.setenv("REID_T_SET", "old")
+    monkeypatch.delenv("REID_T_UNSET", raising=False)
+    with env_set("REID_T_SET", "new"), env_set("REID_T_UNSET", "x"):
+        assert os.environ["REID_T_SET"] == "new" and os.environ["REID_T_UNSET"] == "x"
+    assert os.environ["REID_T_SET"] == "old" and "REID_T_UNSET" not in os.environ
+    with pytest.raises(RuntimeError), env_set("REID_T_SET", "during"):
+        raise RuntimeError("a failed run restores it too")
+    assert os.environ["REID_T_SET"] == "old"
