@@ -326,6 +326,13 @@ def test_plots_return_figures(tmp_path):
     assert len(plots.plot_training_curves(log).axes) == 2  # loss, lr
     log = log.assign(valid_loss=[2.5, 1.5], valid_map5=[0.2, 0.3])
     assert len(plots.plot_training_curves(log).axes) == 3  # loss, MAP@5, lr
+    # validate_every > 1 logs NaN on the skipped epochs: the validation lines join the validated epochs only
+    log = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0], "lr": [1e-3, 5e-4, 0.0],
+                        "valid_loss": [np.nan, 2.5, 1.5], "valid_map5": [np.nan, 0.2, 0.3]})
+    fig = plots.plot_training_curves(log)
+    valid_line = [ln for ln in fig.axes[0].lines if ln.get_label() == "valid"][0]
+    assert list(valid_line.get_xdata()) == [2, 3]
+    assert list(fig.axes[1].lines[0].get_ydata()) == [0.2, 0.3]
 
     paths = {}
     for name in ["q0", "q1", "gA", "gB"]:

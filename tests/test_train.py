@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from common.config import EmbedderConfig
+from common.config.checks import check
 from common.core import paths, store
 from common.core.runtime import seed_everything, warmup_cosine
 from common.data import artefacts
@@ -141,6 +142,25 @@ def test_logged_lr_follows_the_schedule(comp):
     assert log["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-12)
     assert list(log.columns) == train.LOG_COLUMNS
     assert np.isfinite(log["train_loss"]).all()
+
+
+def test_validate_every_skips_epochs_but_not_the_last_and_keeps_the_weights(comp, monkeypatch):
+    ref_cfg = tiny_cfg(comp, exp="every1", epochs=3, dropout=0.2)
+    folds = train_embedder.prepare_folds(ref_cfg, comp)
+    ref_log = train.train_fold(ref_cfg, comp, folds, 0)
+    calls = count_calls(monkeypatch, "evaluate")
+    cfg = dataclasses.replace(ref_cfg, exp="every2", validate_every=2)
+    log = train.train_fold(cfg, comp, folds, 0)
+    assert calls["n"] == 2  # epochs 2 and 3 (the last), not 1
+    assert log["valid_loss"].isna().tolist() == [True, False, False]
+    np.testing.assert_allclose(log["valid_loss"].iloc[1:], ref_log["valid_loss"].iloc[1:], rtol=1e-5)
+    ref = torch.load(train.fold_dir("every1", 0) / "model.pt", weights_only=True)
+    got = torch.load(train.fold_dir("every2", 0) / "model.pt", weights_only=True)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])
+    assert cfg.fingerprint() == ref_cfg.fingerprint() | {"exp": "every2"}  # a speed knob: reuse ignores it
+    with pytest.raises(ValueError, match="validate_every"):
+        check(dataclasses.replace(cfg, validate_every=0))
 
 
 # ---------------------------------------------------------------------------------------------- resume

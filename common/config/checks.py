@@ -63,6 +63,7 @@ RULES: dict[str, Range] = {
     "image_size": Range(32),
     "embedding_dim": AT_LEAST_1,
     "epochs": NON_NEGATIVE,
+    "validate_every": AT_LEAST_1,
     "batch_size": AT_LEAST_1,
     "lr": POSITIVE,
     "head_lr_mult": POSITIVE,

@@ -119,6 +119,9 @@ class TrainConfig(FoldConfig):
     channels_last: bool = param(True, "channels-last memory format on CUDA (faster with AMP); ignored on CPU.")
     compile: bool = param(False, "torch.compile the training model (slow first steps, then faster on recent "
                           "GPUs).")
+    validate_every: int = param(1, "validate every N epochs, and always after the last one (the other epochs "
+                                "log NaN): on a GPU validation can take a fifth of an epoch; the weights do not "
+                                "change.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,7 +139,7 @@ class TrainConfig(FoldConfig):
     def fingerprint(self) -> dict[str, Any]:
         """As :meth:`StageConfig.fingerprint`, without the knobs that change speed, not results."""
         fp = super().fingerprint()
-        for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "channels_last", "compile"):
+        for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "channels_last", "compile", "validate_every"):
             fp.pop(name, None)
         return fp
 

@@ -375,8 +375,10 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
         upcoming = _epoch_batches(task, fit_ds, epoch + 1, info, device) if epoch < cfg.epochs else None
         total_loss, correct, seen = distributed.all_sum([total_loss, correct, seen], info, device)
         eval_model = task.eval_model(model)
-        # Validation on rank 0 with the plain model (a DDP forward on one rank alone would wait for the others).
-        report = (evaluate(eval_model, valid_ds, task, device) if info.is_main
+        # Validation on rank 0 with the plain model (a DDP forward on one rank alone would wait for the others),
+        # every `validate_every` epochs and after the last one; the other rows log NaN.
+        validate = info.is_main and (epoch % cfg.validate_every == 0 or epoch == cfg.epochs)
+        report = (evaluate(eval_model, valid_ds, task, device) if validate
                   else dict.fromkeys(task.valid_columns, float("nan")))
         elapsed = time.perf_counter() - t0
         rows.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),

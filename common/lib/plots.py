@@ -208,10 +208,12 @@ def plot_training_curves(log: pd.DataFrame) -> Figure:
         tag, color = ("" if fold is None else f"fold {fold} "), f"C{i}"
         ax_loss.plot(part["epoch"], part["train_loss"], marker="o", color=color, label=f"{tag}train")
         if "valid_loss" in part.columns and part["valid_loss"].notna().any():
-            ax_loss.plot(part["epoch"], part["valid_loss"], marker="o", linestyle="--", color=color,
+            valid = part.dropna(subset=["valid_loss"])  # validate_every > 1 leaves NaN rows: join the others
+            ax_loss.plot(valid["epoch"], valid["valid_loss"], marker="o", linestyle="--", color=color,
                          label=f"{tag}valid")
         if metric:
-            ax_metric.plot(part["epoch"], part[metric], marker="o", color=color)
+            valid = part.dropna(subset=[metric])
+            ax_metric.plot(valid["epoch"], valid[metric], marker="o", color=color)
         ax_lr.plot(part["epoch"], part["lr"], color=color)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend(fontsize=8)
