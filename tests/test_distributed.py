@@ -209,7 +209,7 @@ def test_two_processes_train_the_embedder_like_one(ddp_runs):
     moved = _distance(one["model"], _initial_weights(ddp_runs["work"], "emb1", "02_embedder", train.build_model))
     # Adam turns float-rounding differences of near-zero gradients into whole steps on a few weights, so the
     # weights are compared as a share of how far training moved them (0 would need bitwise sums). Measured: 1.5e-4
-    # on an Intel Xeon, 1.6e-3 on an AMD EPYC (other vector kernels, other rounding); a real DDP fault (gradients
+    # on an earlier machine, 1.6e-3 on an AMD EPYC (other vector kernels, other rounding); a real DDP fault (gradients
     # not averaged, the batch not split) moves weights by a large share of `moved`, far above 5e-3.
     assert moved > 1.0
     assert _distance(one["model"], two["model"]) < 5e-3 * moved
