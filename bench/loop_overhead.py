@@ -184,7 +184,8 @@ class Setup:
             self.workers = loader_workers(self.cfg.num_workers)
         except ImportError:
             self.workers = self.cfg.num_workers
-        self.channels_last = self.device.type == "cuda" and getattr(self.cfg, "channels_last", False)
+        # the project applies channels-last on CUDA and (since 2026-12-04) on the CPU: the bare loop follows it
+        self.channels_last = self.device.type in ("cuda", "cpu") and getattr(self.cfg, "channels_last", False)
         self.compile = getattr(self.cfg, "compile", False)
         if self.device.type == "cuda":  # as the project's configure_device: both sides, from the start
             torch.backends.cudnn.benchmark = True

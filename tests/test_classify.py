@@ -391,3 +391,36 @@ def test_probe_init_starts_the_head_from_a_logistic_regression_on_the_frozen_fea
     tuned, _ = classify.load_classifier("lpft", 0)
     np.testing.assert_allclose(tuned.head.weight.detach().numpy(), expected.weight, atol=1e-4)
     assert not (classify_train.fold_dir("noprobe", 0) / "probe.json").exists()
+
+
+def test_forward_images_feeds_channels_last_batches_with_the_same_outputs(tmp_path):
+    """forward_images converts each batch to channels-last when asked (the CPU gains 1.3-1.7x: bench/RESULTS.md);
+    the model's outputs stay the same up to rounding."""
+    from PIL import Image
+
+    from common.engine.predict import forward_images
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(files[-1])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    seen = []
+
+    def forward(x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return net(x)
+
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    last = forward_images(forward, files, 32, mean, std, batch_size=2, tta_flip=True, channels_last=True)
+    assert seen and all(seen)  # both batches and their flips
+    seen.clear()
+    plain = forward_images(forward, files, 32, mean, std, batch_size=2, tta_flip=True, channels_last=False)
+    assert seen and not any(seen)
+    assert last.shape == (3, 8)
+    np.testing.assert_allclose(last, plain, atol=1e-5)
+    assert np.abs(plain).max() > 1e-3  # not a trivial all-zero output

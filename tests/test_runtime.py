@@ -76,3 +76,19 @@ def test_progress_default(monkeypatch):
     bar = runtime.progress(range(2), file=out)
     assert list(bar) == [0, 1]
     assert bar.mininterval == 0.1  # tqdm's own default: the env interval only applies to text mode
+
+
+def test_to_memory_format_channels_last_on_cpu_when_asked():
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 3, 8, 8)
+    assert runtime.to_memory_format(x, cpu, True).is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous(memory_format=torch.channels_last)  # a new tensor, the input is kept
+    off = runtime.to_memory_format(x, cpu, False)
+    assert off is x
+    flat = torch.randn(2, 3, 8)  # not 4-d: unchanged
+    assert runtime.to_memory_format(flat, cpu, True) is flat
+    conv = torch.nn.Conv2d(3, 4, 3)
+    runtime.to_memory_format(conv, cpu, True)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    meta = torch.device("meta")  # other device types are left alone
+    assert runtime.to_memory_format(x, meta, True) is x

@@ -116,7 +116,8 @@ class TrainConfig(FoldConfig):
     norm_eval: bool = param(False, "keep BatchNorm layers in eval mode while training (running statistics "
                             "frozen): for small per-process batches; multi-process then equals one process.",
                             model=True)
-    channels_last: bool = param(True, "channels-last memory format on CUDA (faster with AMP); ignored on CPU.")
+    channels_last: bool = param(True, "channels-last memory format, in training and prediction (faster on CUDA with AMP, "
+                          "and on the CPU: bench/RESULTS.md).")
     compile: bool = param(False, "torch.compile the training model (slow first steps, then faster on recent "
                           "GPUs).")
     validate_every: int = param(1, "validate every N epochs, and always after the last one (the other epochs "

@@ -367,8 +367,8 @@ def load_classifier(exp: str, fold: int, device: torch.device | str = "cpu") -> 
 def predict_logits(model: nn.Module, image_files: list[str], image_size: int, mean: list[float],
                    std: list[float], batch_size: int = 64, tta_flip: bool = True,
                    device: torch.device | str = "cpu", num_workers: int = 0, amp: bool = True,
-                   desc: str = "predict", reduce: Callable[[np.ndarray], Any] | None = None
-                   ) -> np.ndarray | list[Any]:
+                   desc: str = "predict", reduce: Callable[[np.ndarray], Any] | None = None,
+                   channels_last: bool = True) -> np.ndarray | list[Any]:
     """Float32 logits ``(N, C)`` of ``image_files`` (no margin), averaged with the horizontal flip's.
 
     Args:
@@ -385,7 +385,9 @@ def predict_logits(model: nn.Module, image_files: list[str], image_size: int, me
         desc: progress-bar label.
         reduce: applied to each batch's logits; the list of its results is returned instead of the array
             (stage 05's top-k format: :func:`common.lib.topk.from_logits` per batch).
+        channels_last: feed the batches in channels-last layout (faster on CUDA and the CPU).
     """
     model = model.to(torch.device(device)).eval()
     return forward_images(model, image_files, image_size, mean, std, batch_size, tta_flip, device, num_workers,
-                          amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0), reduce=reduce)
+                          amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0), reduce=reduce,
+                          channels_last=channels_last)

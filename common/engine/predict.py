@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.core.runtime import amp_context, configure_device, loader_workers, progress
+from common.core.runtime import amp_context, configure_device, loader_workers, progress, to_memory_format
 from common.data.competition import ImageDataset, build_transforms
 
 
@@ -27,6 +27,7 @@ def forward_images(
     desc: str = "predict",
     n_out: int = 0,
     reduce: Callable[[np.ndarray], Any] | None = None,
+    channels_last: bool = True,
 ) -> np.ndarray | list[Any]:
     """``forward`` over images read and resized as in evaluation, averaged with the horizontal flip's output.
 
@@ -48,6 +49,8 @@ def forward_images(
         n_out: columns of the (empty) result when there are no images.
         reduce: maps each batch's float32 ``(n, D)`` output to what is kept of it (e.g. the top-k classes of
             :func:`common.lib.topk.from_logits`), so the full ``(N, D)`` array never exists.
+        channels_last: feed the batches in channels-last layout on CUDA and the CPU (faster on both; only the
+            input is converted, which is enough: :func:`common.core.runtime.to_memory_format`).
 
     Returns:
         float32 ``(len(image_files), D)``; with ``reduce`` the list of its per-batch results, in order.
@@ -59,7 +62,7 @@ def forward_images(
                                          num_workers=loader_workers(num_workers), pin_memory=device.type == "cuda")
     chunks = []
     for batch in progress(loader, desc=desc, leave=False):
-        x = batch["image"].to(device, non_blocking=True)
+        x = to_memory_format(batch["image"].to(device, non_blocking=True), device, channels_last)
         with amp_context(device, amp):
             out = forward(x).float()
             if tta_flip:

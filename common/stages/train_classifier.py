@@ -113,7 +113,8 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         valid = folds[folds["fold"] == k].merge(comp.train[["image", "path"]], on="image", how="left")
         files = image_paths(valid, cfg.exp, "train", use_crops)
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
-                    tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp)
+                    tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
+                    channels_last=cfg.channels_last)
         oof_parts.append((valid, predict_logits(model, files, desc=f"fold {k} out-of-fold", **args), k))
         test_logits[k] = (predict_logits(model, test_files, desc=f"fold {k} test", **args)
                           if len(test_files) else np.zeros((0, len(classes)), np.float32))
@@ -241,7 +242,8 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
         model, meta = load_classifier(cfg.exp, k_fold, device)
         valid = folds[folds["fold"] == k_fold].merge(comp.train[["image", "path"]], on="image", how="left")
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
-                    tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp)
+                    tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
+                    channels_last=cfg.channels_last)
         oof.append(predict_topk(model, image_paths(valid, cfg.exp, "train", use_crops), n, k, counts, tau,
                                 f"fold {k_fold} out-of-fold", **args))
         test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
