@@ -12,7 +12,7 @@ over ``--classes`` individuals) timed in the default contiguous layout (NCHW) an
 The two layouts are timed in interleaved rounds (``--rounds``, each ``--seconds`` per case and round), and each
 case's median round is reported, so a load change hits both alike; the ratio comes from the same run.
 
-Run from the repository root (``--record`` appends a section to bench/RESULTS.md; ~4 min at the defaults):
+Run from the repository root (``--record`` appends a section to bench/RESULTS.md; ~5 min at the defaults):
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.cpu_memory_format --record
 """
