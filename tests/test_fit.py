@@ -308,3 +308,57 @@ def test_evaluate_of_an_empty_set_is_nan_without_calling_the_task():
     got = engine.evaluate(TinyModel(), Vectors(0, 0), task, torch.device("cpu"))
     assert list(got) == ["valid_loss", "valid_acc"] and all(v != v for v in got.values())
     assert task.calls == []
+
+
+class LayoutProbe(nn.Module):
+    """Logits = each channel's mean (3 channels, 3 classes); records whether each batch came channels-last."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        logits = x.mean((2, 3))
+        return {"logits": logits} if self.as_dict else logits
+
+
+class Images(torch.utils.data.Dataset):
+    """Four 3x4x4 images whose channel ``label`` is 1 (the last one's channel 0: one wrong answer of four)."""
+
+    labels = [0, 1, 2, 1]
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        x = torch.zeros(3, 4, 4)
+        x[0 if i == 3 else self.labels[i]] = 1.0
+        return {"image": x, "label": self.labels[i]}
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_both_tasks_validate_in_the_training_layout(channels_last):
+    """Validation feeds the batches in the layout the model trained in (channels-last unless turned off): the
+    embedder's and the classifier's ``validate`` alike, with the same metrics either way."""
+    from common.config import ClassifierConfig
+    from common.engine.classifier import ClassifierTask
+    from common.engine.embedder import EmbedderTask
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=2)
+    cpu = torch.device("cpu")
+    want_loss = F.cross_entropy(torch.eye(3)[[0, 1, 2, 0]], torch.tensor(Images.labels)).item()
+
+    embedder = LayoutProbe(as_dict=True)
+    got = EmbedderTask(fake_cfg(channels_last=channels_last)).validate(embedder, loader, cpu)
+    assert embedder.seen == [channels_last, channels_last]
+    assert got == {"valid_loss": pytest.approx(want_loss), "valid_acc": 0.75}
+
+    task = ClassifierTask(ClassifierConfig(data="unused", exp="fake", device="cpu", channels_last=channels_last))
+    task.n_classes = 3
+    classifier = LayoutProbe(as_dict=False)
+    got = task.validate(classifier, loader, cpu)
+    assert classifier.seen == [channels_last, channels_last]
+    assert got["valid_acc"] == 0.75 and got["valid_loss"] == pytest.approx(want_loss)
+    assert got["valid_balanced_acc"] == pytest.approx((1 + 0.5 + 1) / 3)  # class 1: one of its two right

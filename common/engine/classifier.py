@@ -328,7 +328,7 @@ class ClassifierTask(Task):
 
     def validate(self, model, loader, device):
         """Loss (no margin), accuracy and balanced accuracy on validation images of classes seen in training."""
-        logits = torch.cat([model(b["image"].to(device)).float().cpu() for b in loader])
+        logits = torch.cat([model(self.images(b, device)).float().cpu() for b in loader])
         y = torch.as_tensor(loader.dataset.labels)
         rep = classification_report(y.numpy(), logits.numpy(), self.n_classes)
         return {"valid_loss": F.cross_entropy(logits, y).item(), "valid_acc": rep["accuracy"],

@@ -78,7 +78,7 @@ class EmbedderTask(Task):
         """Loss and top-1 accuracy (no margin) on validation images of individuals seen in training."""
         total_loss = correct = 0.0
         for batch in loader:
-            x, y = batch["image"].to(device), batch["label"].to(device)
+            x, y = self.images(batch, device), batch["label"].to(device)
             with amp_context(device, self.cfg.amp):
                 logits = model(x)["logits"].float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()

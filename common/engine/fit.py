@@ -185,8 +185,15 @@ class Task:
 
     def validate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
                  ) -> dict[str, float]:
-        """The :attr:`valid_columns` over ``loader`` (in order, not empty), ``model`` in eval mode."""
+        """The :attr:`valid_columns` over ``loader`` (in order, not empty), ``model`` in eval mode.
+
+        Feed the model ``self.images(batch, device)``: the layout it was trained in."""
         raise NotImplementedError
+
+    def images(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``batch["image"]`` on ``device``, channels-last when ``cfg.channels_last`` (the layout the model's
+        weights are in: :func:`common.core.runtime.to_memory_format`), for training and validation alike."""
+        return to_memory_format(batch["image"].to(device, non_blocking=True), device, self.cfg.channels_last)
 
     def epoch_weights(self, epoch: int, model: nn.Module) -> StateDict | None:
         """Weights to keep as ``epoch{N}.pt`` after epoch ``epoch`` (``None``: none)."""
@@ -357,7 +364,7 @@ def fit(task: Task, comp: Competition, folds: pd.DataFrame, fold: int) -> pd.Dat
         total_loss = correct = seen = 0.0
         bar = progress(upcoming, desc=f"fold {fold} epoch {epoch}/{cfg.epochs}", leave=False, disable=not info.is_main)
         for batch in bar:
-            x = to_memory_format(batch["image"].to(device, non_blocking=True), device, cfg.channels_last)
+            x = task.images(batch, device)
             y = batch["label"].to(device, non_blocking=True)
             loss, logits, labels = task.loss(train_model, x, y, batch)
             opt.zero_grad(set_to_none=True)
