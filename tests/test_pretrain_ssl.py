@@ -7,6 +7,8 @@ demo (21 train + test images): seconds on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,29 @@ def test_spread_keeps_evenly_spaced_items():
     assert pretrain_ssl.spread(list("abcde"), 3) == ["a", "c", "e"]
     assert pretrain_ssl.spread(list("abcdefghij"), 4) == ["a", "d", "g", "j"]  # positions 0, 3, 6, 9
     assert pretrain_ssl.spread(list("abc"), 0) == ["a", "b", "c"] == pretrain_ssl.spread(list("abc"), 5)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_cnn_methods_train_channels_last_unless_turned_off(comp, monkeypatch, method):
+    """The CNN methods feed channels-last views to channels-last weights (faster on the CPU and on CUDA); the
+    layout changes rounding only, and is not part of the fingerprint (earlier runs stay valid)."""
+    seen: list[tuple[bool, bool]] = []
+    real = pretrain_ssl.SSLModel.loss
+
+    def loss(self, views, momentum=0.99):
+        conv = next(m for m in self.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.append((all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in views),
+                     conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()))
+        return real(self, views, momentum)
+
+    monkeypatch.setattr(pretrain_ssl.SSLModel, "loss", loss)
+    on, off = tiny(comp, exp=f"{method}-last", ssl_method=method, ssl_epochs=1), \
+        tiny(comp, exp=f"{method}-plain", ssl_method=method, ssl_epochs=1, channels_last=False)
+    assert on.fingerprint() == dataclasses.replace(off, exp=on.exp).fingerprint()
+    pretrain_ssl.run_pretrain(on, comp)
+    assert seen and set(seen) == {(True, True)}
+    seen.clear()
+    pretrain_ssl.run_pretrain(off, comp)
+    assert seen and set(seen) == {(False, False)}
+    np.testing.assert_allclose(pretrain_ssl.training_log(f"{method}-last")["loss"],
+                               pretrain_ssl.training_log(f"{method}-plain")["loss"], rtol=1e-4)

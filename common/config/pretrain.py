@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from common.config.base import StageConfig, param
 
@@ -41,6 +41,8 @@ class PretrainConfig(StageConfig):
     max_images: int = param(0, "cap on the images used (0: all), for debug runs.")
     n_examples: int = param(4, "query images in the nearest-neighbour figure.")
     amp: bool = param(True, "mixed precision on CUDA; ignored on CPU.")
+    channels_last: bool = param(True, "channels-last memory format for the CNN methods (simclr, byol): faster on "
+                                "CUDA with AMP and on the CPU (bench/RESULTS.md); mae's ViT is left as it is.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,3 +53,9 @@ class PretrainConfig(StageConfig):
         if self.ssl_epochs < 1 or self.ssl_batch_size < 2:
             raise ValueError(f"ssl_epochs={self.ssl_epochs}, ssl_batch_size={self.ssl_batch_size}: need "
                              "ssl_epochs >= 1 and ssl_batch_size >= 2 (contrastive losses compare images within a batch)")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """As :meth:`StageConfig.fingerprint`, without ``channels_last`` (it changes speed, not results)."""
+        fp = super().fingerprint()
+        fp.pop("channels_last", None)
+        return fp

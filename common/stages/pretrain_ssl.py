@@ -43,6 +43,7 @@ from common.core.runtime import (
     progress,
     resolve_device,
     seed_everything,
+    to_memory_format,
     warmup_cosine,
 )
 from common.core.weights import backbone_normalization
@@ -224,7 +225,8 @@ def run_pretrain(cfg: PretrainConfig, comp: Competition | None = None) -> dict[s
                                            "n_images": len(files)})
     checkpoint.check_resumable(out, fp)
     backbone = create_backbone(cfg.backbone, cfg.ssl_pretrained)
-    model = SSLModel(cfg, backbone).to(device)
+    layout = cfg.channels_last and cfg.ssl_method != "mae"  # the CNN methods; a ViT gains nothing
+    model = to_memory_format(SSLModel(cfg, backbone).to(device), device, layout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.ssl_lr,
                             weight_decay=cfg.ssl_weight_decay)
     loader_args = dict(batch_size=cfg.ssl_batch_size, drop_last=len(files) >= 2 * cfg.ssl_batch_size,
@@ -244,7 +246,7 @@ def run_pretrain(cfg: PretrainConfig, comp: Competition | None = None) -> dict[s
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
         for step, views in enumerate(progress(loader, desc=f"ssl epoch {epoch}/{cfg.ssl_epochs}", leave=False)):
-            views = [v.to(device, non_blocking=True) for v in views]
+            views = [to_memory_format(v.to(device, non_blocking=True), device, layout) for v in views]
             momentum = cfg.ssl_momentum
             if cfg.ssl_method == "byol":
                 from lightly.utils.scheduler import cosine_schedule
