@@ -176,6 +176,8 @@ def test_retrieval_side_matches_stage_04_and_blends(comp):
     assert res["retrieval"]["threshold"] == stage04["threshold"]
     assert res["retrieval"]["oof_map5"] == pytest.approx(stage04["oof_map5"])
     assert res["retrieval"]["map5"] == pytest.approx(stage04["map5"])
+    for key in ("map5_known", "map5_new", "test_best_threshold", "test_map5_best", "test_map5_known_ranking"):
+        assert res["retrieval"][key] == pytest.approx(stage04[key]), key  # what stage 04 reports, the same way
     res = ensemble_stage.run_ensemble(ens_cfg(comp, exp="rb", embed_members="e", knn_k=10, blend_ratio=0.5,
                                               threshold_mode="share", new_share=0.3), comp)
     name = "rb-emb1-ens2-w25-blend0.5-thrshare0.3"

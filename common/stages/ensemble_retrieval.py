@@ -38,7 +38,13 @@ from common.data.competition import Competition
 from common.lib import ensemble, metrics, postprocess, retrieval
 from common.stages import local_rerank
 from common.stages.local_rerank import Reranker
-from common.stages.retrieve_submit import fold_oof_scores, new_share_estimate, share_for_tuning, tune
+from common.stages.retrieve_submit import (
+    fold_oof_scores,
+    new_share_estimate,
+    score_labelled,
+    share_for_tuning,
+    tune,
+)
 
 
 def embed_folds(names: list[str]) -> list[int]:
@@ -202,7 +208,7 @@ def run_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict | N
         oof_pred = retrieval.predict(oof, thr, new_label=cfg.new_label, images=list(truth.index))
         res["threshold"] = float(thr)
     res["oof_map5"] = metrics.map_at_k(truth.tolist(), oof_pred["predictions"].str.split().tolist())
-    res.update(test_report(cfg, comp, sub))
+    res.update(test_report(cfg, comp, sub, test))
     store.write_csv(out / "retrieval_oof_scores.csv", oof)
     store.write_csv(out / "retrieval_oof_truth.csv",
                     truth.rename_axis("image").rename("individual_id").reset_index())
@@ -222,14 +228,15 @@ def blend_test(cfg: EnsembleConfig, comp: Competition, test: pd.DataFrame, ens: 
                                  cfg.blend_ratio, kind=_kind(cfg))
 
 
-def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame) -> dict[str, Any]:
-    """Share of test images answered ``new_label`` first, and MAP@5 when ``test.csv`` gives the truth."""
+def test_report(cfg: EnsembleConfig, comp: Competition, sub: pd.DataFrame, test: pd.DataFrame | None = None
+                ) -> dict[str, Any]:
+    """Share of test images answered ``new_label`` first and, when ``test.csv`` gives the truth (all of the test
+    or part), what stage 04 reports (:func:`common.stages.retrieve_submit.score_labelled`): MAP@5 overall, known
+    and new; with the test's scores ``test``, also the best threshold on the test itself and the known images'
+    MAP@5 from the ranking alone."""
     res: dict[str, Any] = {"new_share": float((sub["predictions"].str.split().str[0] == cfg.new_label).mean())}
     if comp.truth is not None:
-        t = comp.truth.set_index("image")["individual_id"].reindex(sub["image"])
-        scored = t.notna().to_numpy()
-        rep = metrics.map5_report(t[scored].tolist(), sub["predictions"][scored].str.split().tolist(),
-                                  comp.known_individuals, cfg.new_label)
+        rep = score_labelled(cfg, comp, sub, test)
         res.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rep.items()})
     return res
 
@@ -265,7 +272,7 @@ def infer_retrieval_ensemble(cfg: EnsembleConfig, comp: Competition, ens: dict |
             res["target_share"] = cfg.new_share
         sub = retrieval.predict(test, thr, new_label=cfg.new_label, images=images)
         res["threshold"] = float(thr)
-    res.update(test_report(cfg, comp, sub))
+    res.update(test_report(cfg, comp, sub, test))
     store.write_csv(out / "retrieval_test_scores.csv", test)
     return res, sub
 
