@@ -26,6 +26,12 @@ that baseline).
 competition's train and test images (no labels; ``--ssl-epochs``, continued from the ImageNet weights), then
 every seed runs again with ``pretrained=<stage-00 exp>``. The table then has both arms on the same split and
 seeds (ImageNet alone, and ImageNet + stage 00) and their paired differences.
+
+``--pair KEY=VALUE`` (repeatable) adds a second arm, every seed again with those overrides on top of the run's,
+and stage 06's retrieval ensemble of the two arms per seed (one search over their concatenated embeddings: the
+mean of their cosine similarities, as the Happywhale winners combined full-body and crop models). For example
+``-p crop=none --pair crop=auto``: full frames, CAM crops, and both together. The table then has both arms, the
+ensemble, and their differences from the first arm paired by seed.
 """
 
 from __future__ import annotations
@@ -239,6 +245,55 @@ def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: st
     return runs
 
 
+def pair_prefix(pair: list[str]) -> str:
+    """The experiment-name prefix of the ``--pair`` arm: ``crop=auto`` -> ``crop-auto-`` (names stay apart)."""
+    slug = "-".join(item.replace("=", "-") for item in pair)
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in slug) + "-"
+
+
+def overrides(items: list[str], flag: str = "-p") -> dict:
+    """``KEY=VALUE`` strings as typed parameter values; raises naming the flag and item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = parse_cli_value(value)
+    return out
+
+
+# Stage 06 as a retrieval-only ensemble, whatever stage-06 keys the parameters file carries.
+RETRIEVAL_ONLY = {"members": "", "soup": "none", "blend_ratio": 0.0, "pseudo_threshold": 0.0, "clean_threshold": 0.0,
+                  "redistribute_k": 0, "threshold_mode": "global"}
+
+
+def ensemble_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, runs: list[dict], prefix: str
+                   ) -> list[dict]:
+    """Stage 06 per seed of ``runs``: one search over the concatenated embeddings of the first arm
+    (``s<seed>``) and the ``--pair`` arm (``<prefix>s<seed>``); each its ``06_ensemble`` retrieval metrics."""
+    from common.cli import pipeline
+
+    out = []
+    for r in runs:
+        seed = r["seed"]
+        exp = exp_name(args, f"ens-{prefix}s{seed}")
+        members = f"{exp_name(args, f's{seed}')},{exp_name(args, f'{prefix}s{seed}')}"
+        t0 = time.perf_counter()
+        pipeline.run(["06"], {**params, **RETRIEVAL_ONLY, "data": str(comp_dir), "exp": exp, "seed": seed,
+                              "embed_members": members}, log_output=False)
+        metrics = json.loads((paths.stage_dir(exp, "06") / "metrics.json").read_text())["retrieval"]
+        out.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60, "arm": "ensemble "})
+        print(f"{exp} ({members}): MAP@5 {metrics['map5']:.3f}", flush=True)
+    return out
+
+
+def paired_row(label: str, a: list[dict], b: list[dict]) -> str:
+    """A table row of ``b - a`` paired by seed (MAP@5, known, new, and the known ranking alone)."""
+    diff = {k: paired(a, b, k) for k in ("map5", "map5_known", "map5_new", "test_map5_known_ranking")}
+    return (f"| {label} | {fmt(diff['map5'])} | {fmt(diff['map5_known'])} | {fmt(diff['map5_new'])} | - | - | - | "
+            f"{fmt(diff['test_map5_known_ranking'])} |")
+
+
 def pipeline_row(label: str, runs: list[dict]) -> str:
     """One table row: mean ± sd over the seeds' stage-04 metrics."""
     return (f"| {label} ({len(runs)} seed(s): mean ± sd) | {fmt([r['map5'] for r in runs])} | "
@@ -284,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ssl", choices=("simclr", "byol"), default=None,
                     help="also run stage 00 (this method) and every seed again from its weights")
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs (with --ssl)")
+    ap.add_argument("--pair", action="append", default=[], metavar="KEY=VALUE",
+                    help="a second arm with these overrides, and stage 06's ensemble of both arms per seed")
     args = ap.parse_args(argv)
+    pair = overrides(args.pair, "--pair")  # a typo fails here, before any training
     load = os.getloadavg()[0]
     from common.cli import pipeline
 
@@ -297,10 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     known_ids = set(table.loc[split == "train", "individual_id"])
     new_share = float((~test["individual_id"].isin(known_ids)).mean())
     params = load_params(ROOT / args.params) if args.params else {}
-    for item in args.p:
-        key, _, value = item.partition("=")
-        params[key] = parse_cli_value(value)
+    params.update(overrides(args.p))
     runs = run_seeds(args, params, comp_dir)
+    pair_runs, ens_runs = [], []
+    if pair:
+        prefix = pair_prefix(args.pair)
+        pair_runs = [{**r, "arm": f"{' '.join(args.pair)} "} for r in run_seeds(args, params, comp_dir, prefix, pair)]
+        ens_runs = ensemble_seeds(args, params, comp_dir, runs, prefix)
     ssl_runs, ssl_meta = [], {}
     if args.ssl:
         pre = ssl_params(args, params, comp_dir)
@@ -324,18 +385,23 @@ def main(argv: list[str] | None = None) -> None:
         "| answer | MAP@5 | known MAP@5 | new MAP@5 | threshold | test-best threshold | test MAP@5 at it "
         "| known MAP@5, ranking alone |",
         "|---|---|---|---|---|---|---|---|",
-        pipeline_row("pipeline" + (", ImageNet weights" if args.ssl else ""), runs),
+        pipeline_row("pipeline" + (", ImageNet weights" if args.ssl else "")
+                     + (f" ({', '.join(args.p)})" if pair and args.p else ""), runs),
         f"| new_individual alone for every image | {new_share:.3f} | 0.000 | 1.000 | - | - | - | - |",
     ]
+    if pair:
+        label = ", ".join(args.pair)
+        lines += [pipeline_row(f"pipeline with {label}", pair_runs),
+                  paired_row(f"{label} minus the first arm, paired by seed", runs, pair_runs),
+                  pipeline_row("stage 06: both arms' embeddings concatenated (one search)", ens_runs),
+                  paired_row("the ensemble minus the first arm, paired by seed", runs, ens_runs)]
     if ssl_runs:
         lines.append(pipeline_row(
             f"pipeline from stage 00 ({args.ssl}, {args.ssl_epochs} epoch(s) from ImageNet on "
             f"{ssl_meta.get('images', '?')} train+test images, loss {ssl_meta.get('first_loss', float('nan')):.3f}"
             f" -> {ssl_meta.get('last_loss', float('nan')):.3f}, {ssl_meta.get('seconds', float('nan')):.0f} s)",
             ssl_runs))
-        diff = {k: paired(runs, ssl_runs, k) for k in ("map5", "map5_known", "map5_new", "test_map5_known_ranking")}
-        lines.append(f"| stage 00 minus ImageNet, paired by seed | {fmt(diff['map5'])} | {fmt(diff['map5_known'])} | "
-                     f"{fmt(diff['map5_new'])} | - | - | - | {fmt(diff['test_map5_known_ranking'])} |")
+        lines.append(paired_row("stage 00 minus ImageNet, paired by seed", runs, ssl_runs))
     if same:
         lines.append(f"| untrained (epochs=0) through the same pipeline: ImageNet backbone, GeM, untrained neck, "
                      f"the same threshold tuning | {same['map5']:.3f} | {same['map5_known']:.3f} | "
@@ -361,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "
                       f"{r.get('test_new_share_estimate') or float('nan'):.2f}, threshold tuned for the "
                       f"{r.get('tuned_for_new_share_source', 'oof')} share, crops: {r.get('crop_method', '?')}, "
-                      f"{r['minutes']:.1f} min" for r in runs + ssl_runs)
+                      f"{r['minutes']:.1f} min" for r in runs + ssl_runs + pair_runs + ens_runs)
     cmd = "HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -74,3 +75,72 @@ def test_ssl_params_pretrain_at_the_run_size_from_imagenet():
     assert pre["exp"] == "bench-openset-nyala-full-ssl-simclr6"
     assert (pre["ssl_method"], pre["ssl_epochs"], pre["ssl_image_size"], pre["ssl_pretrained"]) == ("simclr", 6, 160, "auto")
     assert pre["data"] == "/tmp/comp" and pre["epochs"] == 10  # the run's own parameters are kept
+
+
+def test_pair_prefix_and_overrides():
+    bench = _bench()
+    assert bench.pair_prefix(["crop=auto"]) == "crop-auto-"
+    assert bench.pair_prefix(["image_size=256", "detector_model=a/b"]) == "image_size-256-detector_model-a-b-"
+    assert bench.overrides(["crop=auto", "image_size=256", "full_fit=true"]) == {
+        "crop": "auto", "image_size": 256, "full_fit": True}
+    with pytest.raises(SystemExit, match="--pair 'crop': expected KEY=VALUE"):
+        bench.overrides(["crop"], "--pair")
+
+
+def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, capsys):
+    """``--pair crop=auto``: every seed again with the pair's overrides (its own experiment names), then stage 06
+    with ``embed_members`` = both arms of that seed; the table has both arms, the ensemble and the paired rows."""
+    from conftest import isolate_dirs
+
+    from common.cli import pipeline
+    from common.core import paths
+
+    bench = _bench()
+    isolate_dirs(tmp_path, monkeypatch)
+    rows = []
+    for k in range(10):  # 10 individuals x 3 images: 2 new, half of the other 8 with one known test image
+        (tmp_path / "src" / f"i{k}").mkdir(parents=True)
+        for j in range(3):
+            f = tmp_path / "src" / f"i{k}" / f"{j}.jpg"
+            f.write_bytes(b"not decoded here")
+            rows.append((str(f), f"i{k}__{j}.jpg", f"i{k}"))
+    monkeypatch.setattr(bench, "list_images", lambda dataset: pd.DataFrame(rows, columns=["source", "image",
+                                                                                          "individual_id"]))
+    calls = []
+    score = {"s": 0.60, "crop-auto-s": 0.62, "ens-crop-auto-s": 0.66}
+
+    def run(stages, params, log_output=True, **kwargs):
+        calls.append((tuple(stages), params))
+        arm = params["exp"].removeprefix("bench-openset-nyala-t-").rstrip("0123456789")
+        metrics = {"map5": score[arm] + params["seed"] / 100, "map5_known": 0.3, "map5_new": 0.9, "threshold": 0.5}
+        if stages == ["06"]:
+            folder = paths.stage_dir(params["exp"], "06")
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"retrieval": metrics}))
+        return metrics
+
+    monkeypatch.setattr(pipeline, "run", run)
+    bench.main(["--dataset", "nyala", "--seeds", "0,1", "--tag", "t", "--no-baseline", "-p", "crop=none",
+                "--pair", "crop=auto"])
+    trained = [(p["exp"], p["crop"], p["seed"]) for s, p in calls if s == ("01", "02", "03", "04")]
+    assert trained == [("bench-openset-nyala-t-s0", "none", 0), ("bench-openset-nyala-t-s1", "none", 1),
+                       ("bench-openset-nyala-t-crop-auto-s0", "auto", 0),
+                       ("bench-openset-nyala-t-crop-auto-s1", "auto", 1)]
+    ensembles = [(p["exp"], p["embed_members"], p["seed"]) for s, p in calls if s == ("06",)]
+    assert all(p["members"] == "" and p["blend_ratio"] == 0 for s, p in calls if s == ("06",))  # retrieval only
+    assert ensembles == [
+        ("bench-openset-nyala-t-ens-crop-auto-s0", "bench-openset-nyala-t-s0,bench-openset-nyala-t-crop-auto-s0", 0),
+        ("bench-openset-nyala-t-ens-crop-auto-s1", "bench-openset-nyala-t-s1,bench-openset-nyala-t-crop-auto-s1", 1)]
+    out = capsys.readouterr().out
+    assert "| pipeline (crop=none) (2 seed(s): mean ± sd) | 0.605 ± 0.007 |" in out
+    assert "| pipeline with crop=auto (2 seed(s): mean ± sd) | 0.625 ± 0.007 |" in out
+    assert "| crop=auto minus the first arm, paired by seed | 0.020 ± 0.000 |" in out
+    assert "| stage 06: both arms' embeddings concatenated (one search) (2 seed(s): mean ± sd) | 0.665 ± 0.007 |" in out
+    assert "| the ensemble minus the first arm, paired by seed | 0.060 ± 0.000 |" in out
+
+
+def test_a_malformed_pair_fails_before_any_work(monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(bench, "list_images", lambda dataset: pytest.fail("read the dataset before the check"))
+    with pytest.raises(SystemExit, match="--pair 'crop': expected KEY=VALUE"):
+        bench.main(["--dataset", "nyala", "--pair", "crop"])
