@@ -238,7 +238,9 @@ def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: st
             metrics = pipeline.run(["04"], run_params, force=True, log_output=False)
         crop_file = paths.stage_dir(exp, "01") / "metrics.json"
         if crop_file.exists():  # stage 01 writes its method to its own metrics.json, not the experiment's
-            metrics.setdefault("crop_method", json.loads(crop_file.read_text()).get("crop_method", "?"))
+            crop = json.loads(crop_file.read_text())
+            metrics.setdefault("crop_method", crop.get("crop_method", "?"))
+            metrics.setdefault("crop_area", crop.get("train_crop_area_median"))
         runs.append({**metrics, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
         print(f"{exp}: MAP@5 {metrics['map5']:.3f} known {metrics.get('map5_known')} new "
               f"{metrics.get('map5_new')} ({runs[-1]['minutes']:.1f} min)", flush=True)
@@ -426,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r.get('oof_map5_all_new', float('nan')):.3f}), OOF new share "
                       f"{r.get('oof_true_new_share', float('nan')):.2f}, test new share estimated "
                       f"{r.get('test_new_share_estimate') or float('nan'):.2f}, threshold tuned for the "
-                      f"{r.get('tuned_for_new_share_source', 'oof')} share, crops: {r.get('crop_method', '?')}, "
+                      f"{r.get('tuned_for_new_share_source', 'oof')} share, crops: {r.get('crop_method', '?')}"
+                      + (f" (median train crop keeps {r['crop_area']:.0%} of the frame)" if r.get("crop_area") else "")
+                      + ", "
                       f"{r['minutes']:.1f} min" for r in runs + ssl_runs + pair_runs + ens_runs)
     cmd = "HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.reid_openset " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -113,6 +113,10 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
         calls.append((tuple(stages), params))
         arm = params["exp"].removeprefix("bench-openset-nyala-t-").rstrip("0123456789")
         metrics = {"map5": score[arm] + params["seed"] / 100, "map5_known": 0.3, "map5_new": 0.9, "threshold": 0.5}
+        if stages[0] == "01" and params["crop"] == "auto":  # what stage 01 writes for CAM crops
+            folder = paths.stage_dir(params["exp"], "01")
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"crop_method": "CAM", "train_crop_area_median": 0.8}))
         if stages == ["06"]:
             folder = paths.stage_dir(params["exp"], "06")
             folder.mkdir(parents=True)
@@ -132,6 +136,7 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
         ("bench-openset-nyala-t-ens-crop-auto-s0", "bench-openset-nyala-t-s0,bench-openset-nyala-t-crop-auto-s0", 0),
         ("bench-openset-nyala-t-ens-crop-auto-s1", "bench-openset-nyala-t-s1,bench-openset-nyala-t-crop-auto-s1", 1)]
     out = capsys.readouterr().out
+    assert "crops: CAM (median train crop keeps 80% of the frame)" in out
     assert "| pipeline (crop=none) (2 seed(s): mean ± sd) | 0.605 ± 0.007 |" in out
     assert "| pipeline with crop=auto (2 seed(s): mean ± sd) | 0.625 ± 0.007 |" in out
     assert "| crop=auto minus the first arm, paired by seed | 0.020 ± 0.000 |" in out

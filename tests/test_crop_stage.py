@@ -157,6 +157,11 @@ def test_auto_without_boxes_uses_cam_boxes(no_boxes, monkeypatch):
     assert result.method == metrics["crop_method"]
     assert "zero-shot yolo11n.pt unavailable" in metrics["tried"][0]
     assert metrics["train_fallback_share"] == 0.0  # box_conf=0: every image with a map has its box
+    for split in ("train", "test"):  # the median area share of the crops written to boxes.csv
+        rows = result.boxes[result.boxes["split"] == split]
+        area = (rows["crop_xmax"] - rows["crop_xmin"]) * (rows["crop_ymax"] - rows["crop_ymin"])
+        assert metrics[f"{split}_crop_area_median"] == pytest.approx((area / (rows["width"] * rows["height"])).median())
+        assert 0 < metrics[f"{split}_crop_area_median"] <= 1
     for split, table in (("train", no_boxes.train), ("test", no_boxes.test)):
         assert sorted(p.name for p in (out / "crops" / split).iterdir() if p.suffix != ".csv") == sorted(
             table["image"])

@@ -26,7 +26,7 @@ from common.engine.detector import (
     resolve_detector_model,
     setup_ultralytics,
 )
-from common.lib.boxes import expand_box, xyxy_to_yolo
+from common.lib.boxes import crop_area_share, expand_box, xyxy_to_yolo
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -204,6 +204,12 @@ def test_crop_images_coordinates_and_resume(tmp_path):
     assert crop.shape == (12, 24, 3)
     assert tuple(crop[0, 0, :2]) == (8, 9) and tuple(crop[-1, -1, :2]) == (31, 20)  # red = x, green = y
     assert Image.open(out / "b.png").size == (100, 50)
+    # a keeps 24 x 12 / (100 x 50) = 0.0576 of its area, b all of it: the median of the two
+    assert crop_area_share(table) == pytest.approx((0.0576 + 1.0) / 2)
+    assert crop_area_share(table.iloc[:1]) == pytest.approx(0.0576)
+    assert np.isnan(crop_area_share(table.iloc[:0]))
+    with pytest.raises(ValueError, match="width"):
+        crop_area_share(best)  # boxes, not crop windows
     # resume: same windows -> files untouched; a new margin -> a rewritten
     stamp = (out / "a.png").stat().st_mtime_ns
     time.sleep(0.01)

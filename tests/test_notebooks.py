@@ -49,6 +49,8 @@ def test_chain_writes_every_contracted_file(run_dirs):
         assert injected, f"{nb}: the executed record must keep the injected parameters"
         assert '"nbtest"' in injected[0].source
     assert (exp / "01_crop" / "boxes.csv").exists()
+    crop_metrics = json.loads((exp / "01_crop" / "metrics.json").read_text())  # the detector path's area share
+    assert all(0 < crop_metrics[f"{s}_crop_area_median"] <= 1 for s in ("train", "test"))
     # the sample-boxes figure is kept as a PNG, although ultralytics switched matplotlib's backend while training
     crop_record = nbformat.read(exp / "01_crop_images.ipynb", as_version=4)
     outputs = [o for c in crop_record.cells if c.cell_type == "code" for o in c.get("outputs", [])]

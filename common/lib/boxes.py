@@ -153,6 +153,22 @@ def expand_box(
     return x0, y0, x1, y1
 
 
+def crop_area_share(crops: pd.DataFrame) -> float:
+    """Median share of the source images' area that their crop windows keep (1.0: the crops are the full
+    images, so cropping changed nothing; NaN without rows). Tells whether crops can help at all: animals that
+    fill the frame leave little to cut.
+
+    Args:
+        crops: crop windows, columns ``width, height, crop_xmin, crop_ymin, crop_xmax, crop_ymax`` (pixels;
+            the output of :func:`common.data.detection.crop_images`).
+    """
+    _check_columns(crops, ["width", "height", "crop_xmin", "crop_ymin", "crop_xmax", "crop_ymax"], "crops")
+    if crops.empty:
+        return float("nan")
+    kept = (crops["crop_xmax"] - crops["crop_xmin"]) * (crops["crop_ymax"] - crops["crop_ymin"])
+    return float((kept / (crops["width"] * crops["height"])).median())
+
+
 def crop_ious(best: pd.DataFrame, truth: pd.DataFrame, sizes: dict[str, tuple[int, int]]) -> pd.Series:
     """IoU of each image's chosen box with its best-matching ground-truth box.
 

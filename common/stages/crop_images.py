@@ -8,7 +8,8 @@ Writes under ``working/<exp>/01_crop/``:
 * ``boxes.csv``: the chosen box per image (``split, image, xmin, ymin, xmax, ymax, conf, fallback`` and the
   crop window ``crop_xmin..crop_ymax``), full image when no box reaches ``box_conf``;
 * ``crops/{train,test}/<image>``: what stages 02-03 read; ``metrics.json``: mAP50 and crop IoU on held-out
-  train images (and on test images when the competition has test boxes).
+  train images (and on test images when the competition has test boxes), and ``{split}_crop_area_median``, the
+  median share of an image's area its crop keeps (near 1: the animals fill the frame, cropping removes little).
 
 ``crop`` (default ``auto``) decides how boxes are made: with ``boxes.csv`` the detector is trained on it;
 without, boxes come from a zero-shot ultralytics model when ``detector_model`` names one that can be had
@@ -37,6 +38,7 @@ from common.data import unreadable
 from common.data.competition import Competition, DataError
 from common.data.fingerprint import stage_fingerprint
 from common.engine import detector as detect
+from common.lib.boxes import crop_area_share
 
 
 @dataclasses.dataclass
@@ -143,6 +145,7 @@ def _predict_and_crop(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: C
                                     trust_checkpoint=cfg.trust_checkpoint)
         best = detect.best_boxes(pred, names, cfg.box_conf)
         crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
+        metrics[f"{split}_crop_area_median"] = crop_area_share(crops)
         predictions.append(pred.assign(split=split))
         chosen.append(crops.assign(split=split))
         boxed = set() if comp.boxes is None else set(comp.boxes["image"])  # None: self-trained on pseudo-boxes
@@ -208,6 +211,7 @@ def _without_boxes(cfg: CropConfig, out: Path, dirs: dict[str, Path], comp: Comp
     for split, best in first.items():
         metrics[f"{split}_fallback_share"] = float(best["fallback"].mean()) if len(best) else float("nan")
         crops = detect.crop_images(best, dirs[split], out / "crops" / split, cfg.crop_margin)
+        metrics[f"{split}_crop_area_median"] = crop_area_share(crops)
         chosen.append(crops.assign(split=split))
         truth_images = [n for n in best["image"] if n in boxed]
         if truth_images:  # crop=cam on a competition with boxes: score the boxes found without them
