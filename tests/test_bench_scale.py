@@ -140,6 +140,18 @@ def test_read_speed_reads_the_same_pixels(tmp_path):
     assert r["memmap_kb"] == pytest.approx(72 * 96 * 3 / 1024, rel=0.05)
 
 
+def test_measure_reads_the_footprint_of_a_process_shorter_than_the_pss_period(scale, tmp_path):
+    """A 1.5 s child that touches 300 MB: PSS sampled only every ``PSS_EVERY`` ticks (2 s) read it at its start
+    (a few MB, once 0.0 for stage 04 in CI); the growth rule must catch the 300 MB."""
+    import os
+    import sys
+
+    code = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(1.0)"
+    r = scale.measure([sys.executable, "-c", code], dict(os.environ), [tmp_path], tmp_path / "log.txt")
+    assert 300 < r["peak_rss_mb"] < 600
+    assert 280 < r["peak_pss_mb"] <= r["peak_rss_mb"]
+
+
 def test_every_stage_runs_through_the_bench(scale, tmp_path):
     """The bench calls each stage's functions by name in a child process: a renamed function must fail here, not
     at the start of a two-hour run (stage 02 once called a function that had moved)."""
