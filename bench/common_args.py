@@ -45,24 +45,32 @@ def add_param_arg(ap: argparse.ArgumentParser, help: str) -> None:
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def parse_overrides(items: list[str], known: set[str] | list[str], what: str) -> dict[str, object]:
+def parse_overrides(items: list[str], known: set[str] | list[str] | None, what: str, flag: str = "-p"
+                    ) -> dict[str, object]:
     """``key=value`` strings -> ``{key: value}``, values read like the pipeline's ``-p`` (YAML scalars).
 
     Args:
         items: the ``-p`` values.
-        known: the keys allowed.
+        known: the keys allowed; ``None``: any key the pipeline's ``-p`` takes, flat or ``<stage>.name``
+            (checked by :func:`common.config.check_key`).
         what: names the allowed keys in the error (for example ``a ClassifierConfig field``).
+        flag: the option the items came from, for the error (``-p``, ``--pair``).
 
     Raises:
-        SystemExit: naming the item, when it has no ``=`` or an unknown key.
+        SystemExit: naming the flag and item, when it has no ``=`` or an unknown key.
     """
-    from common.config import parse_cli_value
+    from common.config import check_key, parse_cli_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"-p {item!r}: expected key=value with key {what}")
+        if not sep or not key or known is not None and key not in known:
+            raise SystemExit(f"{flag} {item!r}: expected key=value with key {what}")
+        if known is None:
+            try:
+                check_key(key, f"{flag} {item!r}")
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
         out[key] = parse_cli_value(value)
     return out
 

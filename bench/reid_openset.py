@@ -53,7 +53,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
-from common.config import load_params, parse_cli_value  # noqa: E402
+from bench.common_args import parse_overrides  # noqa: E402
+from common.config import load_params  # noqa: E402
 from common.core import paths  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -254,14 +255,9 @@ def pair_prefix(pair: list[str]) -> str:
 
 
 def overrides(items: list[str], flag: str = "-p") -> dict:
-    """``KEY=VALUE`` strings as typed parameter values; raises naming the flag and item without ``=``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
-        out[key] = parse_cli_value(value)
-    return out
+    """``KEY=VALUE`` strings as typed parameter values, keys checked as the pipeline's ``-p`` checks them; raises
+    naming the flag and the item, before any training, on a missing ``=`` or an unknown key."""
+    return parse_overrides(items, None, "a pipeline parameter (flat or <stage>.name)", flag)
 
 
 # Stage 06 as a retrieval-only ensemble, whatever stage-06 keys the parameters file carries.
@@ -345,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a second arm with these overrides, and stage 06's ensemble of both arms per seed")
     args = ap.parse_args(argv)
     pair = overrides(args.pair, "--pair")  # a typo fails here, before any training
+    extra = overrides(args.p)
     load = os.getloadavg()[0]
     from common.cli import pipeline
 
@@ -357,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     known_ids = set(table.loc[split == "train", "individual_id"])
     new_share = float((~test["individual_id"].isin(known_ids)).mean())
     params = load_params(ROOT / args.params) if args.params else {}
-    params.update(overrides(args.p))
+    params.update(extra)
     runs = run_seeds(args, params, comp_dir)
     pair_runs, ens_runs = [], []
     if pair:

@@ -83,8 +83,14 @@ def test_pair_prefix_and_overrides():
     assert bench.pair_prefix(["image_size=256", "detector_model=a/b"]) == "image_size-256-detector_model-a-b-"
     assert bench.overrides(["crop=auto", "image_size=256", "full_fit=true"]) == {
         "crop": "auto", "image_size": 256, "full_fit": True}
-    with pytest.raises(SystemExit, match="--pair 'crop': expected KEY=VALUE"):
+    assert bench.overrides(["05.backbone=resnet18"]) == {"05.backbone": "resnet18"}  # per stage, as the pipeline
+    with pytest.raises(SystemExit, match="--pair 'crop': expected key=value"):
         bench.overrides(["crop"], "--pair")
+    # a typo fails before any training, naming the flag, the item and the parameter
+    with pytest.raises(SystemExit, match="--pair 'cam_treshold=0.5'.*unknown parameter 'cam_treshold'"):
+        bench.overrides(["crop=auto", "cam_treshold=0.5"], "--pair")
+    with pytest.raises(SystemExit, match="-p '09.epochs=1'.*unknown stage '09'"):
+        bench.overrides(["09.epochs=1"])
 
 
 def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, capsys):
@@ -147,5 +153,9 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
 def test_a_malformed_pair_fails_before_any_work(monkeypatch):
     bench = _bench()
     monkeypatch.setattr(bench, "list_images", lambda dataset: pytest.fail("read the dataset before the check"))
-    with pytest.raises(SystemExit, match="--pair 'crop': expected KEY=VALUE"):
+    with pytest.raises(SystemExit, match="--pair 'crop': expected key=value"):
         bench.main(["--dataset", "nyala", "--pair", "crop"])
+    with pytest.raises(SystemExit, match="unknown parameter 'cam_treshold'"):
+        bench.main(["--dataset", "nyala", "--pair", "cam_treshold=0.5"])
+    with pytest.raises(SystemExit, match="-p 'imagesize=256'.*unknown parameter 'imagesize'"):
+        bench.main(["--dataset", "nyala", "-p", "imagesize=256"])
