@@ -362,3 +362,33 @@ def test_both_tasks_validate_in_the_training_layout(channels_last):
     assert classifier.seen == [channels_last, channels_last]
     assert got["valid_acc"] == 0.75 and got["valid_loss"] == pytest.approx(want_loss)
     assert got["valid_balanced_acc"] == pytest.approx((1 + 0.5 + 1) / 3)  # class 1: one of its two right
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_both_tasks_validate_under_the_amp_setting(amp, monkeypatch):
+    """Validation runs each batch's forward inside ``amp_context(device, cfg.amp)``, as training and prediction
+    do (the classifier's once ran it in float32 whatever ``amp`` said)."""
+    import contextlib
+
+    from common.config import ClassifierConfig
+    from common.engine import classifier, embedder
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recorder(device, enabled):
+        entered.append(enabled)
+        yield
+
+    monkeypatch.setattr(classifier, "amp_context", recorder)
+    monkeypatch.setattr(embedder, "amp_context", recorder)
+    loader = torch.utils.data.DataLoader(Images(), batch_size=2)
+    cpu = torch.device("cpu")
+
+    embedder.EmbedderTask(fake_cfg(amp=amp)).validate(LayoutProbe(as_dict=True), loader, cpu)
+    assert entered == [amp, amp]
+    entered.clear()
+    task = classifier.ClassifierTask(ClassifierConfig(data="unused", exp="fake", device="cpu", amp=amp))
+    task.n_classes = 3
+    got = task.validate(LayoutProbe(as_dict=False), loader, cpu)
+    assert entered == [amp, amp] and got["valid_acc"] == 0.75

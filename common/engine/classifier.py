@@ -328,7 +328,12 @@ class ClassifierTask(Task):
 
     def validate(self, model, loader, device):
         """Loss (no margin), accuracy and balanced accuracy on validation images of classes seen in training."""
-        logits = torch.cat([model(self.images(b, device)).float().cpu() for b in loader])
+        chunks = []
+        for batch in loader:
+            x = self.images(batch, device)
+            with amp_context(device, self.cfg.amp):  # as in training and in prediction: AMP on CUDA
+                chunks.append(model(x).float().cpu())
+        logits = torch.cat(chunks)
         y = torch.as_tensor(loader.dataset.labels)
         rep = classification_report(y.numpy(), logits.numpy(), self.n_classes)
         return {"valid_loss": F.cross_entropy(logits, y).item(), "valid_acc": rep["accuracy"],
