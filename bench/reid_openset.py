@@ -173,6 +173,35 @@ def untrained_baseline(comp_dir: Path, image_size: int, thresholds: np.ndarray) 
             "threshold": best, "known_ranking": retrieval.known_ranking_map5(table, truth, NEW)}
 
 
+def cached_baseline(comp_dir: Path, image_size: int, thresholds: np.ndarray, compute=None) -> dict:
+    """:func:`untrained_baseline`, stored in ``comp_dir/untrained_baseline_<size>.json`` and reused while the
+    split's ``train.csv`` and ``test.csv``, the size and the thresholds are unchanged (it took 3-10 minutes a call).
+
+    Args:
+        comp_dir: the split's competition folder.
+        image_size: the square input size.
+        thresholds: the thresholds swept on the test.
+        compute: the function that measures it (default :func:`untrained_baseline`; tests pass another).
+    """
+    import hashlib
+
+    from common.core import store
+
+    h = hashlib.sha1()
+    for name in ("train.csv", "test.csv"):
+        h.update((comp_dir / name).read_bytes())
+    h.update(json.dumps([int(image_size), [float(t) for t in thresholds]]).encode())
+    key = h.hexdigest()
+    path = comp_dir / f"untrained_baseline_{int(image_size)}.json"
+    if path.exists():
+        stored = store.read_json(path)
+        if stored.get("key") == key:
+            return stored["result"]
+    result = (compute or untrained_baseline)(comp_dir, image_size, thresholds)
+    store.write_json(path, {"key": key, "result": result})
+    return result
+
+
 VARIANTS = {  # stage-04 threshold tuning variants compared on the same embeddings (--variants)
     "fold gallery, out-of-fold share": dict(oof_gallery="fold", share_policy="oof"),
     "fold gallery, minimax over shares 0.1-0.9": dict(oof_gallery="fold", share_policy="minimax"),
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                              extra={"pretrained": pre["exp"]})
         ssl_runs = [{**r, "arm": "stage 00 "} for r in ssl_runs]
     image_size = int(params.get("image_size", 128))
-    base = None if args.no_baseline else untrained_baseline(comp_dir, image_size, np.round(np.arange(0, 1.0001, 0.02), 6))
+    base = None if args.no_baseline else cached_baseline(comp_dir, image_size, np.round(np.arange(0, 1.0001, 0.02), 6))
     same = None
     if not args.no_baseline:  # the same pipeline, crops and label-free threshold, with no training (epochs=0)
         first = runs[0]["seed"]

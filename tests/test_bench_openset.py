@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -159,3 +160,24 @@ def test_a_malformed_pair_fails_before_any_work(monkeypatch):
         bench.main(["--dataset", "nyala", "--pair", "cam_treshold=0.5"])
     with pytest.raises(SystemExit, match="-p 'imagesize=256'.*unknown parameter 'imagesize'"):
         bench.main(["--dataset", "nyala", "-p", "imagesize=256"])
+
+
+def test_the_untrained_baseline_is_reused_until_the_split_or_size_changes(tmp_path):
+    bench = _bench()
+    (tmp_path / "train.csv").write_text("image,individual_id\na.jpg,x\n")
+    (tmp_path / "test.csv").write_text("image,individual_id\nb.jpg,x\n")
+    calls = []
+
+    def compute(comp_dir, image_size, thresholds):
+        calls.append(image_size)
+        return {"map5": 0.5 + len(calls) / 100, "threshold": float(thresholds[-1])}
+
+    th = np.array([0.5, 0.7])
+    first = bench.cached_baseline(tmp_path, 160, th, compute)
+    assert first == {"map5": 0.51, "threshold": 0.7} and calls == [160]
+    assert bench.cached_baseline(tmp_path, 160, th, compute) == first and calls == [160]  # reused
+    assert bench.cached_baseline(tmp_path, 256, th, compute)["map5"] == 0.52  # another size
+    assert bench.cached_baseline(tmp_path, 160, np.array([0.5, 0.9]), compute)["map5"] == 0.53  # other thresholds
+    (tmp_path / "test.csv").write_text("image,individual_id\nc.jpg,y\n")
+    assert bench.cached_baseline(tmp_path, 160, np.array([0.5, 0.9]), compute)["map5"] == 0.54  # another split
+    assert calls == [160, 256, 160, 160]
