@@ -181,3 +181,71 @@ def test_the_untrained_baseline_is_reused_until_the_split_or_size_changes(tmp_pa
     (tmp_path / "test.csv").write_text("image,individual_id\nc.jpg,y\n")
     assert bench.cached_baseline(tmp_path, 160, np.array([0.5, 0.9]), compute)["map5"] == 0.54  # another split
     assert calls == [160, 256, 160, 160]
+
+
+def test_child_argv_runs_one_seed_without_baseline_record_or_jobs():
+    bench = _bench()
+    argv = ["--dataset", "nyala", "--seeds", "0,1,2", "--jobs", "3", "--record", "-p", "crop=none",
+            "--pair", "crop=auto", "--no-baseline"]
+    assert bench.child_argv(argv, 1) == ["--dataset", "nyala", "-p", "crop=none", "--pair", "crop=auto",
+                                         "--seeds", "1", "--no-baseline"]
+    assert bench.child_argv(["--dataset=lion", "--seeds=0,1", "--jobs=2", "--tag", "x"], 0) == [
+        "--dataset=lion", "--tag", "x", "--seeds", "0", "--no-baseline"]
+
+
+def test_run_children_keeps_to_jobs_at_once_and_names_a_failed_seed(tmp_path):
+    """Three 0.5 s children, two at a time, each with the thread count in its environment; a failing child is
+    reported with its seed, status and log once the others have finished."""
+    import sys
+
+    bench = _bench()
+    code = ("import os, sys, time; t0 = time.time(); time.sleep(0.5); "
+            "print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], t0, time.time()); "
+            "sys.exit(int(sys.argv[1]))")
+    cmds = {s: [sys.executable, "-c", code, "0"] for s in (0, 1, 2)}
+    minutes = bench.run_children(cmds, 2, 1, tmp_path / "logs")
+    assert sorted(minutes) == [0, 1, 2] and all(0 < m < 1 for m in minutes.values())
+    spans = []
+    for s in (0, 1, 2):
+        omp, mkl, t0, t1 = (tmp_path / "logs" / f"seed{s}.log").read_text().split()
+        assert (omp, mkl) == ("1", "1")
+        spans.append((float(t0), float(t1)))
+    at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert at_once == 2  # two ran together, never three
+
+    cmds[1] = [sys.executable, "-c", code, "3"]
+    with pytest.raises(SystemExit, match=r"seed 1 exited with status 3; see .*seed1\.log"):
+        bench.run_children(cmds, 3, 1, tmp_path / "logs2")
+    assert (tmp_path / "logs2" / "seed2.log").read_text()  # the others still ran to the end
+
+
+def test_jobs_trains_each_seed_in_a_child_then_reuses_the_runs(tmp_path, monkeypatch, capsys):
+    from conftest import isolate_dirs
+
+    from common.cli import pipeline
+
+    bench = _bench()
+    isolate_dirs(tmp_path, monkeypatch)
+    rows = [(str(tmp_path / "x.jpg"), f"i{k}__{j}.jpg", f"i{k}") for k in range(10) for j in range(3)]
+    (tmp_path / "x.jpg").write_bytes(b"not decoded here")
+    monkeypatch.setattr(bench, "list_images", lambda dataset: pd.DataFrame(rows, columns=["source", "image",
+                                                                                          "individual_id"]))
+    spawned = {}
+
+    def run_children(cmds, jobs, threads, log_dir):
+        spawned.update(cmds=cmds, jobs=jobs, threads=threads)
+        return {s: 1.5 + s for s in cmds}
+
+    monkeypatch.setattr(bench, "run_children", run_children)
+    monkeypatch.setattr(pipeline, "run", lambda stages, params, log_output=True, **kw: {
+        "map5": 0.6 + params["seed"] / 100, "map5_known": 0.3, "map5_new": 0.9, "threshold": 0.5})
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 4)
+    bench.main(["--dataset", "nyala", "--seeds", "0,1,2", "--tag", "t", "--no-baseline", "--jobs", "4"])
+    assert spawned["jobs"] == 3 and spawned["threads"] == 1  # no more jobs than seeds; 4 cores // 3
+    assert spawned["cmds"][1][1:] == [
+        "-m", "bench.reid_openset", "--dataset", "nyala", "--tag", "t", "--seeds", "1", "--no-baseline"]
+    out = capsys.readouterr().out
+    assert "trained as 3 child processes at once, 1 torch thread(s) each (`--jobs`): seed 0 1.5 min" in out
+    assert "| pipeline (3 seed(s): mean ± sd) | 0.610 ± 0.010 |" in out
+    with pytest.raises(SystemExit, match="--jobs 0: must be at least 1"):
+        bench.main(["--dataset", "nyala", "--jobs", "0"])
