@@ -59,7 +59,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench._report import append_section, torch_machine_line, utc_stamp  # noqa: E402
-from bench.common_args import parse_overrides  # noqa: E402
+from bench.common_args import parse_overrides, parse_seeds  # noqa: E402
 from common.config import load_params  # noqa: E402
 from common.core import paths  # noqa: E402
 
@@ -265,7 +265,7 @@ def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: st
     from common.cli import pipeline
 
     runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in parse_seeds(args.seeds):
         exp = exp_name(args, f"{prefix}s{seed}")
         run_params = {**params, **(extra or {}), "data": str(comp_dir), "exp": exp, "seed": seed}
         t0 = time.perf_counter()
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     new_share = float((~test["individual_id"].isin(known_ids)).mean())
     params = load_params(ROOT / args.params) if args.params else {}
     params.update(extra)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     jobs = min(args.jobs, len(seeds))
     child_minutes: dict[int, float] = {}
     if jobs > 1:  # the split is written; stage 00 (shared by every seed) runs once here, before the children
