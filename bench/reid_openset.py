@@ -32,6 +32,9 @@ and stage 06's retrieval ensemble of the two arms per seed (one search over thei
 mean of their cosine similarities, as the Happywhale winners combined full-body and crop models). For example
 ``-p crop=none --pair crop=auto``: full frames, CAM crops, and both together. The table then has both arms, the
 ensemble, and their differences from the first arm paired by seed.
+``--pair-seed-offset K`` trains the second arm with seed ``seed + K`` (still paired with the first arm's ``seed``):
+``-p crop=none --pair crop=none --pair-seed-offset 100`` is the control ensemble of two full-frame models, which
+says whether a crop arm's ensemble gain comes from the crops or from ensembling two models at all.
 
 ``--jobs N`` trains the seeds as up to N child processes at once (each ``--seeds <one> --no-baseline``, with
 ``cpu_count // N`` torch threads, its log under ``working/bench/reid_openset/logs/``), then this process reuses
@@ -260,14 +263,18 @@ def ssl_params(args: argparse.Namespace, params: dict, comp_dir: Path) -> dict:
 
 
 def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: str = "",
-              extra: dict | None = None) -> list[dict]:
-    """Stages 01-04 once per ``--seeds`` seed (experiments ``<prefix>s<seed>``); each run's stage-04 metrics."""
+              extra: dict | None = None, seed_offset: int = 0) -> list[dict]:
+    """Stages 01-04 once per ``--seeds`` seed (experiments ``<prefix>s<seed>``); each run's stage-04 metrics.
+
+    Args:
+        seed_offset: trains with seed ``seed + seed_offset``; the run is still named and paired by ``seed``.
+    """
     from common.cli import pipeline
 
     runs = []
     for seed in parse_seeds(args.seeds):
         exp = exp_name(args, f"{prefix}s{seed}")
-        run_params = {**params, **(extra or {}), "data": str(comp_dir), "exp": exp, "seed": seed}
+        run_params = {**params, **(extra or {}), "data": str(comp_dir), "exp": exp, "seed": seed + seed_offset}
         t0 = time.perf_counter()
         metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
         if args.rescore:  # stage 04 again on the stored embeddings (after a change to stage 04 itself)
@@ -335,10 +342,16 @@ def run_children(cmds: dict[int, list[str]], jobs: int, threads: int, log_dir: P
     return minutes
 
 
-def pair_prefix(pair: list[str]) -> str:
-    """The experiment-name prefix of the ``--pair`` arm: ``crop=auto`` -> ``crop-auto-`` (names stay apart)."""
-    slug = "-".join(item.replace("=", "-") for item in pair)
+def pair_prefix(pair: list[str], seed_offset: int = 0) -> str:
+    """The experiment-name prefix of the ``--pair`` arm: ``crop=auto`` -> ``crop-auto-``, and with a seed offset
+    ``crop=none`` + 100 -> ``crop-none-seed-100-`` (names stay apart)."""
+    slug = "-".join(item.replace("=", "-") for item in pair) + (f"-seed{seed_offset:+d}" if seed_offset else "")
     return "".join(c if c.isalnum() or c in "-._" else "-" for c in slug) + "-"
+
+
+def pair_seed_label(args: argparse.Namespace) -> str:
+    """`` (seed +K)`` when the ``--pair`` arm trains with another seed (``--pair-seed-offset``), else empty."""
+    return f" (seed {args.pair_seed_offset:+d})" if args.pair_seed_offset else ""
 
 
 def overrides(items: list[str], flag: str = "-p") -> dict:
@@ -426,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs (with --ssl)")
     ap.add_argument("--pair", action="append", default=[], metavar="KEY=VALUE",
                     help="a second arm with these overrides, and stage 06's ensemble of both arms per seed")
+    ap.add_argument("--pair-seed-offset", type=int, default=0, metavar="K",
+                    help="train the --pair arm with seed + K (a control: the same settings, another model)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="train up to this many seeds at once, as child processes sharing the cores")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -433,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
     pair = overrides(args.pair, "--pair")  # a typo fails here, before any training
+    if args.pair_seed_offset and not pair:
+        raise SystemExit("--pair-seed-offset: needs --pair (it sets the second arm's training seed)")
     extra = overrides(args.p)
     load = os.getloadavg()[0]
     from common.cli import pipeline
@@ -460,8 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = run_seeds(args, params, comp_dir)
     pair_runs, ens_runs = [], []
     if pair:
-        prefix = pair_prefix(args.pair)
-        pair_runs = [{**r, "arm": f"{' '.join(args.pair)} "} for r in run_seeds(args, params, comp_dir, prefix, pair)]
+        prefix = pair_prefix(args.pair, args.pair_seed_offset)
+        pair_runs = [{**r, "arm": f"{' '.join(args.pair)}{pair_seed_label(args)} "}
+                     for r in run_seeds(args, params, comp_dir, prefix, pair, args.pair_seed_offset)]
         ens_runs = ensemble_seeds(args, params, comp_dir, runs, prefix)
     ssl_runs, ssl_meta = [], {}
     if args.ssl:
@@ -491,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| new_individual alone for every image | {new_share:.3f} | 0.000 | 1.000 | - | - | - | - |",
     ]
     if pair:
-        label = ", ".join(args.pair)
+        label = ", ".join(args.pair) + pair_seed_label(args)
         lines += [pipeline_row(f"pipeline with {label}", pair_runs),
                   paired_row(f"{label} minus the first arm, paired by seed", runs, pair_runs),
                   pipeline_row("stage 06: both arms' embeddings concatenated (one search)", ens_runs),

@@ -82,6 +82,7 @@ def test_pair_prefix_and_overrides():
     bench = _bench()
     assert bench.pair_prefix(["crop=auto"]) == "crop-auto-"
     assert bench.pair_prefix(["image_size=256", "detector_model=a/b"]) == "image_size-256-detector_model-a-b-"
+    assert bench.pair_prefix(["crop=none"], 100) == "crop-none-seed-100-"
     assert bench.overrides(["crop=auto", "image_size=256", "full_fit=true"]) == {
         "crop": "auto", "image_size": 256, "full_fit": True}
     assert bench.overrides(["05.backbone=resnet18"]) == {"05.backbone": "resnet18"}  # per stage, as the pipeline
@@ -94,15 +95,14 @@ def test_pair_prefix_and_overrides():
         bench.overrides(["09.epochs=1"])
 
 
-def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, capsys):
-    """``--pair crop=auto``: every seed again with the pair's overrides (its own experiment names), then stage 06
-    with ``embed_members`` = both arms of that seed; the table has both arms, the ensemble and the paired rows."""
+def _fake_pair_pipeline(tmp_path, monkeypatch, bench, score: dict) -> list:
+    """A 10-individual table and a fake ``pipeline.run`` scoring each arm by ``score[<exp minus tag and seed>]``
+    plus seed / 100; returns the list of (stages, params) calls it records."""
     from conftest import isolate_dirs
 
     from common.cli import pipeline
     from common.core import paths
 
-    bench = _bench()
     isolate_dirs(tmp_path, monkeypatch)
     rows = []
     for k in range(10):  # 10 individuals x 3 images: 2 new, half of the other 8 with one known test image
@@ -114,12 +114,12 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench, "list_images", lambda dataset: pd.DataFrame(rows, columns=["source", "image",
                                                                                           "individual_id"]))
     calls = []
-    score = {"s": 0.60, "crop-auto-s": 0.62, "ens-crop-auto-s": 0.66}
 
     def run(stages, params, log_output=True, **kwargs):
         calls.append((tuple(stages), params))
         arm = params["exp"].removeprefix("bench-openset-nyala-t-").rstrip("0123456789")
-        metrics = {"map5": score[arm] + params["seed"] / 100, "map5_known": 0.3, "map5_new": 0.9, "threshold": 0.5}
+        metrics = {"map5": score[arm] + params["seed"] % 100 / 100, "map5_known": 0.3, "map5_new": 0.9,
+                   "threshold": 0.5}
         if stages[0] == "01" and params["crop"] == "auto":  # what stage 01 writes for CAM crops
             folder = paths.stage_dir(params["exp"], "01")
             folder.mkdir(parents=True)
@@ -131,6 +131,15 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
         return metrics
 
     monkeypatch.setattr(pipeline, "run", run)
+    return calls
+
+
+def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, capsys):
+    """``--pair crop=auto``: every seed again with the pair's overrides (its own experiment names), then stage 06
+    with ``embed_members`` = both arms of that seed; the table has both arms, the ensemble and the paired rows."""
+    bench = _bench()
+    calls = _fake_pair_pipeline(tmp_path, monkeypatch, bench,
+                                {"s": 0.60, "crop-auto-s": 0.62, "ens-crop-auto-s": 0.66})
     bench.main(["--dataset", "nyala", "--seeds", "0,1", "--tag", "t", "--no-baseline", "-p", "crop=none",
                 "--pair", "crop=auto"])
     trained = [(p["exp"], p["crop"], p["seed"]) for s, p in calls if s == ("01", "02", "03", "04")]
@@ -149,6 +158,35 @@ def test_pair_runs_a_second_arm_and_stage_06_over_both(tmp_path, monkeypatch, ca
     assert "| crop=auto minus the first arm, paired by seed | 0.020 ± 0.000 |" in out
     assert "| stage 06: both arms' embeddings concatenated (one search) (2 seed(s): mean ± sd) | 0.665 ± 0.007 |" in out
     assert "| the ensemble minus the first arm, paired by seed | 0.060 ± 0.000 |" in out
+
+
+def test_pair_seed_offset_trains_the_second_arm_with_another_seed(tmp_path, monkeypatch, capsys):
+    """``--pair crop=none --pair-seed-offset 100``: the control arm trains with seed + 100 under its own names, is
+    still paired with (and ensembled with) the first arm's seed, and its rows say so."""
+    bench = _bench()
+    calls = _fake_pair_pipeline(tmp_path, monkeypatch, bench,
+                                {"s": 0.60, "crop-none-seed-100-s": 0.61, "ens-crop-none-seed-100-s": 0.64})
+    bench.main(["--dataset", "nyala", "--seeds", "0,1", "--tag", "t", "--no-baseline", "-p", "crop=none",
+                "--pair", "crop=none", "--pair-seed-offset", "100"])
+    trained = [(p["exp"], p["crop"], p["seed"]) for s, p in calls if s == ("01", "02", "03", "04")]
+    assert trained == [("bench-openset-nyala-t-s0", "none", 0), ("bench-openset-nyala-t-s1", "none", 1),
+                       ("bench-openset-nyala-t-crop-none-seed-100-s0", "none", 100),
+                       ("bench-openset-nyala-t-crop-none-seed-100-s1", "none", 101)]
+    ensembles = [(p["embed_members"], p["seed"]) for s, p in calls if s == ("06",)]
+    assert ensembles == [("bench-openset-nyala-t-s0,bench-openset-nyala-t-crop-none-seed-100-s0", 0),
+                         ("bench-openset-nyala-t-s1,bench-openset-nyala-t-crop-none-seed-100-s1", 1)]
+    out = capsys.readouterr().out
+    assert "| pipeline with crop=none (seed +100) (2 seed(s): mean ± sd) | 0.615 ± 0.007 |" in out
+    assert "| crop=none (seed +100) minus the first arm, paired by seed | 0.010 ± 0.000 |" in out
+    assert "| the ensemble minus the first arm, paired by seed | 0.040 ± 0.000 |" in out
+    assert "crop=none (seed +100) seed 1: OOF MAP@5" in out
+
+
+def test_a_pair_seed_offset_without_a_pair_fails_before_any_work(monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(bench, "list_images", lambda dataset: pytest.fail("the dataset was read"))
+    with pytest.raises(SystemExit, match="--pair-seed-offset: needs --pair"):
+        bench.main(["--dataset", "nyala", "--pair-seed-offset", "100"])
 
 
 def test_a_malformed_pair_fails_before_any_work(monkeypatch):
