@@ -32,7 +32,8 @@ and stage 06's retrieval ensemble of the two arms per seed (one search over thei
 mean of their cosine similarities, as the Happywhale winners combined full-body and crop models). For example
 ``-p crop=none --pair crop=auto``: full frames, CAM crops, and both together. The table then has both arms, the
 ensemble, and their differences from the first arm paired by seed.
-``--pair-seed-offset K`` trains the second arm with seed ``seed + K`` (still paired with the first arm's ``seed``):
+``--pair-seed-offset K`` trains the second arm with seed ``seed + K`` on the first arm's fold split (``fold_seed``
+``seed``; still paired with the first arm's ``seed``):
 ``-p crop=none --pair crop=none --pair-seed-offset 100`` is the control ensemble of two full-frame models, which
 says whether a crop arm's ensemble gain comes from the crops or from ensembling two models at all.
 
@@ -267,7 +268,8 @@ def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: st
     """Stages 01-04 once per ``--seeds`` seed (experiments ``<prefix>s<seed>``); each run's stage-04 metrics.
 
     Args:
-        seed_offset: trains with seed ``seed + seed_offset``; the run is still named and paired by ``seed``.
+        seed_offset: trains with seed ``seed + seed_offset`` and ``fold_seed`` ``seed`` (the fold split of the
+            first arm); the run is still named and paired by ``seed``.
     """
     from common.cli import pipeline
 
@@ -275,6 +277,8 @@ def run_seeds(args: argparse.Namespace, params: dict, comp_dir: Path, prefix: st
     for seed in parse_seeds(args.seeds):
         exp = exp_name(args, f"{prefix}s{seed}")
         run_params = {**params, **(extra or {}), "data": str(comp_dir), "exp": exp, "seed": seed + seed_offset}
+        if seed_offset:  # the first arm's fold split, so that stage 06 can concatenate the arms out of fold
+            run_params["fold_seed"] = seed
         t0 = time.perf_counter()
         metrics = pipeline.run(["01", "02", "03", "04"], run_params, log_output=False)
         if args.rescore:  # stage 04 again on the stored embeddings (after a change to stage 04 itself)

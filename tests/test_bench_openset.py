@@ -168,10 +168,10 @@ def test_pair_seed_offset_trains_the_second_arm_with_another_seed(tmp_path, monk
                                 {"s": 0.60, "crop-none-seed-100-s": 0.61, "ens-crop-none-seed-100-s": 0.64})
     bench.main(["--dataset", "nyala", "--seeds", "0,1", "--tag", "t", "--no-baseline", "-p", "crop=none",
                 "--pair", "crop=none", "--pair-seed-offset", "100"])
-    trained = [(p["exp"], p["crop"], p["seed"]) for s, p in calls if s == ("01", "02", "03", "04")]
-    assert trained == [("bench-openset-nyala-t-s0", "none", 0), ("bench-openset-nyala-t-s1", "none", 1),
-                       ("bench-openset-nyala-t-crop-none-seed-100-s0", "none", 100),
-                       ("bench-openset-nyala-t-crop-none-seed-100-s1", "none", 101)]
+    trained = [(p["exp"], p["crop"], p["seed"], p.get("fold_seed")) for s, p in calls if s == ("01", "02", "03", "04")]
+    assert trained == [("bench-openset-nyala-t-s0", "none", 0, None), ("bench-openset-nyala-t-s1", "none", 1, None),
+                       ("bench-openset-nyala-t-crop-none-seed-100-s0", "none", 100, 0),  # the first arm's split
+                       ("bench-openset-nyala-t-crop-none-seed-100-s1", "none", 101, 1)]
     ensembles = [(p["embed_members"], p["seed"]) for s, p in calls if s == ("06",)]
     assert ensembles == [("bench-openset-nyala-t-s0,bench-openset-nyala-t-crop-none-seed-100-s0", 0),
                          ("bench-openset-nyala-t-s1,bench-openset-nyala-t-crop-none-seed-100-s1", 1)]

@@ -266,9 +266,11 @@ def test_model_fields_are_the_old_hand_written_lists():
     from common.engine import classifier, embedder
 
     margin_form = ("margin_form", "margin_min", "margin_max")  # added after the hand-written lists (issue 12)
-    OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share", "freeze_blocks")  # both: issue 12
+    OLD_EMBEDDER = (*OLD_EMBEDDER_MODEL_FIELDS, *margin_form, "oof_new_share", "freeze_blocks",  # both: issue 12
+                    "fold_seed")  # one split across seeds (issue 12's control ensemble)
     OLD_CLASSIFIER = (*OLD_CLASSIFIER_MODEL_FIELDS, *margin_form, "aux_column", "aux_weight", "freeze_blocks",
-                      "partial_fc", "probe_init", "probe_l2", "ema_warmup")  # issue 14; LP-FT, EMA warm-up: issue 15
+                      "partial_fc", "probe_init", "probe_l2", "ema_warmup",  # issue 14; LP-FT, EMA warm-up: issue 15
+                      "fold_seed")
     for cls, old in ((EmbedderConfig, OLD_EMBEDDER), (ClassifierConfig, OLD_CLASSIFIER)):
         got = cls.model_fields()
         assert len(got) == len(set(got)) and set(got) == set(old), (cls.__name__, set(got) ^ set(old))

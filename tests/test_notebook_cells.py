@@ -39,8 +39,8 @@ def test_cell_of_stage_03_known_answer():
     cell = gen.parameters_cell(ExtractConfig).splitlines()
     params = [ln for ln in cell if ln and not ln.startswith("#")]
     assert [ln.split(":")[0] for ln in params] == ["params_file", "data", "exp", "seed", "device", "num_workers",
-                                                    "force", "bad_images", "n_folds", "folds", "full_fit", "batch_size",
-                                                    "tta_flip",
+                                                    "force", "bad_images", "n_folds", "folds", "fold_seed", "full_fit",
+                                                    "batch_size", "tta_flip",
                                                     "inference_only"]
     assert 'batch_size: int = 64  # images per forward pass.' in params
     assert "folds: str = \"0\"  # which folds to run: all or a comma list such as 0 or 0,2." in params

@@ -109,6 +109,23 @@ def test_prepare_folds_max_images_caps(comp):
         train_embedder.prepare_folds(tiny_cfg(comp, max_images=2, n_folds=3), comp)
 
 
+def test_fold_seed_keeps_one_split_across_training_seeds(comp):
+    """Models of other seeds share a split when they share ``fold_seed`` (stage 06 needs one split to ensemble
+    them out of fold); at its default -1 the split follows ``seed``, as before the parameter existed."""
+    def split(**kw):
+        cfg = tiny_cfg(comp, n_folds=3, oof_new_share=0.3, max_images=15, **kw)
+        return train_embedder.prepare_folds(cfg, comp)[["image", "fold", "new_fold"]].reset_index(drop=True)
+
+    by_seed = {s: split(seed=s) for s in range(4)}
+    assert any(not by_seed[0].equals(by_seed[s]) for s in (1, 2, 3))  # the split does follow the seed
+    for s in (1, 2, 3):  # fold_seed 0 reproduces seed 0's images, folds and new individuals, whatever the seed
+        pd.testing.assert_frame_equal(split(seed=s, fold_seed=0), by_seed[0])
+    pd.testing.assert_frame_equal(split(seed=2, fold_seed=-1), by_seed[2])
+    assert tiny_cfg(comp, seed=5).split_seed() == 5 and tiny_cfg(comp, seed=5, fold_seed=3).split_seed() == 3
+    with pytest.raises(ValueError, match="fold_seed=-2: must be >= -1"):
+        tiny_cfg(comp, fold_seed=-2)
+
+
 def test_read_folds_names_the_missing_file():
     with pytest.raises(FileNotFoundError, match=r"02_embedder.folds\.csv not found"):
         artefacts.read_folds("nothing")

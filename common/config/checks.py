@@ -48,6 +48,7 @@ RULES: dict[str, Range] = {
     # every stage
     "num_workers": Range(-1),
     "seed": NON_NEGATIVE,
+    "fold_seed": Range(-1),
     # folds
     "n_folds": Range(2),
     # 01 detector and crops

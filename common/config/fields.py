@@ -23,12 +23,19 @@ class FoldConfig(StageConfig):
 
     n_folds: int = param(5, "number of folds, stratified by individual (stage 05: by class).", model=True)
     folds: str = param("0", "which folds to run: all or a comma list such as 0 or 0,2.")
+    fold_seed: int = param(-1, "seed of the fold split, of the individuals each fold treats as new and of the "
+                           "max_images draw (-1: seed). Give models trained with other seeds one fold_seed, so that "
+                           "stage 06 can ensemble their out-of-fold outputs (it needs one split).", model=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_folds < 2:
             raise ValueError(f"n_folds must be >= 2 (got {self.n_folds}): fold k is validation for model k")
         self.fold_list()  # validates `folds`
+
+    def split_seed(self) -> int:
+        """The seed of the fold split: ``fold_seed``, or ``seed`` when it is -1."""
+        return self.seed if self.fold_seed < 0 else self.fold_seed
 
     def fold_list(self) -> list[int]:
         """The folds to run, as integers."""

@@ -88,17 +88,18 @@ def fold_split(cfg: EmbedderConfig | ClassifierConfig, comp: Competition, folds:
 
 def assign_folds(table: pd.DataFrame, label_column: str, cfg: EmbedderConfig | ClassifierConfig) -> pd.DataFrame:
     """``table`` with a ``fold`` column stratified by ``label_column`` and a fresh index: the fold table of stages
-    02 and 05. Capped first at ``cfg.max_images`` rows (drawn with ``cfg.seed``, kept in file order); checks that
+    02 and 05. Capped first at ``cfg.max_images`` rows (drawn with ``cfg.split_seed()``, kept in file order); checks that
     every requested fold has training and validation images, before any training starts.
 
     Args:
         table: one row per training image.
         label_column: the column the folds are stratified by (``individual_id``, ``label``).
-        cfg: ``max_images``, ``seed``, ``n_folds`` and the requested folds.
+        cfg: ``max_images``, ``seed`` / ``fold_seed``, ``n_folds`` and the requested folds.
     """
+    seed = cfg.split_seed()
     if cfg.max_images and len(table) > cfg.max_images:
-        table = table.sample(n=cfg.max_images, random_state=cfg.seed).sort_index()
-    table = table.assign(fold=make_folds(table[label_column], cfg.n_folds, cfg.seed)).reset_index(drop=True)
+        table = table.sample(n=cfg.max_images, random_state=seed).sort_index()
+    table = table.assign(fold=make_folds(table[label_column], cfg.n_folds, seed)).reset_index(drop=True)
     for k in cfg.fold_list():
         split_fold(table, table["fold"].to_numpy(), k)
     return table

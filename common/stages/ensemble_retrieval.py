@@ -95,7 +95,8 @@ def shared_split(names: list[str]) -> pd.DataFrame:
         other = read_folds(n)
         if not ref[["image", "fold"]].equals(other[["image", "fold"]]):
             raise ValueError(f"embed member {n!r}: {paths.stage_dir(n, '02') / 'folds.csv'} splits the images "
-                             f"otherwise than {names[0]!r}; concatenated out-of-fold embeddings need one split")
+                             f"otherwise than {names[0]!r}; concatenated out-of-fold embeddings need one split "
+                             "(train the members with one fold_seed)")
     return ref
 
 

@@ -26,7 +26,7 @@ def prepare_folds(cfg: EmbedderConfig, comp: Competition) -> pd.DataFrame:
     """
     table = assign_folds(comp.train[["image", "individual_id", "species"]], "individual_id", cfg)
     table["new_fold"] = choose_new_individuals(table["individual_id"], table["fold"].to_numpy(), cfg.oof_new_share,
-                                               cfg.seed)
+                                               cfg.split_seed())
     for k in cfg.fold_list():
         fit, _ = split_fold(table, table["fold"].to_numpy(), k)
         if fit[fit["new_fold"] != k].empty:
