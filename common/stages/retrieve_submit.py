@@ -105,7 +105,7 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
     individuals hidden from the gallery (:func:`hide_individuals`). Shared by stages 04 and 06.
 
     Args:
-        cfg: a config with ``oof_new_share``, ``seed``, ``knn_k`` and ``new_label``.
+        cfg: a config with ``oof_new_share``, ``seed`` (and ``fold_seed`` in stage 04), ``knn_k`` and ``new_label``.
         emb: embeddings of every training image, rows in ``images`` order.
         images: the training image ids of ``emb``'s rows.
         table: the fold table (``image, individual_id, fold``).
@@ -122,8 +122,8 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
         # stage 02 left these out of the fold's training: strangers to its model
         hidden = set(table.loc[table["new_fold"] == fold, "individual_id"].astype(str))
     else:  # every individual was trained on (stage 02's oof_new_share=0, or an older fold table): hide some here
-        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share,
-                                  cfg.split_seed() + fold)
+        seed = cfg.split_seed() if hasattr(cfg, "split_seed") else cfg.seed  # stage 06 has no fold_seed
+        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, seed + fold)
     if getattr(cfg, "oof_gallery", "fold") == "all":  # every other training image, the query itself left out
         gallery = table[~table["individual_id"].isin(hidden)]
         scores, idx = leave_self_out(emb[row[gallery["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],
