@@ -99,6 +99,10 @@ class StageConfig:
             values.update(_params.for_stage(cls.stage, _params.load_params(params_file), names))
         return cls(**values)
 
+    def split_seed(self) -> int:
+        """The seed of the stage's data splits: ``seed`` (the per-fold stages can set it apart: ``fold_seed``)."""
+        return self.seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

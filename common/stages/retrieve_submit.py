@@ -122,8 +122,8 @@ def fold_oof_scores(cfg: RetrievalConfig | EnsembleConfig, emb: np.ndarray, imag
         # stage 02 left these out of the fold's training: strangers to its model
         hidden = set(table.loc[table["new_fold"] == fold, "individual_id"].astype(str))
     else:  # every individual was trained on (stage 02's oof_new_share=0, or an older fold table): hide some here
-        seed = cfg.split_seed() if hasattr(cfg, "split_seed") else cfg.seed  # stage 06 has no fold_seed
-        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share, seed + fold)
+        hidden = hide_individuals(valid["individual_id"], fit["individual_id"], cfg.oof_new_share,
+                                  cfg.split_seed() + fold)
     if getattr(cfg, "oof_gallery", "fold") == "all":  # every other training image, the query itself left out
         gallery = table[~table["individual_id"].isin(hidden)]
         scores, idx = leave_self_out(emb[row[gallery["image"]].to_numpy()], emb[row[valid["image"]].to_numpy()],

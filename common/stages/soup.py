@@ -98,7 +98,7 @@ def run_soup(cfg: EnsembleConfig, comp: Competition, out: Path) -> dict[str, Any
         other = pd.read_csv(classifier_dir(n) / "folds.csv", dtype={"image": str, "label": str})
         if not split[["image", "fold"]].equals(other[["image", "fold"]]):
             raise ValueError(f"soup ingredient {n!r}: {classifier_dir(n) / 'folds.csv'} splits the images "
-                             f"otherwise than {names[0]!r}")
+                             f"otherwise than {names[0]!r} (train the ingredients with one fold_seed)")
     class_index = {c: i for i, c in enumerate(classes)}
     first = classifier_dir(names[0]) / "metrics.json"  # the layout of the ingredients' own arrays
     k_top = int(store.read_json(first).get("prob_topk", 0)) if first.exists() else 0
