@@ -26,7 +26,9 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.grocery --record
 
 ``--probes tf_efficientnet_lite2:288 ...`` adds linear probes (stage 05, ``probe_init``, no fine-tuning) at their own
-input sizes and stage 06's ensemble of them. ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
+input sizes, stage 06's ensemble of them and stage 06's ensemble of every model of the table (trick rows' seed-42
+models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientnet_lite2:260`` fine-tunes the other
+backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -205,36 +207,62 @@ def weighted_ensemble(key: str, label: str, exp: str, members: list[str], data: 
     return summarise(key, label, [{**ens["test"], "exp": exp, "train_s": 0.0}])
 
 
-def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]) -> list[dict]:
-    """Plain Lite1 and Lite2 (seed 42), stage 06's weighted ensemble of Lite0/1/2, and the greedy soup."""
+def backbone_spec(spec: str) -> tuple[str, dict]:
+    """``BACKBONE[:PX]`` -> the backbone and its overrides of the base (``image_size`` when given)."""
+    backbone, _, size = spec.partition(":")
+    if not backbone or (size and not size.isdigit()):
+        raise SystemExit(f"{spec!r}: expected BACKBONE or BACKBONE:PX, e.g. tf_efficientnet_lite2:260")
+    return backbone, {"backbone": backbone, **({"image_size": int(size)} if size else {})}
+
+
+def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]],
+                  probes: list[str] = ()) -> list[dict]:
+    """Plain fine-tuning of each ``--lites`` backbone (seed 42; Lite1 and Lite2 at the base's size by default),
+    stage 06's weighted ensemble of them with the plain Lite0 base, the greedy soup of the Lite0 rows, and, with
+    ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's seed-42 model,
+    the ``--lites`` models and the probes."""
     from common.config import EnsembleConfig
 
     rows, members = [], [exps["plain"][0]]
-    for backbone in LITES:
-        cfg = make_config(f"plain-{backbone[-5:]}", base, data, {"backbone": backbone})
-        print(f"plain {backbone}: {cfg.exp}", flush=True)
-        rows.append(summarise(f"plain-{backbone}", f"plain fine-tuning, {backbone} (seed 42)", [train(cfg, comp)]))
+    for spec in args.lites:
+        backbone, over = backbone_spec(spec)
+        size = over.get("image_size", base["image_size"])
+        key = f"plain-{backbone[-5:]}" + (f"-{size}" if "image_size" in over else "")
+        cfg = make_config(key, base, data, over)
+        print(f"plain {backbone} at {size} px: {cfg.exp}", flush=True)
+        rows.append(summarise(f"plain-{backbone}-{size}", f"plain fine-tuning, {backbone} at {size} px (seed 42)",
+                              [train(cfg, comp)]))
         members.append(cfg.exp)
-    rows.append(weighted_ensemble("ensemble", "stage 06: Lite0+1+2, weights (OOF acc / min) ** 25",
-                                  "bench-grocery-ensemble", members, data, comp))
+    names = "+".join(["Lite0", *(backbone_spec(s)[0].removeprefix("tf_efficientnet_").capitalize()
+                                 for s in args.lites)])
+    if len(members) > 1:
+        rows.append(weighted_ensemble("ensemble", f"stage 06: {names}, weights (OOF acc / min) ** 25",
+                                      "bench-grocery-ensemble", members, data, comp))
     souped = [e[0] for k, e in exps.items() if k not in ("aux", "flip")]  # aux adds a head: not soupable
     if len(souped) > 1:
         soup = ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
                                        soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
         rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed 42)",
                               [{**soup["soup"]["test"], "exp": "bench-grocery-soup", "train_s": 0.0}]))
+    if probes:
+        every = [e[0] for k, e in exps.items() if k != "flip"] + members[1:] + list(probes)
+        rows.append(weighted_ensemble(
+            "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed 42), weights "
+            "(OOF acc / min) ** 25", "bench-grocery-ensemble-all", every, data, comp))
     return rows
 
 
-def probe_rows(args, base: dict, data: Path, comp) -> list[dict]:
+def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str]]:
     """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, seed 42's fold 0),
     then stage 06's accuracy-power-weighted ensemble of them: the frozen backbones at larger sizes than fine-tuning
-    affords on two cores."""
+    affords on two cores. Also the probes' experiments (members of the ensemble of every model)."""
     rows, members = [], []
     for spec in args.probes:
-        backbone, _, size = spec.partition(":")
-        cfg = make_config(f"probe-{backbone}-{size}", base, data, {
-            "backbone": backbone, "image_size": int(size), "probe_init": True, "epochs": 0})
+        backbone, over = backbone_spec(spec)
+        if "image_size" not in over:
+            raise SystemExit(f"--probes {spec!r}: give the probe's input size, e.g. {backbone}:224")
+        size = over["image_size"]
+        cfg = make_config(f"probe-{backbone}-{size}", base, data, {**over, "probe_init": True, "epochs": 0})
         print(f"linear probe {backbone} at {size} px: {cfg.exp}", flush=True)
         rows.append(summarise(f"probe-{backbone}-{size}", f"linear probe only, {backbone} at {size} px (seed 42)",
                               [train(cfg, comp)]))
@@ -243,7 +271,7 @@ def probe_rows(args, base: dict, data: Path, comp) -> list[dict]:
         rows.append(weighted_ensemble("probe-ensemble",
                                       f"stage 06: the {len(members)} probes, weights (OOF acc / min) ** 25",
                                       "bench-grocery-probe-ensemble", members, data, comp))
-    return rows
+    return rows, members
 
 
 def noise_rows(args, base: dict, work: Path) -> list[dict]:
@@ -314,7 +342,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
     ap.add_argument("--seeds", default="42,1", help="seeds of every trained trick row (the first is the base's)")
     ap.add_argument("--only", default="", metavar="K1,K2", help=f"trick rows: {[v.key for v in VARIANTS]}")
-    ap.add_argument("--no-ensemble", action="store_true", help="skip Lite1/Lite2, the ensemble and the soup")
+    ap.add_argument("--no-ensemble", action="store_true", help="skip the --lites rows, the ensembles and the soup")
+    ap.add_argument("--lites", nargs="*", default=list(LITES), metavar="BACKBONE[:PX]",
+                    help="backbones fine-tuned like the plain base (at their own size when given) and ensembled "
+                         "with it by stage 06, e.g. tf_efficientnet_lite2:260 (default: Lite1 and Lite2 at the "
+                         "base's size)")
     ap.add_argument("--no-noise", action="store_true", help="skip the label-noise rows")
     ap.add_argument("--probes", nargs="*", default=[], metavar="BACKBONE:PX",
                     help="add linear-probe rows at their own sizes and stage 06's ensemble of them, e.g. "
@@ -354,10 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows, exps = trick_rows(args, base, data, comp)
     if args.ssl:
         rows += ssl_rows(args, base, data, comp, rows[0])
-    if not args.no_ensemble:
-        rows += ensemble_rows(args, base, data, comp, exps)
+    probes: list[str] = []
     if args.probes:
-        rows += probe_rows(args, base, data, comp)
+        probe_table, probes = probe_rows(args, base, data, comp)
+        rows += probe_table
+    if not args.no_ensemble:
+        rows += ensemble_rows(args, base, data, comp, exps, probes)
     if not args.no_noise:
         rows += noise_rows(args, base, work)
     total = time.perf_counter() - t_start

@@ -66,7 +66,8 @@ def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated,
     base = {**grocery.BASE, "backbone": "mobilenetv3_small_050", "pretrained": "none", "n_folds": 2,
             "batch_size": 4, "use_crops": False, "amp": False}
     args = argparse.Namespace(probes=["mobilenetv3_small_050:32", "mobilenetv3_small_050:48"])
-    rows = grocery.probe_rows(args, base, comp.root, comp)
+    rows, members = grocery.probe_rows(args, base, comp.root, comp)
+    assert members == [r["runs"][0]["exp"] for r in rows[:2]]
     assert [r["key"] for r in rows] == ["probe-mobilenetv3_small_050-32", "probe-mobilenetv3_small_050-48",
                                         "probe-ensemble"]
     exps = [r["runs"][0]["exp"] for r in rows[:2]]
@@ -84,7 +85,7 @@ def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated,
         raise AssertionError("stage 06 recomputed although nothing changed")
 
     monkeypatch.setattr(ensemble_postprocess, "run_ensemble", refuse)
-    again = grocery.probe_rows(args, base, comp.root, comp)
+    again, _ = grocery.probe_rows(args, base, comp.root, comp)
     assert again[-1]["accuracy"] == rows[-1]["accuracy"]
     from common.config import EnsembleConfig
 
@@ -92,3 +93,34 @@ def test_probe_rows_fit_each_probe_at_its_size_and_ensemble_them(comp, isolated,
                              weight_factor=5.0, device="cpu")  # another weight: stage 06 must run again
     with pytest.raises(AssertionError, match="recomputed"):
         grocery.ensemble(changed, comp)
+
+
+def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(comp, isolated, one_torch_thread):
+    import argparse
+
+    from bench import grocery
+    from common.core import store
+    from common.engine.classifier import fold_dir
+
+    base = {**grocery.BASE, "backbone": "mobilenetv3_small_050", "pretrained": "none", "n_folds": 2, "epochs": 1,
+            "freeze_blocks": 0, "image_size": 32, "batch_size": 4, "use_crops": False, "amp": False}
+    plain = grocery.make_config("plain", base, comp.root, {})
+    grocery.train(plain, comp)
+    probe_args = argparse.Namespace(probes=["mobilenetv3_small_050:40"])
+    _, probes = grocery.probe_rows(probe_args, base, comp.root, comp)
+    args = argparse.Namespace(lites=["mobilenetv3_small_050:48", "mobilenetv3_small_075"])
+    rows = grocery.ensemble_rows(args, base, comp.root, comp, {"plain": [plain.exp]}, probes)
+    assert [r["key"] for r in rows] == ["plain-mobilenetv3_small_050-48", "plain-mobilenetv3_small_075-32",
+                                        "ensemble", "ensemble-all"]
+    lite_exps = [r["runs"][0]["exp"] for r in rows[:2]]
+    sizes = [store.read_json(fold_dir(e, 0) / "config.json")["config"]["image_size"] for e in lite_exps]
+    assert sizes == [48, 32]  # its own size when given, else the base's
+    ens = store.read_json(isolated / "working" / "bench-grocery-ensemble" / "06_ensemble" / "metrics.json")
+    every = store.read_json(isolated / "working" / "bench-grocery-ensemble-all" / "06_ensemble" / "metrics.json")
+    assert sorted(ens["weights"]) == sorted([plain.exp, *lite_exps])
+    assert sorted(every["weights"]) == sorted([plain.exp, *lite_exps, *probes])  # no member twice
+    assert rows[-1]["label"].startswith("stage 06: all 4 models")
+    with pytest.raises(SystemExit, match="BACKBONE:PX"):
+        grocery.backbone_spec("tf_efficientnet_lite2:big")
+    with pytest.raises(SystemExit, match="input size"):
+        grocery.probe_rows(argparse.Namespace(probes=["mobilenetv3_small_050"]), base, comp.root, comp)
