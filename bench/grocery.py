@@ -29,6 +29,8 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
 input sizes, stage 06's ensemble of them and stage 06's ensemble of every model of the table (trick rows' seed-42
 models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientnet_lite2:260`` fine-tunes the other
 backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
+``--pseudo 0.9`` adds one pseudo-label round on the val images from the widest ensemble, and the ``--pseudo-row``
+row retrained with them.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -216,11 +218,12 @@ def backbone_spec(spec: str) -> tuple[str, dict]:
 
 
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]],
-                  probes: list[str] = ()) -> list[dict]:
+                  probes: list[str] = ()) -> tuple[list[dict], list[str]]:
     """Plain fine-tuning of each ``--lites`` backbone (seed 42; Lite1 and Lite2 at the base's size by default),
     stage 06's weighted ensemble of them with the plain Lite0 base, the greedy soup of the Lite0 rows, and, with
     ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's seed-42 model,
-    the ``--lites`` models and the probes."""
+    the ``--lites`` models and the probes. Also the members of the widest of these ensembles (the pseudo-labels'
+    source)."""
     from common.config import EnsembleConfig
 
     rows, members = [], [exps["plain"][0]]
@@ -244,12 +247,40 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
                                        soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
         rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed 42)",
                               [{**soup["soup"]["test"], "exp": "bench-grocery-soup", "train_s": 0.0}]))
-    if probes:
-        every = [e[0] for k, e in exps.items() if k != "flip"] + members[1:] + list(probes)
-        rows.append(weighted_ensemble(
-            "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed 42), weights "
-            "(OOF acc / min) ** 25", "bench-grocery-ensemble-all", every, data, comp))
-    return rows
+    if not probes:
+        return rows, members
+    every = [e[0] for k, e in exps.items() if k != "flip"] + members[1:] + list(probes)
+    rows.append(weighted_ensemble(
+        "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed 42), weights "
+        "(OOF acc / min) ** 25", "bench-grocery-ensemble-all", every, data, comp))
+    return rows, every
+
+
+def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
+    """One pseudo-label round: stage 06 keeps the val images whose accuracy-weighted ensemble of ``sources`` gives
+    a top probability of at least ``--pseudo``, then the ``--pseudo-row`` trick row (seed 42) retrains on the
+    training images plus those, and is scored on the same val split (transductive, as a competition round is).
+    The row says how many images were kept and how many of their pseudo-labels are right."""
+    from common.config import EnsembleConfig
+    from common.data.competition import load_competition
+    from common.stages.ensemble_postprocess import stage_dir
+
+    cfg06 = EnsembleConfig(data=str(data), exp="bench-grocery-pseudo", members=",".join(sources),
+                           weight_factor=25.0, pseudo_threshold=args.pseudo, device="cpu")
+    info = ensemble(cfg06, comp)["pseudo"]
+    kept = pd.read_csv(stage_dir(cfg06.exp) / "pseudo_round1.csv", dtype=str, keep_default_na=False)
+    source = kept["image"] if "test_image" not in kept else kept["test_image"].where(kept["test_image"] != "",
+                                                                                      kept["image"])
+    truth = comp.truth.set_index("image")["individual_id"].reindex(source).to_numpy()
+    right = float(np.mean(kept["individual_id"].to_numpy() == truth)) if len(kept) else float("nan")
+    folder = Path(info["folder"])
+    variant = next(v for v in VARIANTS if v.key == args.pseudo_row)
+    cfg = make_config(f"pseudo-{variant.key}", base, folder, variant.overrides)
+    print(f"{variant.label} + pseudo-labels ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
+    run = train(cfg, load_competition(folder, check_pixels=False))
+    return [summarise(f"pseudo-{variant.key}", f"{variant.label} + one pseudo-label round ({len(kept)} of "
+                      f"{len(comp.test)} val images at p >= {args.pseudo:g} from the ensemble of {len(sources)}, "
+                      f"{right:.1%} of them right; transductive)", [run])]
 
 
 def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str]]:
@@ -351,6 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--probes", nargs="*", default=[], metavar="BACKBONE:PX",
                     help="add linear-probe rows at their own sizes and stage 06's ensemble of them, e.g. "
                          "tf_efficientnet_lite2:288 mobilenetv2_100:224")
+    ap.add_argument("--pseudo", type=float, default=0.0, metavar="P",
+                    help="one pseudo-label round: val images whose widest stage-06 ensemble says p >= P join the "
+                         "training images of a retrained --pseudo-row (0: off; needs the ensemble)")
+    ap.add_argument("--pseudo-row", default="plain", metavar="KEY", help="the trick row retrained with the "
+                    "pseudo-labels (seed 42)")
     ap.add_argument("--ssl", action="store_true", help="add the stage-00 row (self-supervised, then plain)")
     ap.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"), help="stage 00's method")
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs")
@@ -370,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
     from common.config import ClassifierConfig, parse_cli_value
     from common.data.competition import load_competition
 
+    trained = [v.key for v in VARIANTS if v.source == "train"]
+    if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1 or args.pseudo_row not in trained):
+        raise SystemExit(f"--pseudo {args.pseudo:g} --pseudo-row {args.pseudo_row}: needs the ensemble (no "
+                         f"--no-ensemble), 0 < P <= 1 and a trained row of {trained}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, load = time.perf_counter(), os.getloadavg()[0]
@@ -391,7 +431,10 @@ def main(argv: list[str] | None = None) -> dict:
         probe_table, probes = probe_rows(args, base, data, comp)
         rows += probe_table
     if not args.no_ensemble:
-        rows += ensemble_rows(args, base, data, comp, exps, probes)
+        ensemble_table, sources = ensemble_rows(args, base, data, comp, exps, probes)
+        rows += ensemble_table
+        if args.pseudo:
+            rows += pseudo_rows(args, base, data, comp, sources)
     if not args.no_noise:
         rows += noise_rows(args, base, work)
     total = time.perf_counter() - t_start

@@ -109,7 +109,7 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     probe_args = argparse.Namespace(probes=["mobilenetv3_small_050:40"])
     _, probes = grocery.probe_rows(probe_args, base, comp.root, comp)
     args = argparse.Namespace(lites=["mobilenetv3_small_050:48", "mobilenetv3_small_075"])
-    rows = grocery.ensemble_rows(args, base, comp.root, comp, {"plain": [plain.exp]}, probes)
+    rows, every_exp = grocery.ensemble_rows(args, base, comp.root, comp, {"plain": [plain.exp]}, probes)
     assert [r["key"] for r in rows] == ["plain-mobilenetv3_small_050-48", "plain-mobilenetv3_small_075-32",
                                         "ensemble", "ensemble-all"]
     lite_exps = [r["runs"][0]["exp"] for r in rows[:2]]
@@ -119,7 +119,22 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     every = store.read_json(isolated / "working" / "bench-grocery-ensemble-all" / "06_ensemble" / "metrics.json")
     assert sorted(ens["weights"]) == sorted([plain.exp, *lite_exps])
     assert sorted(every["weights"]) == sorted([plain.exp, *lite_exps, *probes])  # no member twice
-    assert rows[-1]["label"].startswith("stage 06: all 4 models")
+    assert rows[-1]["label"].startswith("stage 06: all 4 models") and sorted(every_exp) == sorted(every["weights"])
+
+    # one pseudo-label round from that widest ensemble; the retrained row is scored on the same test images
+    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_row="ema")
+    (row,) = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
+    out = isolated / "working" / "bench-grocery-pseudo" / "06_ensemble"
+    kept = pd.read_csv(out / "pseudo_round1.csv", dtype=str, keep_default_na=False)
+    assert len(kept) == len(comp.test)  # p >= 0.01 keeps every image of a few classes
+    truth = comp.truth.set_index("image")["individual_id"]
+    right = (kept["individual_id"] == kept["image"].map(truth)).mean()
+    assert f"({len(kept)} of {len(comp.test)} val images at p >= 0.01 from the ensemble of 4, {right:.1%}" in row["label"]
+    exp = row["runs"][0]["exp"]
+    meta = store.read_json(fold_dir(exp, 0) / "config.json")["config"]
+    assert meta["data"] == str(out / "pseudo_round1") and meta["ema_decay"] == 0.995  # the chosen trick row
+    with pytest.raises(SystemExit, match="needs the ensemble"):
+        grocery.main(["--pseudo", "0.9", "--no-ensemble"])
     with pytest.raises(SystemExit, match="BACKBONE:PX"):
         grocery.backbone_spec("tf_efficientnet_lite2:big")
     with pytest.raises(SystemExit, match="input size"):

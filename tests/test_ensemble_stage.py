@@ -7,8 +7,10 @@ same seed so same folds and same initial weights, different learning rates and e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -393,3 +395,51 @@ def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(t
     clash = pd.DataFrame({"image": ["a.jpg"], "species": ["s"], "individual_id": ["x"], "round": [1]})
     with pytest.raises(ValueError, match=r"'a.jpg' is in the new train.csv twice \(row 3\)"):
         ensemble_stage.write_competition(comp, pd.concat([train.assign(round=0), clash]), tmp_path / "bad")
+
+
+def test_pseudo_labels_of_test_images_named_like_training_images_get_their_own_name(tmp_path):
+    # Grocery's val images reuse the training file names: stage 06 refused every such pseudo-label ("already a
+    # training image"). The clashing row is renamed pseudo<round>_<name> and linked to its test file.
+    from PIL import Image
+
+    root = tmp_path / "comp"
+    for sub, names, colour in (("train_images", ["a.jpg", "b.jpg"], "red"), ("test_images", ["a.jpg", "c.jpg"], "blue")):
+        (root / sub).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (16, 16), colour).save(root / sub / name)
+    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "species": ["s", "s"], "individual_id": ["x", "y"]}).to_csv(
+        root / "train.csv", index=False)
+    pd.DataFrame({"image": ["a.jpg", "c.jpg"], "predictions": ["x", "x"]}).to_csv(
+        root / "sample_submission.csv", index=False)
+    with pytest.warns(UserWarning, match="also in train.csv"):
+        comp = load_competition(root, check_pixels=False)
+    cfg = EnsembleConfig(data=str(root), exp="pn", members="m", pseudo_threshold=0.6)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])  # a.jpg -> x, c.jpg -> y
+    info = ensemble_stage.write_pseudo_labels(cfg, comp, probs, ["x", "y"], "individual_id", tmp_path / "out")
+    assert info["kept"] == 2
+    folder = Path(info["folder"])
+    train = pd.read_csv(folder / "train.csv", dtype=str, keep_default_na=False)
+    assert train["image"].tolist() == ["a.jpg", "b.jpg", "pseudo1_a.jpg", "c.jpg"]
+    assert train["test_image"].tolist() == ["", "", "a.jpg", ""]
+    assert train["individual_id"].tolist() == ["x", "y", "x", "y"]
+
+    def colour(path):
+        with Image.open(path) as im:
+            return ("red", "green", "blue")[int(np.argmax(im.convert("RGB").getpixel((0, 0))))]
+
+    assert colour(folder / "train_images" / "a.jpg") == "red"
+    assert colour(folder / "train_images" / "pseudo1_a.jpg") == "blue"  # the test photo, not the training one
+    assert colour(folder / "train_images" / "c.jpg") == "blue"
+    kept = pd.read_csv(tmp_path / "out" / "pseudo_round1.csv", dtype=str, keep_default_na=False)
+    assert kept["test_image"].tolist() == ["a.jpg", ""]
+    # a second round, from the round-1 folder: its own names again, no clash with round 1's rows
+    comp1 = load_competition(folder, check_pixels=False)
+    cfg2 = dataclasses.replace(cfg, data=str(folder), pseudo_round=2)
+    info2 = ensemble_stage.write_pseudo_labels(cfg2, comp1, probs, ["x", "y"], "individual_id", tmp_path / "out2")
+    train2 = pd.read_csv(Path(info2["folder"]) / "train.csv", dtype=str, keep_default_na=False)
+    assert train2["image"].tolist() == ["a.jpg", "b.jpg", "pseudo2_a.jpg", "c.jpg"]
+    assert colour(Path(info2["folder"]) / "train_images" / "pseudo2_a.jpg") == "blue"
+    # a new name that is itself a training image's name is refused, naming the test image
+    taken = pd.DataFrame({"image": ["a.jpg", "pseudo1_a.jpg"], "individual_id": ["x", "y"]})
+    with pytest.raises(ValueError, match="test image 'a.jpg' has a training image's name, and so has its new"):
+        ensemble_stage.pseudo_names(pd.DataFrame({"image": ["a.jpg"], "individual_id": ["x"]}), taken, 1)

@@ -92,8 +92,9 @@ def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.P
     ``train_images/`` and ``test_images/`` hold symbolic links to the original files (copies where links
     cannot be made); ``sample_submission.csv`` and ``test.csv`` are copied and ``boxes.csv`` is filtered to the
     folder's images when ``comp`` has them. A ``train`` row may be a test image (a pseudo-label, ``round`` > 0): its
-    file comes from the test images. A training image and a test image may share a name (their files differ): each
-    link points to the file of its own split.
+    file comes from the test images, the one named in its ``test_image`` column when the table has one (a
+    pseudo-label renamed by :func:`pseudo_names` because a training image has its name). A training image and a
+    test image may share a name (their files differ): each link points to the file of its own split.
 
     Args:
         comp: the competition the rows come from.
@@ -115,10 +116,12 @@ def write_competition(comp: Competition, train: pd.DataFrame, folder: str | os.P
     train_files = dict(zip(comp.train["image"], comp.train["path"], strict=True))
     test_files = dict(zip(comp.test["image"], comp.test["path"], strict=True))
     pseudo = row_rounds(train) > 0
+    sources = (train["test_image"].fillna("").astype(str) if "test_image" in train.columns
+               else pd.Series("", index=train.index))
     files = []
-    for image, is_pseudo in zip(images, pseudo, strict=True):
+    for image, is_pseudo, source in zip(images, pseudo, sources, strict=True):
         first, second = (test_files, train_files) if is_pseudo else (train_files, test_files)
-        path = first.get(image, second.get(image))
+        path = test_files.get(source) if is_pseudo and source else first.get(image, second.get(image))
         if path is None:
             raise ValueError(f"write_competition: image {image!r} is neither a training nor a test image of "
                              f"{comp.root}")
@@ -361,6 +364,30 @@ def classifier_ensemble(cfg: EnsembleConfig, comp: Competition, members: list[Me
     return {**ens, "metrics": res}
 
 
+def pseudo_names(kept: pd.DataFrame, train: pd.DataFrame, round_no: int) -> pd.DataFrame:
+    """Rename the kept test images whose name a training image already has (the Grocery Store Dataset's official
+    splits reuse file names: ``train/Golden-Delicious_001.jpg`` is another photo than ``val/...``): such a row
+    becomes ``pseudo<round>_<name>``, with the test image it came from in a ``test_image`` column (empty for the
+    others), so that :func:`write_competition` links the test file. Unclashing names are kept as they are.
+
+    Raises:
+        ValueError: naming the test image when its new name is a training image's name too.
+    """
+    names = set(train["image"].astype(str))
+    clash = kept["image"].astype(str).isin(names)
+    if not clash.any():
+        return kept
+    out = kept.copy()
+    out.insert(1, "test_image", np.where(clash, out["image"].astype(str), ""))
+    out.loc[clash, "image"] = [f"pseudo{int(round_no)}_{name}" for name in out.loc[clash, "image"].astype(str)]
+    again = out.loc[clash, "image"].isin(names)
+    if again.any():
+        first = out.loc[clash].loc[again, "test_image"].iloc[0]
+        raise ValueError(f"pseudo-labels: test image {first!r} has a training image's name, and so has its new "
+                         f"name 'pseudo{int(round_no)}_{first}': rename the training image")
+    return out
+
+
 def write_pseudo_labels(cfg: EnsembleConfig, comp: Competition, test: np.ndarray, classes: list[str],
                         label_column: str, out: Path) -> dict[str, Any]:
     """Round ``pseudo_round``: the kept test rows, ``train_round<N>.csv``, the folder and the per-round counts."""
@@ -371,6 +398,7 @@ def write_pseudo_labels(cfg: EnsembleConfig, comp: Competition, test: np.ndarray
     kept = postprocess.select_pseudo_labels(test, list(comp.test["image"]), classes, cfg.pseudo_threshold,
                                             cfg.pseudo_round, label_column)
     train = original_train(comp)
+    kept = pseudo_names(kept, train, cfg.pseudo_round)
     table_path = postprocess.write_pseudo_training_table(train, kept, out, cfg.pseudo_round, label_column)
     table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
     for col in ("image", "species", "individual_id"):  # a pseudo row of another label_column knows no individual
