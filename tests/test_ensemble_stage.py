@@ -365,9 +365,8 @@ def test_inference_only_reproduces_the_full_run_from_attached_sources(comp, tmp_
         ensemble_stage.run_ensemble(dataclasses.replace(sp, blend_ratio=0.3), comp)
 
 
-def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(tmp_path):
-    # Grocery's official splits reuse file names (train/Golden-Delicious_001.jpg is not val/Golden-Delicious_001.jpg):
-    # the cleaned folder once linked the test name to the training file, so the "test" was training images.
+def shared_name_comp(tmp_path):
+    """A competition whose train and test both hold an ``a.jpg`` (red in train, blue in test), as Grocery's do."""
     from PIL import Image
 
     root = tmp_path / "comp"
@@ -380,11 +379,21 @@ def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(t
     pd.DataFrame({"image": ["a.jpg", "c.jpg"], "predictions": ["x", "x"]}).to_csv(
         root / "sample_submission.csv", index=False)
     with pytest.warns(UserWarning, match="also in train.csv"):
-        comp = load_competition(root, check_pixels=False)
+        return load_competition(root, check_pixels=False)
 
-    def colour(path):  # JPEG moves the values a little: the dominant channel names the colour
-        with Image.open(path) as im:
-            return ("red", "green", "blue")[int(np.argmax(im.convert("RGB").getpixel((0, 0))))]
+
+def colour(path) -> str:
+    """The colour of a one-colour image (JPEG moves the values a little: the dominant channel names it)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return ("red", "green", "blue")[int(np.argmax(im.convert("RGB").getpixel((0, 0))))]
+
+
+def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(tmp_path):
+    # Grocery's official splits reuse file names (train/Golden-Delicious_001.jpg is not val/Golden-Delicious_001.jpg):
+    # the cleaned folder once linked the test name to the training file, so the "test" was training images.
+    comp = shared_name_comp(tmp_path)
 
     train = comp.train.drop(columns=["path"])
     pseudo = pd.DataFrame({"image": ["c.jpg"], "species": ["s"], "individual_id": ["x"], "round": [1]})
@@ -400,20 +409,8 @@ def test_written_folder_links_each_split_to_its_own_file_when_names_are_shared(t
 def test_pseudo_labels_of_test_images_named_like_training_images_get_their_own_name(tmp_path):
     # Grocery's val images reuse the training file names: stage 06 refused every such pseudo-label ("already a
     # training image"). The clashing row is renamed pseudo<round>_<name> and linked to its test file.
-    from PIL import Image
-
-    root = tmp_path / "comp"
-    for sub, names, colour in (("train_images", ["a.jpg", "b.jpg"], "red"), ("test_images", ["a.jpg", "c.jpg"], "blue")):
-        (root / sub).mkdir(parents=True)
-        for name in names:
-            Image.new("RGB", (16, 16), colour).save(root / sub / name)
-    pd.DataFrame({"image": ["a.jpg", "b.jpg"], "species": ["s", "s"], "individual_id": ["x", "y"]}).to_csv(
-        root / "train.csv", index=False)
-    pd.DataFrame({"image": ["a.jpg", "c.jpg"], "predictions": ["x", "x"]}).to_csv(
-        root / "sample_submission.csv", index=False)
-    with pytest.warns(UserWarning, match="also in train.csv"):
-        comp = load_competition(root, check_pixels=False)
-    cfg = EnsembleConfig(data=str(root), exp="pn", members="m", pseudo_threshold=0.6)
+    comp = shared_name_comp(tmp_path)
+    cfg = EnsembleConfig(data=str(comp.root), exp="pn", members="m", pseudo_threshold=0.6)
     probs = np.array([[0.9, 0.1], [0.2, 0.8]])  # a.jpg -> x, c.jpg -> y
     info = ensemble_stage.write_pseudo_labels(cfg, comp, probs, ["x", "y"], "individual_id", tmp_path / "out")
     assert info["kept"] == 2
@@ -422,10 +419,6 @@ def test_pseudo_labels_of_test_images_named_like_training_images_get_their_own_n
     assert train["image"].tolist() == ["a.jpg", "b.jpg", "pseudo1_a.jpg", "c.jpg"]
     assert train["test_image"].tolist() == ["", "", "a.jpg", ""]
     assert train["individual_id"].tolist() == ["x", "y", "x", "y"]
-
-    def colour(path):
-        with Image.open(path) as im:
-            return ("red", "green", "blue")[int(np.argmax(im.convert("RGB").getpixel((0, 0))))]
 
     assert colour(folder / "train_images" / "a.jpg") == "red"
     assert colour(folder / "train_images" / "pseudo1_a.jpg") == "blue"  # the test photo, not the training one
