@@ -29,8 +29,8 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
 input sizes, stage 06's ensemble of them and stage 06's ensemble of every model of the table (trick rows' seed-42
 models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientnet_lite2:260`` fine-tunes the other
 backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
-``--pseudo 0.9`` adds one pseudo-label round on the val images from the widest ensemble, and the ``--pseudo-row``
-row retrained with them.
+``--pseudo 0.45`` adds one pseudo-label round on the val images from the widest ensemble, the ``--pseudo-rows``
+models (trick keys or ``BACKBONE[:PX]``) retrained with them and, with several, stage 06's ensemble of them.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -217,6 +217,18 @@ def backbone_spec(spec: str) -> tuple[str, dict]:
     return backbone, {"backbone": backbone, **({"image_size": int(size)} if size else {})}
 
 
+def model_spec(spec: str, base: dict) -> tuple[str, str, dict]:
+    """A trained trick row's key (its overrides of the base) or ``BACKBONE[:PX]`` (plain fine-tuning of that
+    backbone, at its own size when given) -> the run's cache key, the row's label and the overrides."""
+    variant = next((v for v in VARIANTS if v.key == spec and v.source == "train"), None)
+    if variant is not None:
+        return variant.key, variant.label, dict(variant.overrides)
+    backbone, over = backbone_spec(spec)
+    size = over.get("image_size", base["image_size"])
+    key = f"plain-{backbone[-5:]}" + (f"-{size}" if "image_size" in over else "")
+    return key, f"plain fine-tuning, {backbone} at {size} px", over
+
+
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]],
                   probes: list[str] = ()) -> tuple[list[dict], list[str]]:
     """Plain fine-tuning of each ``--lites`` backbone (seed 42; Lite1 and Lite2 at the base's size by default),
@@ -228,13 +240,11 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 
     rows, members = [], [exps["plain"][0]]
     for spec in args.lites:
-        backbone, over = backbone_spec(spec)
-        size = over.get("image_size", base["image_size"])
-        key = f"plain-{backbone[-5:]}" + (f"-{size}" if "image_size" in over else "")
+        key, label, over = model_spec(spec, base)
         cfg = make_config(key, base, data, over)
-        print(f"plain {backbone} at {size} px: {cfg.exp}", flush=True)
-        rows.append(summarise(f"plain-{backbone}-{size}", f"plain fine-tuning, {backbone} at {size} px (seed 42)",
-                              [train(cfg, comp)]))
+        print(f"{label}: {cfg.exp}", flush=True)
+        size = over.get("image_size", base["image_size"])
+        rows.append(summarise(f"plain-{over['backbone']}-{size}", f"{label} (seed 42)", [train(cfg, comp)]))
         members.append(cfg.exp)
     names = "+".join(["Lite0", *(backbone_spec(s)[0].removeprefix("tf_efficientnet_").capitalize()
                                  for s in args.lites)])
@@ -258,9 +268,10 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 
 def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
     """One pseudo-label round: stage 06 keeps the val images whose accuracy-weighted ensemble of ``sources`` gives
-    a top probability of at least ``--pseudo``, then the ``--pseudo-row`` trick row (seed 42) retrains on the
-    training images plus those, and is scored on the same val split (transductive, as a competition round is).
-    The row says how many images were kept and how many of their pseudo-labels are right."""
+    a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick row's key or
+    ``BACKBONE[:PX]``, seed 42) retrains on the training images plus those, and is scored on the same val split
+    (transductive, as a competition round is); with several, stage 06's ensemble of these students (one folder,
+    one fold split). The rows say how many images were kept and how many of their pseudo-labels are right."""
     from common.config import EnsembleConfig
     from common.data.competition import load_competition
     from common.stages.ensemble_postprocess import stage_dir
@@ -274,13 +285,21 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
     truth = comp.truth.set_index("image")["individual_id"].reindex(source).to_numpy()
     right = float(np.mean(kept["individual_id"].to_numpy() == truth)) if len(kept) else float("nan")
     folder = Path(info["folder"])
-    variant = next(v for v in VARIANTS if v.key == args.pseudo_row)
-    cfg = make_config(f"pseudo-{variant.key}", base, folder, variant.overrides)
-    print(f"{variant.label} + pseudo-labels ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
-    run = train(cfg, load_competition(folder, check_pixels=False))
-    return [summarise(f"pseudo-{variant.key}", f"{variant.label} + one pseudo-label round ({len(kept)} of "
-                      f"{len(comp.test)} val images at p >= {args.pseudo:g} from the ensemble of {len(sources)}, "
-                      f"{right:.1%} of them right; transductive)", [run])]
+    pcomp = load_competition(folder, check_pixels=False)
+    round_text = (f"one pseudo-label round ({len(kept)} of {len(comp.test)} val images at p >= {args.pseudo:g} from "
+                  f"the ensemble of {len(sources)}, {right:.1%} of them right; transductive)")
+    rows, students = [], []
+    for spec in args.pseudo_rows:
+        key, label, over = model_spec(spec, base)
+        cfg = make_config(f"pseudo-{key}", base, folder, over)
+        print(f"{label} + pseudo-labels ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
+        rows.append(summarise(f"pseudo-{key}", f"{label} + {round_text}", [train(cfg, pcomp)]))
+        students.append(cfg.exp)
+    if len(students) > 1:
+        rows.append(weighted_ensemble("pseudo-ensemble", f"stage 06: the {len(students)} models trained with the "
+                                      "pseudo-labels, weights (OOF acc / min) ** 25", "bench-grocery-pseudo-ensemble",
+                                      students, folder, pcomp))
+    return rows
 
 
 def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str]]:
@@ -356,6 +375,18 @@ def ssl_rows(args, base: dict, data: Path, comp, plain: dict) -> list[dict]:
     return [summarise("ssl", label, runs)]
 
 
+def check_backbones(specs: list[str]) -> None:
+    """Fail before any training on a ``--lites``/``--probes``/``--pseudo-rows`` entry that is neither a trained
+    trick row's key nor ``BACKBONE[:PX]`` with a backbone timm knows."""
+    import timm
+
+    keys = [v.key for v in VARIANTS if v.source == "train"]
+    for spec in specs:
+        if spec not in keys and not timm.is_model(backbone_spec(spec)[0]):
+            raise SystemExit(f"{spec!r}: neither a trained row ({', '.join(keys)}) nor a timm backbone, e.g. "
+                             "tf_efficientnet_lite2:260")
+
+
 def table_lines(rows: list[dict], n_seeds: int) -> list[str]:
     """The markdown table: mean (spread) over seeds."""
     lines = ["| row | seeds | val acc (spread) | val balanced acc (spread) | val top-5 (spread) | training s/run |",
@@ -384,9 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "tf_efficientnet_lite2:288 mobilenetv2_100:224")
     ap.add_argument("--pseudo", type=float, default=0.0, metavar="P",
                     help="one pseudo-label round: val images whose widest stage-06 ensemble says p >= P join the "
-                         "training images of a retrained --pseudo-row (0: off; needs the ensemble)")
-    ap.add_argument("--pseudo-row", default="plain", metavar="KEY", help="the trick row retrained with the "
-                    "pseudo-labels (seed 42)")
+                         "training images of the retrained --pseudo-rows (0: off; needs the ensemble)")
+    ap.add_argument("--pseudo-rows", nargs="+", default=["plain"], metavar="KEY|BACKBONE[:PX]",
+                    help="the models retrained with the pseudo-labels (seed 42): trick rows by key, other backbones "
+                         "as for --lites; with several, stage 06's ensemble of them")
     ap.add_argument("--ssl", action="store_true", help="add the stage-00 row (self-supervised, then plain)")
     ap.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"), help="stage 00's method")
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs")
@@ -406,10 +438,9 @@ def main(argv: list[str] | None = None) -> dict:
     from common.config import ClassifierConfig, parse_cli_value
     from common.data.competition import load_competition
 
-    trained = [v.key for v in VARIANTS if v.source == "train"]
-    if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1 or args.pseudo_row not in trained):
-        raise SystemExit(f"--pseudo {args.pseudo:g} --pseudo-row {args.pseudo_row}: needs the ensemble (no "
-                         f"--no-ensemble), 0 < P <= 1 and a trained row of {trained}")
+    if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1):
+        raise SystemExit(f"--pseudo {args.pseudo:g}: needs the ensemble (no --no-ensemble) and 0 < P <= 1")
+    check_backbones([*args.lites, *args.probes, *(args.pseudo_rows if args.pseudo else [])])
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, load = time.perf_counter(), os.getloadavg()[0]

@@ -122,8 +122,9 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert rows[-1]["label"].startswith("stage 06: all 4 models") and sorted(every_exp) == sorted(every["weights"])
 
     # one pseudo-label round from that widest ensemble; the retrained row is scored on the same test images
-    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_row="ema")
-    (row,) = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
+    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=["ema", "mobilenetv3_small_050:40"])
+    row, other, students = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
+    assert [r["key"] for r in (row, other, students)] == ["pseudo-ema", "pseudo-plain-l_050-40", "pseudo-ensemble"]
     out = isolated / "working" / "bench-grocery-pseudo" / "06_ensemble"
     kept = pd.read_csv(out / "pseudo_round1.csv", dtype=str, keep_default_na=False)
     assert len(kept) == len(comp.test)  # p >= 0.01 keeps every image of a few classes
@@ -133,8 +134,14 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     exp = row["runs"][0]["exp"]
     meta = store.read_json(fold_dir(exp, 0) / "config.json")["config"]
     assert meta["data"] == str(out / "pseudo_round1") and meta["ema_decay"] == 0.995  # the chosen trick row
+    other_meta = store.read_json(fold_dir(other["runs"][0]["exp"], 0) / "config.json")["config"]
+    assert other_meta["image_size"] == 40 and other_meta["data"] == meta["data"]
+    ens = store.read_json(isolated / "working" / "bench-grocery-pseudo-ensemble" / "06_ensemble" / "metrics.json")
+    assert sorted(ens["weights"]) == sorted([exp, other["runs"][0]["exp"]])  # the students, on one folder
     with pytest.raises(SystemExit, match="needs the ensemble"):
         grocery.main(["--pseudo", "0.9", "--no-ensemble"])
+    with pytest.raises(SystemExit, match="'emma': neither a trained row"):  # before the dataset is read
+        grocery.main(["--pseudo", "0.9", "--pseudo-rows", "emma", "--shared", str(isolated / "absent")])
     with pytest.raises(SystemExit, match="BACKBONE:PX"):
         grocery.backbone_spec("tf_efficientnet_lite2:big")
     with pytest.raises(SystemExit, match="input size"):
