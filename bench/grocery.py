@@ -30,7 +30,8 @@ input sizes, stage 06's ensemble of them and stage 06's ensemble of every model 
 models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientnet_lite2:260`` fine-tunes the other
 backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--pseudo 0.45`` adds one pseudo-label round on the val images from the widest ensemble, the ``--pseudo-rows``
-models (trick keys or ``BACKBONE[:PX]``) retrained with them and, with several, stage 06's ensemble of them.
+models (trick keys or ``BACKBONE[:PX]``) retrained with them and, with several, stage 06's ensemble of them;
+``--pseudo-rounds 2`` takes a second round's labels from the first round's students.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -267,38 +268,45 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 
 
 def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
-    """One pseudo-label round: stage 06 keeps the val images whose accuracy-weighted ensemble of ``sources`` gives
-    a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick row's key or
-    ``BACKBONE[:PX]``, seed 42) retrains on the training images plus those, and is scored on the same val split
-    (transductive, as a competition round is); with several, stage 06's ensemble of these students (one folder,
-    one fold split). The rows say how many images were kept and how many of their pseudo-labels are right."""
+    """``--pseudo-rounds`` pseudo-label rounds. Round 1: stage 06 keeps the val images whose accuracy-weighted
+    ensemble of ``sources`` gives a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick
+    row's key or ``BACKBONE[:PX]``, seed 42) retrains on the training images plus those, and is scored on the same
+    val split (transductive, as a competition round is); with several, stage 06's ensemble of these students (one
+    folder, one fold split). Round r > 1 does the same from round r-1's students, on round r-1's folder (stage
+    06's ``pseudo_round`` r: the original training images plus round r's picks). The rows say how many images
+    were kept and how many of their pseudo-labels are right."""
     from common.config import EnsembleConfig
     from common.data.competition import load_competition
     from common.stages.ensemble_postprocess import stage_dir
 
-    cfg06 = EnsembleConfig(data=str(data), exp="bench-grocery-pseudo", members=",".join(sources),
-                           weight_factor=25.0, pseudo_threshold=args.pseudo, device="cpu")
-    info = ensemble(cfg06, comp)["pseudo"]
-    kept = pd.read_csv(stage_dir(cfg06.exp) / "pseudo_round1.csv", dtype=str, keep_default_na=False)
-    source = kept["image"] if "test_image" not in kept else kept["test_image"].where(kept["test_image"] != "",
-                                                                                      kept["image"])
-    truth = comp.truth.set_index("image")["individual_id"].reindex(source).to_numpy()
-    right = float(np.mean(kept["individual_id"].to_numpy() == truth)) if len(kept) else float("nan")
-    folder = Path(info["folder"])
-    pcomp = load_competition(folder, check_pixels=False)
-    round_text = (f"one pseudo-label round ({len(kept)} of {len(comp.test)} val images at p >= {args.pseudo:g} from "
-                  f"the ensemble of {len(sources)}, {right:.1%} of them right; transductive)")
-    rows, students = [], []
-    for spec in args.pseudo_rows:
-        key, label, over = model_spec(spec, base)
-        cfg = make_config(f"pseudo-{key}", base, folder, over)
-        print(f"{label} + pseudo-labels ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
-        rows.append(summarise(f"pseudo-{key}", f"{label} + {round_text}", [train(cfg, pcomp)]))
-        students.append(cfg.exp)
-    if len(students) > 1:
-        rows.append(weighted_ensemble("pseudo-ensemble", f"stage 06: the {len(students)} models trained with the "
-                                      "pseudo-labels, weights (OOF acc / min) ** 25", "bench-grocery-pseudo-ensemble",
-                                      students, folder, pcomp))
+    rows: list[dict] = []
+    for round_no in range(1, args.pseudo_rounds + 1):
+        suffix = "" if round_no == 1 else str(round_no)  # round 1 keeps its earlier names (cached runs)
+        cfg06 = EnsembleConfig(data=str(data), exp=f"bench-grocery-pseudo{suffix}", members=",".join(sources),
+                               weight_factor=25.0, pseudo_threshold=args.pseudo, pseudo_round=round_no, device="cpu")
+        info = ensemble(cfg06, comp)["pseudo"]
+        kept = pd.read_csv(stage_dir(cfg06.exp) / f"pseudo_round{round_no}.csv", dtype=str, keep_default_na=False)
+        source = kept["image"] if "test_image" not in kept else kept["test_image"].where(kept["test_image"] != "",
+                                                                                          kept["image"])
+        truth = comp.truth.set_index("image")["individual_id"].reindex(source).to_numpy()
+        right = float(np.mean(kept["individual_id"].to_numpy() == truth)) if len(kept) else float("nan")
+        data = Path(info["folder"])
+        comp = load_competition(data, check_pixels=False)
+        which = "one pseudo-label round" if args.pseudo_rounds == 1 else f"pseudo-label round {round_no}"
+        round_text = (f"{which} ({len(kept)} of {len(comp.test)} val images at p >= {args.pseudo:g} from the "
+                      f"ensemble of {len(sources)}, {right:.1%} of them right; transductive)")
+        students = []
+        for spec in args.pseudo_rows:
+            key, label, over = model_spec(spec, base)
+            cfg = make_config(f"pseudo{suffix}-{key}", base, data, over)
+            print(f"{label} + round {round_no} ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
+            rows.append(summarise(f"pseudo{suffix}-{key}", f"{label} + {round_text}", [train(cfg, comp)]))
+            students.append(cfg.exp)
+        if len(students) > 1:
+            rows.append(weighted_ensemble(
+                f"pseudo{suffix}-ensemble", f"stage 06: the {len(students)} models of pseudo-label round {round_no}, "
+                "weights (OOF acc / min) ** 25", f"bench-grocery-pseudo{suffix}-ensemble", students, data, comp))
+        sources = students
     return rows
 
 
@@ -416,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pseudo", type=float, default=0.0, metavar="P",
                     help="one pseudo-label round: val images whose widest stage-06 ensemble says p >= P join the "
                          "training images of the retrained --pseudo-rows (0: off; needs the ensemble)")
+    ap.add_argument("--pseudo-rounds", type=int, default=1, metavar="N",
+                    help="pseudo-label rounds: round r > 1 takes its labels from round r-1's students")
     ap.add_argument("--pseudo-rows", nargs="+", default=["plain"], metavar="KEY|BACKBONE[:PX]",
                     help="the models retrained with the pseudo-labels (seed 42): trick rows by key, other backbones "
                          "as for --lites; with several, stage 06's ensemble of them")
@@ -438,8 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     from common.config import ClassifierConfig, parse_cli_value
     from common.data.competition import load_competition
 
-    if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1):
-        raise SystemExit(f"--pseudo {args.pseudo:g}: needs the ensemble (no --no-ensemble) and 0 < P <= 1")
+    if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1 or args.pseudo_rounds < 1):
+        raise SystemExit(f"--pseudo {args.pseudo:g} --pseudo-rounds {args.pseudo_rounds}: needs the ensemble (no "
+                         "--no-ensemble), 0 < P <= 1 and at least one round")
     check_backbones([*args.lites, *args.probes, *(args.pseudo_rows if args.pseudo else [])])
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -122,9 +122,18 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert rows[-1]["label"].startswith("stage 06: all 4 models") and sorted(every_exp) == sorted(every["weights"])
 
     # one pseudo-label round from that widest ensemble; the retrained row is scored on the same test images
-    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=["ema", "mobilenetv3_small_050:40"])
-    row, other, students = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
+    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=["ema", "mobilenetv3_small_050:40"], pseudo_rounds=2)
+    row, other, students, *round2 = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
     assert [r["key"] for r in (row, other, students)] == ["pseudo-ema", "pseudo-plain-l_050-40", "pseudo-ensemble"]
+    assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain-l_050-40", "pseudo2-ensemble"]
+    # round 2: labels from round 1's two students, on round 1's folder; its folder holds round 2's rows only
+    round1 = [r["runs"][0]["exp"] for r in (row, other)]
+    out2 = isolated / "working" / "bench-grocery-pseudo2" / "06_ensemble"
+    assert sorted(store.read_json(out2 / "metrics.json")["weights"]) == sorted(round1)
+    train2 = pd.read_csv(out2 / "pseudo_round2" / "train.csv", dtype=str, keep_default_na=False)
+    assert set(train2["round"]) == {"0", "2"} and (train2["round"] == "2").sum() == len(comp.test)
+    assert store.read_json(fold_dir(round2[0]["runs"][0]["exp"], 0) / "config.json")["config"]["data"] == str(
+        out2 / "pseudo_round2")
     out = isolated / "working" / "bench-grocery-pseudo" / "06_ensemble"
     kept = pd.read_csv(out / "pseudo_round1.csv", dtype=str, keep_default_na=False)
     assert len(kept) == len(comp.test)  # p >= 0.01 keeps every image of a few classes
