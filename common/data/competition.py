@@ -225,9 +225,7 @@ def load_competition(root: str | Path, check_pixels: bool = True) -> Competition
             raise DataError(f"{root / 'boxes.csv'}, row {row}: box has xmax<=xmin or ymax<=ymin")
         _check_boxes_inside(boxes, root, set(train["image"]))
 
-    original = train["image"]  # pseudo-label rows (stage 06: ``round`` > 0) are test images by design
-    if "round" in train.columns:
-        original = original[pd.to_numeric(train["round"], errors="coerce").fillna(0).to_numpy() == 0]
+    original = train["image"][(row_rounds(train) == 0).to_numpy()]  # pseudo-label rows are test images by design
     overlap = test["image"].isin(set(original))
     if overlap.any():  # reported, not refused: a test image seen in training inflates every score
         row = int(np.flatnonzero(overlap.to_numpy())[0]) + 1
@@ -389,6 +387,14 @@ def _signature(files: Sequence[str]) -> str:
         st = Path(f).stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def row_rounds(train: pd.DataFrame) -> pd.Series:
+    """The pseudo-label round of each row of a ``train.csv`` table, as floats: 0 for an original training row
+    (``round`` empty, unreadable or 0), and 0 for every row when there is no ``round`` column."""
+    if "round" not in train.columns:
+        return pd.Series(0.0, index=train.index)
+    return pd.to_numeric(train["round"], errors="coerce").fillna(0)
 
 
 def open_competition(data: str, check_pixels: bool = True) -> Competition:

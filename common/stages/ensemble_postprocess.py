@@ -44,7 +44,7 @@ import pandas as pd
 
 from common.config import EnsembleConfig
 from common.core import paths, store
-from common.data.competition import Competition
+from common.data.competition import Competition, row_rounds
 from common.data.fingerprint import stage_fingerprint
 from common.data.unreadable import open_checked
 from common.lib import ensemble, metrics, postprocess, topk
@@ -148,14 +148,6 @@ def _link(target: Path, link: Path) -> None:
         os.symlink(target, link)
     except OSError:  # no symlinks (some Windows and network file systems): copy
         shutil.copy2(target, link)
-
-
-def row_rounds(train: pd.DataFrame) -> pd.Series:
-    """The pseudo-label round of each row of a ``train.csv`` table, as floats: 0 for an original training row
-    (``round`` empty, unreadable or 0), and 0 for every row when there is no ``round`` column."""
-    if "round" not in train.columns:
-        return pd.Series(0.0, index=train.index)
-    return pd.to_numeric(train["round"], errors="coerce").fillna(0)
 
 
 def original_train(comp: Competition) -> pd.DataFrame:
