@@ -274,12 +274,15 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
     val split (transductive, as a competition round is); with several, stage 06's ensemble of these students (one
     folder, one fold split). Round r > 1 does the same from round r-1's students, on round r-1's folder (stage
     06's ``pseudo_round`` r: the original training images plus round r's picks). The rows say how many images
-    were kept and how many of their pseudo-labels are right."""
+    were kept and how many of their pseudo-labels are right. With several rounds, a last row: stage 06's ensemble
+    of every student of every round (on the last round's folder; the weights use the training images that every
+    student predicted out of fold)."""
     from common.config import EnsembleConfig
     from common.data.competition import load_competition
     from common.stages.ensemble_postprocess import stage_dir
 
     rows: list[dict] = []
+    every: list[str] = []  # the students of all rounds
     for round_no in range(1, args.pseudo_rounds + 1):
         suffix = "" if round_no == 1 else str(round_no)  # round 1 keeps its earlier names (cached runs)
         cfg06 = EnsembleConfig(data=str(data), exp=f"bench-grocery-pseudo{suffix}", members=",".join(sources),
@@ -307,6 +310,11 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
                 f"pseudo{suffix}-ensemble", f"stage 06: the {len(students)} models of pseudo-label round {round_no}, "
                 "weights (OOF acc / min) ** 25", f"bench-grocery-pseudo{suffix}-ensemble", students, data, comp))
         sources = students
+        every += students
+    if args.pseudo_rounds > 1 and len(every) > 1:
+        rows.append(weighted_ensemble(
+            "pseudo-all-ensemble", f"stage 06: all {len(every)} students of the {args.pseudo_rounds} pseudo-label "
+            "rounds, weights (OOF acc / min) ** 25", "bench-grocery-pseudo-all-ensemble", every, data, comp))
     return rows
 
 

@@ -125,11 +125,17 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=["ema", "mobilenetv3_small_050:40"], pseudo_rounds=2)
     row, other, students, *round2 = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
     assert [r["key"] for r in (row, other, students)] == ["pseudo-ema", "pseudo-plain-l_050-40", "pseudo-ensemble"]
-    assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain-l_050-40", "pseudo2-ensemble"]
+    assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain-l_050-40", "pseudo2-ensemble",
+                                          "pseudo-all-ensemble"]
     # round 2: labels from round 1's two students, on round 1's folder; its folder holds round 2's rows only
     round1 = [r["runs"][0]["exp"] for r in (row, other)]
     out2 = isolated / "working" / "bench-grocery-pseudo2" / "06_ensemble"
     assert sorted(store.read_json(out2 / "metrics.json")["weights"]) == sorted(round1)
+    # the last row ensembles the four students of both rounds (on round 2's folder)
+    all_students = store.read_json(isolated / "working" / "bench-grocery-pseudo-all-ensemble" / "06_ensemble"
+                                   / "metrics.json")
+    assert sorted(all_students["weights"]) == sorted(round1 + [r["runs"][0]["exp"] for r in round2[:2]])
+    assert round2[-1]["label"].startswith("stage 06: all 4 students of the 2 pseudo-label rounds")
     train2 = pd.read_csv(out2 / "pseudo_round2" / "train.csv", dtype=str, keep_default_na=False)
     assert set(train2["round"]) == {"0", "2"} and (train2["round"] == "2").sum() == len(comp.test)
     assert store.read_json(fold_dir(round2[0]["runs"][0]["exp"], 0) / "config.json")["config"]["data"] == str(

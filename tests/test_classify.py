@@ -275,6 +275,40 @@ def test_run_classification_arrays_metrics_submission_and_posthoc(comp):
     assert {"oof", "test", "test, fold 0 model"} <= set(table.index)
 
 
+def test_amp_cpu_trains_and_predicts_under_bf16_autocast_on_the_cpu(comp, monkeypatch):
+    """``amp_cpu``: the training forward runs under CPU bf16 autocast (the backbone's features are bf16; the
+    logits are cast to float32), the weights stay float32, and the saved float32 test logits match a float32
+    re-prediction of the saved model to bf16's precision (and differ from it: the bf16 path was taken). Without
+    ``amp_cpu`` the forward stays float32."""
+    seen = []
+    original = ClassifierModel.features
+
+    def recording(self, x):
+        out = original(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(ClassifierModel, "features", recording)
+    cfg = tiny_cfg(comp, epochs=1, amp=True, amp_cpu=True)
+    classify.run_classification(cfg, comp)
+    assert seen and set(seen) == {torch.bfloat16}
+    model, meta = classify.load_classifier("c", 0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    test = store.load_arrays(classify.stage_dir("c") / "test.npz", expected_image=list(comp.test["image"]))
+    assert test["logits"].dtype == np.float32 and np.isfinite(test["logits"]).all()
+    files = list(comp.test["path"])
+    fp32 = classify.predict_logits(model, files, 32, meta["mean"], meta["std"], tta_flip=cfg.tta_flip, amp=False)
+    bf16 = classify.predict_logits(model, files, 32, meta["mean"], meta["std"], tta_flip=cfg.tta_flip, amp=True,
+                                   amp_cpu=True)
+    np.testing.assert_allclose(test["logits"], bf16, rtol=1e-6, atol=1e-6)  # stage 05 predicted under bf16
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
+    assert not np.array_equal(bf16, fp32)
+    seen.clear()
+    classify.run_classification(tiny_cfg(comp, exp="c32", epochs=1, amp=True), comp)
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_distillation_needs_the_teachers_out_of_fold_predictions_before_training(comp, monkeypatch):
     original = classify_train.build_model
     monkeypatch.setattr(classify_train, "build_model", lambda *a, **k: pytest.fail("must fail before building"))

@@ -364,10 +364,10 @@ def test_both_tasks_validate_in_the_training_layout(channels_last):
     assert got["valid_balanced_acc"] == pytest.approx((1 + 0.5 + 1) / 3)  # class 1: one of its two right
 
 
-@pytest.mark.parametrize("amp", [True, False])
-def test_both_tasks_validate_under_the_amp_setting(amp, monkeypatch):
-    """Validation runs each batch's forward inside ``amp_context(device, cfg.amp)``, as training and prediction
-    do (the classifier's once ran it in float32 whatever ``amp`` said)."""
+@pytest.mark.parametrize(("amp", "amp_cpu"), [(True, False), (False, False), (True, True)])
+def test_both_tasks_validate_under_the_amp_setting(amp, amp_cpu, monkeypatch):
+    """Validation runs each batch's forward inside ``amp_context(device, cfg.amp, cfg.amp_cpu)``, as training and
+    prediction do (the classifier's once ran it in float32 whatever ``amp`` said)."""
     import contextlib
 
     from common.config import ClassifierConfig
@@ -376,8 +376,8 @@ def test_both_tasks_validate_under_the_amp_setting(amp, monkeypatch):
     entered = []
 
     @contextlib.contextmanager
-    def recorder(device, enabled):
-        entered.append(enabled)
+    def recorder(device, enabled, cpu=False):
+        entered.append((enabled, cpu))
         yield
 
     monkeypatch.setattr(classifier, "amp_context", recorder)
@@ -385,10 +385,11 @@ def test_both_tasks_validate_under_the_amp_setting(amp, monkeypatch):
     loader = torch.utils.data.DataLoader(Images(), batch_size=2)
     cpu = torch.device("cpu")
 
-    embedder.EmbedderTask(fake_cfg(amp=amp)).validate(LayoutProbe(as_dict=True), loader, cpu)
-    assert entered == [amp, amp]
+    embedder.EmbedderTask(fake_cfg(amp=amp, amp_cpu=amp_cpu)).validate(LayoutProbe(as_dict=True), loader, cpu)
+    assert entered == [(amp, amp_cpu)] * 2
     entered.clear()
-    task = classifier.ClassifierTask(ClassifierConfig(data="unused", exp="fake", device="cpu", amp=amp))
+    task = classifier.ClassifierTask(ClassifierConfig(data="unused", exp="fake", device="cpu", amp=amp,
+                                                      amp_cpu=amp_cpu))
     task.n_classes = 3
     got = task.validate(LayoutProbe(as_dict=False), loader, cpu)
-    assert entered == [amp, amp] and got["valid_acc"] == 0.75
+    assert entered == [(amp, amp_cpu)] * 2 and got["valid_acc"] == 0.75

@@ -34,6 +34,23 @@ def test_amp_is_off_on_cpu():
     assert not runtime.needs_grad_scaler(cpu, True)
     with runtime.amp_context(cpu, True):
         assert not torch.is_autocast_enabled()
+        assert not torch.is_autocast_cpu_enabled()
+
+
+def test_amp_cpu_runs_bf16_autocast_on_the_cpu_only_when_asked():
+    """``cpu=True`` (the configs' ``amp_cpu``): a matmul under the context gives bf16 on the CPU; with ``enabled``
+    off, or without ``cpu``, it stays float32; the weights themselves stay float32."""
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with runtime.amp_context(cpu, True, cpu=True):
+        assert torch.is_autocast_cpu_enabled()
+        assert layer(x).dtype == torch.bfloat16
+    assert layer.weight.dtype == torch.float32
+    for enabled, on_cpu in ((False, True), (True, False)):
+        with runtime.amp_context(cpu, enabled, cpu=on_cpu):
+            assert layer(x).dtype == torch.float32
+    assert not runtime.needs_grad_scaler(cpu, True)  # bf16 needs no loss scaling
 
 
 def draw() -> tuple:

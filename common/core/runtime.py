@@ -52,10 +52,20 @@ def worker_init(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def amp_context(device: torch.device, enabled: bool):
-    """Autocast on CUDA (bf16 where the GPU supports it, else fp16); a no-op on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
+def amp_context(device: torch.device, enabled: bool, cpu: bool = False):
+    """Autocast on CUDA (bf16 where the GPU supports it, else fp16); on the CPU bf16 only when ``cpu`` is set;
+    a no-op when disabled.
+
+    Args:
+        device: where the forward runs.
+        enabled: mixed precision at all (the configs' ``amp``).
+        cpu: bf16 autocast on the CPU too (the configs' ``amp_cpu``): faster where the CPU has bf16 instructions
+            (AVX512-BF16, AMX; ``bench/cpu_bf16.py`` measures it), slower where it emulates them.
+    """
+    if not enabled or device.type not in ("cuda", "cpu") or (device.type == "cpu" and not cpu):
         return nullcontext()
+    if device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
 

@@ -244,7 +244,7 @@ class ClassifierTask(Task):
         model.eval()
         features = forward_images(model.features, self.fit_paths, cfg.image_size, meta["mean"], meta["std"],
                                   self.eval_batch_size, tta_flip=False, device=device, num_workers=cfg.num_workers,
-                                  amp=cfg.amp, desc=f"fold {self.fold} probe features", n_out=model.num_features)
+                                  amp=cfg.amp, amp_cpu=cfg.amp_cpu, desc=f"fold {self.fold} probe features", n_out=model.num_features)
         heads = [("head", model.head, self.y_fit, len(meta["classes"]))]
         if self.aux is not None:
             heads.append(("aux_head", model.aux_head, self.aux.numpy(), len(meta["aux_classes"])))
@@ -305,7 +305,7 @@ class ClassifierTask(Task):
             present = target.sum(0).nonzero().view(-1) if target.ndim == 2 else target
             extra["classes"] = classes = sample_classes(present, n_classes, cfg.partial_fc, self.pfc_generator)
             target = target[:, classes] if target.ndim == 2 else class_columns(classes, target)
-        with amp_context(x.device, cfg.amp):
+        with amp_context(x.device, cfg.amp, cfg.amp_cpu):
             logits = train_model(x, labels=margin_labels if cfg.head != "linear" else None, **extra)
         if "classes" in extra:  # the logits' columns are the sampled classes: count train_acc in them
             margin_labels = class_columns(extra["classes"], margin_labels) if target.ndim == 2 else target
@@ -331,7 +331,7 @@ class ClassifierTask(Task):
         chunks = []
         for batch in loader:
             x = self.images(batch, device)
-            with amp_context(device, self.cfg.amp):  # as in training and in prediction: AMP on CUDA
+            with amp_context(device, self.cfg.amp, self.cfg.amp_cpu):  # as in training and in prediction
                 chunks.append(model(x).float().cpu())
         logits = torch.cat(chunks)
         y = torch.as_tensor(loader.dataset.labels)
@@ -373,7 +373,7 @@ def predict_logits(model: nn.Module, image_files: list[str], image_size: int, me
                    std: list[float], batch_size: int = 64, tta_flip: bool = True,
                    device: torch.device | str = "cpu", num_workers: int = 0, amp: bool = True,
                    desc: str = "predict", reduce: Callable[[np.ndarray], Any] | None = None,
-                   channels_last: bool = True) -> np.ndarray | list[Any]:
+                   channels_last: bool = True, amp_cpu: bool = False) -> np.ndarray | list[Any]:
     """Float32 logits ``(N, C)`` of ``image_files`` (no margin), averaged with the horizontal flip's.
 
     Args:
@@ -391,8 +391,9 @@ def predict_logits(model: nn.Module, image_files: list[str], image_size: int, me
         reduce: applied to each batch's logits; the list of its results is returned instead of the array
             (stage 05's top-k format: :func:`common.lib.topk.from_logits` per batch).
         channels_last: feed the batches in channels-last layout (faster on CUDA and the CPU).
+        amp_cpu: with ``amp``, bf16 autocast on the CPU too.
     """
     model = model.to(torch.device(device)).eval()
     return forward_images(model, image_files, image_size, mean, std, batch_size, tta_flip, device, num_workers,
                           amp, desc, n_out=getattr(getattr(model, "head", None), "out_features", 0), reduce=reduce,
-                          channels_last=channels_last)
+                          channels_last=channels_last, amp_cpu=amp_cpu)

@@ -65,7 +65,7 @@ class EmbedderTask(Task):
 
     def loss(self, train_model, x, y, batch):
         cfg = self.cfg
-        with amp_context(x.device, cfg.amp):
+        with amp_context(x.device, cfg.amp, cfg.amp_cpu):
             out = train_model(x, labels=y)
         # Losses in float32: the ArcFace logits already are; the species logits may be bf16/fp16.
         loss = F.cross_entropy(out["logits"].float(), y, label_smoothing=cfg.label_smoothing)
@@ -79,7 +79,7 @@ class EmbedderTask(Task):
         total_loss = correct = 0.0
         for batch in loader:
             x, y = self.images(batch, device), batch["label"].to(device)
-            with amp_context(device, self.cfg.amp):
+            with amp_context(device, self.cfg.amp, self.cfg.amp_cpu):
                 logits = model(x)["logits"].float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()

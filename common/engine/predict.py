@@ -28,6 +28,7 @@ def forward_images(
     n_out: int = 0,
     reduce: Callable[[np.ndarray], Any] | None = None,
     channels_last: bool = True,
+    amp_cpu: bool = False,
 ) -> np.ndarray | list[Any]:
     """``forward`` over images read and resized as in evaluation, averaged with the horizontal flip's output.
 
@@ -51,6 +52,7 @@ def forward_images(
             :func:`common.lib.topk.from_logits`), so the full ``(N, D)`` array never exists.
         channels_last: feed the batches in channels-last layout on CUDA and the CPU (faster on both; only the
             input is converted, which is enough: :func:`common.core.runtime.to_memory_format`).
+        amp_cpu: with ``amp``, bf16 autocast on the CPU too (:func:`common.core.runtime.amp_context`).
 
     Returns:
         float32 ``(len(image_files), D)``; with ``reduce`` the list of its per-batch results, in order.
@@ -63,7 +65,7 @@ def forward_images(
     chunks = []
     for batch in progress(loader, desc=desc, leave=False):
         x = to_memory_format(batch["image"].to(device, non_blocking=True), device, channels_last)
-        with amp_context(device, amp):
+        with amp_context(device, amp, amp_cpu):
             out = forward(x).float()
             if tta_flip:
                 out = (out + forward(torch.flip(x, dims=[3])).float()) / 2

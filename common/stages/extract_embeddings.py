@@ -38,6 +38,7 @@ def extract(
     amp: bool = True,
     desc: str = "embed",
     channels_last: bool = True,
+    amp_cpu: bool = False,
 ) -> np.ndarray:
     """Embed images with a model's ``embed`` method; L2-normalised float32 rows.
 
@@ -54,10 +55,12 @@ def extract(
         amp: autocast on CUDA.
         desc: progress-bar label.
         channels_last: feed the batches in channels-last layout (faster on CUDA and the CPU).
+        amp_cpu: with ``amp``, bf16 autocast on the CPU too.
     """
     model = model.to(torch.device(device)).eval()
     emb = forward_images(model.embed, image_files, image_size, mean, std, batch_size, tta_flip, device,
-                         num_workers, amp, desc, n_out=getattr(model, "embedding_dim", 0), channels_last=channels_last)
+                         num_workers, amp, desc, n_out=getattr(model, "embedding_dim", 0), channels_last=channels_last,
+                         amp_cpu=amp_cpu)
     return torch.nn.functional.normalize(torch.from_numpy(emb), dim=1).numpy().astype(np.float32)
 
 
@@ -91,7 +94,7 @@ def run_extraction(cfg: ExtractConfig, comp: Competition) -> pd.DataFrame:
                 files = image_paths(table, cfg.exp, split, meta["used_crops"])
                 emb = extract(model, files, tcfg["image_size"], meta["mean"], meta["std"], cfg.batch_size,
                               cfg.tta_flip, device, cfg.num_workers, tcfg["amp"], desc=f"fold {fold} {split}",
-                              channels_last=tcfg.get("channels_last", True))
+                              channels_last=tcfg.get("channels_last", True), amp_cpu=tcfg.get("amp_cpu", False))
                 store.save_arrays(target, table["image"], embeddings=emb)
             arr = store.load_arrays(target, table["image"])["embeddings"]
             rows.append({"fold": fold, "split": split, "file": str(target.relative_to(paths.working_dir())),

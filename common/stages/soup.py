@@ -115,7 +115,8 @@ def run_soup(cfg: EnsembleConfig, comp: Competition, out: Path) -> dict[str, Any
         y = np.array([class_index[c] for c in valid["label"]])
         args = dict(image_size=conf["image_size"], mean=metas[0]["mean"], std=metas[0]["std"],
                     batch_size=2 * conf["batch_size"], tta_flip=conf["tta_flip"], device=device,
-                    num_workers=cfg.num_workers, amp=conf["amp"], channels_last=conf.get("channels_last", True))
+                    num_workers=cfg.num_workers, amp=conf["amp"], amp_cpu=conf.get("amp_cpu", False),
+                    channels_last=conf.get("channels_last", True))
 
         def logits_of(state: dict, image_files: list[str], desc: str, model=model, args=args, k_top=k_top,
                       tau=conf["la_posthoc_tau"]):

@@ -114,7 +114,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         files = image_paths(valid, cfg.exp, "train", use_crops)
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
                     tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
-                    channels_last=cfg.channels_last)
+                    amp_cpu=cfg.amp_cpu, channels_last=cfg.channels_last)
         oof_parts.append((valid, predict_logits(model, files, desc=f"fold {k} out-of-fold", **args), k))
         test_logits[k] = (predict_logits(model, test_files, desc=f"fold {k} test", **args)
                           if len(test_files) else np.zeros((0, len(classes)), np.float32))
@@ -243,7 +243,7 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
         valid = folds[folds["fold"] == k_fold].merge(comp.train[["image", "path"]], on="image", how="left")
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
                     tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
-                    channels_last=cfg.channels_last)
+                    amp_cpu=cfg.amp_cpu, channels_last=cfg.channels_last)
         oof.append(predict_topk(model, image_paths(valid, cfg.exp, "train", use_crops), n, k, counts, tau,
                                 f"fold {k_fold} out-of-fold", **args))
         test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
@@ -295,7 +295,8 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
         files = image_paths(comp.test, cfg.exp, "test", meta["used_crops"])
         logits = predict_logits(model, files, image_size=meta["config"]["image_size"], mean=meta["mean"],
                                 std=meta["std"], batch_size=2 * cfg.batch_size, tta_flip=cfg.tta_flip, device=device,
-                                num_workers=cfg.num_workers, amp=cfg.amp, desc=f"fold {k} test")
+                                num_workers=cfg.num_workers, amp=cfg.amp, amp_cpu=cfg.amp_cpu,
+                                desc=f"fold {k} test")
         per_fold[k] = posthoc(logits, counts, cfg.la_posthoc_tau)
     probs = {f"probs_fold{k}": _softmax(lg) for k, lg in per_fold.items()}
     test_probs = np.mean(list(probs.values()), axis=0).astype(np.float32)
@@ -318,7 +319,7 @@ def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes:
         per_fold[f] = predict_topk(model, files, n, k, counts, cfg.la_posthoc_tau, f"fold {f} test",
                                    image_size=meta["config"]["image_size"], mean=meta["mean"], std=meta["std"],
                                    batch_size=2 * cfg.batch_size, tta_flip=cfg.tta_flip, device=device,
-                                   num_workers=cfg.num_workers, amp=cfg.amp)
+                                   num_workers=cfg.num_workers, amp=cfg.amp, amp_cpu=cfg.amp_cpu)
     probs, logits, _ = fold_mean(list(per_fold.values()))
     arrays = topk.to_arrays(probs, logits)
     for f, (p, _, _) in per_fold.items():
