@@ -31,7 +31,8 @@ models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientne
 backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--pseudo 0.45`` adds one pseudo-label round on the val images from the widest ensemble, the ``--pseudo-rows``
 models (trick keys or ``BACKBONE[:PX]``) retrained with them and, with several, stage 06's ensemble of them;
-``--pseudo-rounds 2`` takes a second round's labels from the first round's students.
+``--pseudo-rounds 2`` takes a second round's labels from the first round's students and adds stage 06's ensemble of
+the students of both rounds; ``--pseudo-rows A B C --pseudo-rows A B`` retrains other models in round 2.
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
@@ -270,7 +271,8 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
     """``--pseudo-rounds`` pseudo-label rounds. Round 1: stage 06 keeps the val images whose accuracy-weighted
     ensemble of ``sources`` gives a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick
-    row's key or ``BACKBONE[:PX]``, seed 42) retrains on the training images plus those, and is scored on the same
+    row's key or ``BACKBONE[:PX]``, seed 42; ``args.pseudo_rows`` holds one list per round, the last one serving
+    the later rounds) retrains on the training images plus those, and is scored on the same
     val split (transductive, as a competition round is); with several, stage 06's ensemble of these students (one
     folder, one fold split). Round r > 1 does the same from round r-1's students, on round r-1's folder (stage
     06's ``pseudo_round`` r: the original training images plus round r's picks). The rows say how many images
@@ -299,7 +301,7 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
         round_text = (f"{which} ({len(kept)} of {len(comp.test)} val images at p >= {args.pseudo:g} from the "
                       f"ensemble of {len(sources)}, {right:.1%} of them right; transductive)")
         students = []
-        for spec in args.pseudo_rows:
+        for spec in args.pseudo_rows[min(round_no, len(args.pseudo_rows)) - 1]:
             key, label, over = model_spec(spec, base)
             cfg = make_config(f"pseudo{suffix}-{key}", base, data, over)
             print(f"{label} + round {round_no} ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
@@ -430,13 +432,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="add linear-probe rows at their own sizes and stage 06's ensemble of them, e.g. "
                          "tf_efficientnet_lite2:288 mobilenetv2_100:224")
     ap.add_argument("--pseudo", type=float, default=0.0, metavar="P",
-                    help="one pseudo-label round: val images whose widest stage-06 ensemble says p >= P join the "
-                         "training images of the retrained --pseudo-rows (0: off; needs the ensemble)")
+                    help="pseudo-labels: val images whose widest stage-06 ensemble (round r > 1: round r-1's "
+                         "students) says p >= P join the training images of the retrained --pseudo-rows (0: off; "
+                         "needs the ensemble)")
     ap.add_argument("--pseudo-rounds", type=int, default=1, metavar="N",
                     help="pseudo-label rounds: round r > 1 takes its labels from round r-1's students")
-    ap.add_argument("--pseudo-rows", nargs="+", default=["plain"], metavar="KEY|BACKBONE[:PX]",
-                    help="the models retrained with the pseudo-labels (seed 42): trick rows by key, other backbones "
-                         "as for --lites; with several, stage 06's ensemble of them")
+    ap.add_argument("--pseudo-rows", nargs="+", action="append", default=None, metavar="KEY|BACKBONE[:PX]",
+                    help="the models retrained with the pseudo-labels (seed 42; default: plain): trick rows by key, "
+                         "other backbones as for --lites; with several, stage 06's ensemble of them. Given once, "
+                         "every round retrains these; given again, round r retrains the r-th list (the last list "
+                         "for later rounds)")
     ap.add_argument("--ssl", action="store_true", help="add the stage-00 row (self-supervised, then plain)")
     ap.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"), help="stage 00's method")
     ap.add_argument("--ssl-epochs", type=int, default=3, help="stage 00's epochs")
@@ -456,10 +461,14 @@ def main(argv: list[str] | None = None) -> dict:
     from common.config import ClassifierConfig, parse_cli_value
     from common.data.competition import load_competition
 
+    args.pseudo_rows = args.pseudo_rows or [["plain"]]
     if args.pseudo and (args.no_ensemble or not 0 < args.pseudo <= 1 or args.pseudo_rounds < 1):
         raise SystemExit(f"--pseudo {args.pseudo:g} --pseudo-rounds {args.pseudo_rounds}: needs the ensemble (no "
                          "--no-ensemble), 0 < P <= 1 and at least one round")
-    check_backbones([*args.lites, *args.probes, *(args.pseudo_rows if args.pseudo else [])])
+    if args.pseudo and len(args.pseudo_rows) > args.pseudo_rounds:
+        raise SystemExit(f"--pseudo-rows given {len(args.pseudo_rows)} times for {args.pseudo_rounds} round(s): "
+                         "give it once (every round) or once per round")
+    check_backbones([*args.lites, *args.probes, *(sum(args.pseudo_rows, []) if args.pseudo else [])])
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start, load = time.perf_counter(), os.getloadavg()[0]

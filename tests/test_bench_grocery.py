@@ -122,11 +122,12 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert rows[-1]["label"].startswith("stage 06: all 4 models") and sorted(every_exp) == sorted(every["weights"])
 
     # one pseudo-label round from that widest ensemble; the retrained row is scored on the same test images
-    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=["ema", "mobilenetv3_small_050:40"], pseudo_rounds=2)
+    # (round 2 retrains its own list: --pseudo-rows ema mobilenetv3_small_050:40 --pseudo-rows ema plain)
+    pseudo_args = argparse.Namespace(pseudo=0.01, pseudo_rows=[["ema", "mobilenetv3_small_050:40"], ["ema", "plain"]],
+                                     pseudo_rounds=2)
     row, other, students, *round2 = grocery.pseudo_rows(pseudo_args, base, comp.root, comp, every_exp)
     assert [r["key"] for r in (row, other, students)] == ["pseudo-ema", "pseudo-plain-l_050-40", "pseudo-ensemble"]
-    assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain-l_050-40", "pseudo2-ensemble",
-                                          "pseudo-all-ensemble"]
+    assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain", "pseudo2-ensemble", "pseudo-all-ensemble"]
     # round 2: labels from round 1's two students, on round 1's folder; its folder holds round 2's rows only
     round1 = [r["runs"][0]["exp"] for r in (row, other)]
     out2 = isolated / "working" / "bench-grocery-pseudo2" / "06_ensemble"
@@ -157,6 +158,11 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
         grocery.main(["--pseudo", "0.9", "--no-ensemble"])
     with pytest.raises(SystemExit, match="'emma': neither a trained row"):  # before the dataset is read
         grocery.main(["--pseudo", "0.9", "--pseudo-rows", "emma", "--shared", str(isolated / "absent")])
+    with pytest.raises(SystemExit, match="'emma': neither a trained row"):  # round 2's list is checked too
+        grocery.main(["--pseudo", "0.9", "--pseudo-rounds", "2", "--pseudo-rows", "ema", "--pseudo-rows", "emma",
+                      "--shared", str(isolated / "absent")])
+    with pytest.raises(SystemExit, match="given 2 times for 1 round"):
+        grocery.main(["--pseudo", "0.9", "--pseudo-rows", "ema", "--pseudo-rows", "plain"])
     with pytest.raises(SystemExit, match="BACKBONE:PX"):
         grocery.backbone_spec("tf_efficientnet_lite2:big")
     with pytest.raises(SystemExit, match="input size"):
