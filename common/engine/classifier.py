@@ -244,7 +244,8 @@ class ClassifierTask(Task):
         model.eval()
         features = forward_images(model.features, self.fit_paths, cfg.image_size, meta["mean"], meta["std"],
                                   self.eval_batch_size, tta_flip=False, device=device, num_workers=cfg.num_workers,
-                                  amp=cfg.amp, amp_cpu=cfg.amp_cpu, desc=f"fold {self.fold} probe features", n_out=model.num_features)
+                                  amp=cfg.amp, amp_cpu=cfg.amp_cpu, desc=f"fold {self.fold} probe features",
+                                  n_out=model.num_features)
         heads = [("head", model.head, self.y_fit, len(meta["classes"]))]
         if self.aux is not None:
             heads.append(("aux_head", model.aux_head, self.aux.numpy(), len(meta["aux_classes"])))
