@@ -185,3 +185,45 @@ def test_cnn_methods_train_channels_last_unless_turned_off(comp, monkeypatch, me
     assert seen and set(seen) == {(False, False)}
     np.testing.assert_allclose(pretrain_ssl.training_log(f"{method}-last")["loss"],
                                pretrain_ssl.training_log(f"{method}-plain")["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_amp_cpu_runs_the_networks_in_bf16_and_the_criterion_in_float32(comp, method):
+    """``amp_cpu``: the backbone's feature maps are bf16 under the stage's context, the criterion's inputs and the
+    loss float32, and the bf16 loss is the float32 loss up to bf16 rounding (same weights, same views)."""
+    from common.core.runtime import amp_context
+
+    torch.manual_seed(0)
+    model = pretrain_ssl.SSLModel(tiny(comp, ssl_method=method, amp=True, amp_cpu=True),
+                                  create_backbone("mobilenetv3_small_050", "none")).eval()
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    seen = {"features": [], "criterion": []}
+    model.backbone.register_forward_hook(lambda m, i, o: seen["features"].append(o.dtype))
+    model.criterion.register_forward_pre_hook(lambda m, args: seen["criterion"].append(
+        (args[0].dtype, args[1].dtype, torch.is_autocast_enabled("cpu"))))
+    with torch.no_grad():
+        reference = model.loss(views, momentum=1.0)  # float32 throughout
+        with amp_context(torch.device("cpu"), True, True):
+            loss = model.loss(views, momentum=1.0)
+    assert seen["features"][0] == torch.float32 and seen["features"][-1] == torch.bfloat16
+    assert seen["criterion"] and all(d == (torch.float32, torch.float32, False) for d in seen["criterion"])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.05)
+    # Without amp, amp_cpu does nothing: the stage's context is a no-op.
+    with amp_context(torch.device("cpu"), False, True):
+        assert model.loss(views, momentum=1.0).dtype == torch.float32
+    assert seen["features"][-1] == torch.float32
+
+
+def test_run_pretrain_opens_the_amp_cpu_context(comp, monkeypatch):
+    calls = []
+    real = pretrain_ssl.amp_context
+
+    def recorder(device, enabled, cpu=False):
+        calls.append((enabled, cpu))
+        return real(device, enabled, cpu)
+
+    monkeypatch.setattr(pretrain_ssl, "amp_context", recorder)
+    metrics = pretrain_ssl.run_pretrain(tiny(comp, exp="bf16", ssl_epochs=1, amp=True, amp_cpu=True), comp)
+    assert calls and set(calls) == {(True, True)}
+    assert np.isfinite(metrics["last_loss"])

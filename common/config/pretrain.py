@@ -40,7 +40,9 @@ class PretrainConfig(StageConfig):
     ssl_use_test: bool = param(True, "also pretrain on the test images (no labels are read).")
     max_images: int = param(0, "cap on the images used (0: all), for debug runs.")
     n_examples: int = param(4, "query images in the nearest-neighbour figure.")
-    amp: bool = param(True, "mixed precision on CUDA; ignored on CPU.")
+    amp: bool = param(True, "mixed precision on CUDA; ignored on CPU unless amp_cpu.")
+    amp_cpu: bool = param(False, "with amp, bf16 autocast on the CPU too (the losses stay float32): pays only where "
+                          "the CPU has bf16 instructions (AVX512-BF16, AMX); see bench/cpu_bf16.py.")
     channels_last: bool = param(True, "channels-last memory format for the CNN methods (simclr, byol): faster on "
                                 "CUDA with AMP and on the CPU (bench/RESULTS.md); mae's ViT is left as it is.")
 

@@ -148,10 +148,20 @@ class SSLModel(nn.Module):
         """Pooled features ``(N, C)`` of the backbone (average over space; a ViT's pooled output)."""
         return pool(self.backbone(x))
 
+    def _criterion(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The method's criterion in float32, outside autocast: NT-Xent's similarities over a temperature of 0.1
+        lose too much in bf16 (8 bits of mantissa), and autocast would run its matmul in bf16 again."""
+        with torch.autocast(a.device.type, enabled=False):
+            return self.criterion(a.float(), b.float())
+
     def loss(self, views: list[torch.Tensor], momentum: float = 0.99) -> torch.Tensor:
-        """The method's loss on one batch of views (BYOL also moves its target network by ``momentum``)."""
+        """The method's loss on one batch of views (BYOL also moves its target network by ``momentum``).
+
+        The networks run in whatever autocast context the caller opened; the criterion runs in float32.
+        """
         if self.method == "simclr":
-            return self.criterion(self.projection(self.features(views[0])), self.projection(self.features(views[1])))
+            return self._criterion(self.projection(self.features(views[0])),
+                                   self.projection(self.features(views[1])))
         if self.method == "byol":
             from lightly.models.utils import update_momentum
 
@@ -160,7 +170,7 @@ class SSLModel(nn.Module):
             p0, p1 = (self.prediction(self.projection(self.features(v))) for v in views[:2])
             with torch.no_grad():
                 t0, t1 = (self.target_projection(pool(self.target_backbone(v))) for v in views[:2])
-            return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+            return 0.5 * (self._criterion(p0, t1) + self._criterion(p1, t0))
         from lightly.models import utils
 
         images = views[0]
@@ -173,7 +183,7 @@ class SSLModel(nn.Module):
         tokens = utils.set_at_index(tokens, idx_keep, embedded)
         predicted = utils.get_at_index(self.decoder.predict(self.decoder.decode(tokens)), idx_mask - 1)
         target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - 1)
-        return self.criterion(predicted, target)
+        return self._criterion(predicted, target)
 
 
 def build_transform(cfg: PretrainConfig, mean, std):
@@ -252,7 +262,7 @@ def run_pretrain(cfg: PretrainConfig, comp: Competition | None = None) -> dict[s
                 from lightly.utils.scheduler import cosine_schedule
 
                 momentum = cosine_schedule((epoch - 1) * steps + step, steps * cfg.ssl_epochs, cfg.ssl_momentum, 1.0)
-            with amp_context(device, cfg.amp):
+            with amp_context(device, cfg.amp, cfg.amp_cpu):
                 loss = model.loss(views, momentum)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss.float()).backward()
