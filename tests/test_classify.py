@@ -363,6 +363,36 @@ def test_plot_class_recall_orders_by_training_images():
     assert "oof recall" in ax.get_ylabel()
 
 
+def test_full_fit_trains_on_every_image_and_answers_the_test_alone(comp, monkeypatch):
+    """``full_fit``: after fold 0, one more model on every training image (``fold{n_folds}``). The out-of-fold
+    arrays come from fold 0 alone, the test probabilities are the full model's alone, ``inference_only`` loads
+    that model only, and soups leave it out (it has no held-out fold)."""
+    from common.stages import soup
+
+    cfg = tiny_cfg(comp, exp="ff", epochs=1, full_fit=True)
+    metrics = classify.run_classification(cfg, comp)
+    assert store.read_json(classify.fold_dir("ff", 2) / "config.json")["n_fit"] == len(comp.train)
+    assert store.read_json(classify.fold_dir("ff", 0) / "config.json")["n_fit"] < len(comp.train)
+    folds = pd.read_csv(classify.stage_dir("ff") / "folds.csv", dtype=str)
+    oof = store.load_arrays(classify.stage_dir("ff") / "oof.npz")
+    assert oof["image"].tolist() == list(folds[folds["fold"] == "0"]["image"])
+    test = store.load_arrays(classify.stage_dir("ff") / "test.npz", expected_image=list(comp.test["image"]))
+    assert {k for k in test if k.startswith("probs_fold")} == {"probs_fold2"}
+    model, meta = classify.load_classifier("ff", 2)
+    logits = classify.predict_logits(model, list(comp.test["path"]), 32, meta["mean"], meta["std"],
+                                     tta_flip=cfg.tta_flip, amp=False)
+    np.testing.assert_allclose(test["probs"], torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-5)
+    assert metrics["folds"] == [0] and metrics["test_folds"] == [2] and set(metrics["test_by_fold"]) == {"2"}
+    assert soup.soup_folds(["ff"]) == [0]
+
+    loaded, original = [], classify.load_classifier
+    monkeypatch.setattr(classify, "load_classifier", lambda exp, k, *a: loaded.append(k) or original(exp, k, *a))
+    again = classify.run_classification(dataclasses.replace(cfg, inference_only=True, force=True), comp)
+    assert loaded == [2] and again["test_folds"] == [2]
+    redone = store.load_arrays(classify.stage_dir("ff") / "test.npz", expected_image=list(comp.test["image"]))
+    np.testing.assert_allclose(redone["probs"], test["probs"], atol=1e-6)
+
+
 def test_finished_stage_is_not_predicted_again(comp, monkeypatch):
     cfg = tiny_cfg(comp, epochs=1)
     first = classify.run_classification(cfg, comp)

@@ -364,6 +364,17 @@ def test_build_names_the_missing_file(isolated, monkeypatch):
         kaggle.build("fc", ["01", "03", "04"], OWNER, out=isolated / "out")
 
 
+def test_stage_05_bundles_the_models_that_answer_the_test(isolated):
+    """A stage-05 run's Kaggle bundle carries the models its inference loads: every requested fold's, or with
+    ``full_fit`` the full model (``fold{n_folds}``) alone."""
+    from common.core import store
+
+    for exp, full_fit, expected in (("folds", False, [0, 2]), ("full", True, [3])):
+        store.write_json(paths.stage_dir(exp, "05") / "_done.json",
+                         {"params": {"n_folds": 3, "folds": "0,2", "full_fit": full_fit}})
+        assert kaggle.run_folds(exp, "05") == expected
+
+
 # -- the notebooks' install cell ------------------------------------------------------------------------------
 def install_cell() -> str:
     cells = []

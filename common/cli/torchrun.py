@@ -36,7 +36,7 @@ def run_stage(stage: str, config: dict[str, Any]) -> None:
         from common.engine import classifier as classify_train
 
         folds = _folds(stage, cfg, comp, classify_train.prepare_folds)
-        for fold in cfg.fold_list():
+        for fold in cfg.model_folds():  # with full_fit, the model on every image too
             classify_train.train_fold(cfg, comp, folds, fold)
 
 

@@ -59,12 +59,13 @@ class FoldConfig(StageConfig):
 
 @dataclasses.dataclass(frozen=True)
 class FullFitField(StageConfig):
-    """The embedder's model on every training image (stages 02-04; a mixin: list it before the base class)."""
+    """The model on every training image (stages 02-05; a mixin: list it before the base class)."""
 
     full_fit: bool = param(False, "after the folds, train one more model on every training image (no validation "
-                           "fold, no individual left out; folder fold{n_folds}); stages 03 and 04 answer the test "
-                           "with it alone, while the folds' models still tune the threshold out of fold. The "
-                           "Happywhale winners retrained on all data the same way.")
+                           "fold, no individual left out; folder fold{n_folds}); it alone answers the test (stages "
+                           "03-04 for the embedder, 05 for the classifier), while the folds' models still give the "
+                           "out-of-fold scores (threshold, ensemble weights). The Happywhale winners retrained on "
+                           "all data the same way.")
 
 
 @dataclasses.dataclass(frozen=True)

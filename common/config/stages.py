@@ -112,7 +112,7 @@ class RetrievalConfig(SweepFields, LocalFields, FullFitField, FoldConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig(TrainConfig):
+class ClassifierConfig(FullFitField, TrainConfig):
     """Stage 05: fine-tune a timm classifier per fold with the winning solutions' training tricks.
 
     Give a classification experiment its own name and parameters file (``crops_from`` reuses another run's

@@ -46,14 +46,17 @@ _SAME = ("label_column", "backbone", "head", "arc_k", "arc_s", "image_size", "n_
 
 
 def soup_folds(names: list[str]) -> list[int]:
-    """Folds every ingredient run finished; raises naming the runs when none is common."""
+    """Folds every ingredient run finished; raises naming the runs when none is common. A run's full model
+    (``full_fit``: folder ``fold{n_folds}``, trained on every image) is left out: it has no held-out fold for
+    the greedy choice or the out-of-fold score."""
     found = {}
     for n in names:
         folder = classifier_dir(n)
         if not folder.is_dir():
             raise FileNotFoundError(f"soup ingredient {n!r}: {folder} not found; run stage 05 with exp={n} first")
         found[n] = {int(p.name[4:]) for p in folder.glob("fold*") if p.name[4:].isdigit()
-                    and store.stage_done(p) and (p / "model.pt").exists()}
+                    and store.stage_done(p) and (p / "model.pt").exists()
+                    and int(p.name[4:]) < store.read_json(p / "config.json")["config"]["n_folds"]}
     common = sorted(set.intersection(*found.values()))
     if not common:
         raise FileNotFoundError(f"soup: no fold finished in every ingredient run: {found}")

@@ -11,7 +11,8 @@ Outputs under ``working/<exp>/05_classifier/``:
 * ``oof.npz``: out-of-fold ``logits`` and ``probs`` (float32, ``(N, C)``), ``label`` (class index) and ``fold``
   for every validation image of the trained folds, with their ``image`` ids (``common.core.store.save_arrays``);
 * ``test.npz``: ``logits``/``probs`` averaged over the fold models and ``probs_fold{k}`` per fold, rows in
-  test order;
+  test order; with ``full_fit``, the model trained on every image (``fold{n_folds}``) answers the test alone
+  (``probs`` are its own, ``probs_fold{n_folds}``), while the fold models still predict out of fold;
 * ``metrics.json``: out-of-fold and (with ground truth) test accuracy, balanced accuracy, top-5.
 
 With many classes (``prob_topk``: automatic above 1000 classes, or forced) ``oof.npz`` and ``test.npz`` hold
@@ -69,6 +70,12 @@ def truth_labels(comp: Competition, label_column: str) -> pd.Series | None:
     return table.set_index("image")[label_column].astype(str)
 
 
+def test_folds(cfg: ClassifierConfig) -> list[int]:
+    """The models that answer the test: the full model alone with ``full_fit`` (fold ``n_folds``, trained on
+    every image), else every requested fold's (their predictions averaged)."""
+    return [cfg.n_folds] if cfg.full_fit else cfg.fold_list()
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
 
@@ -97,7 +104,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     train_cfg = launch.train_elsewhere("05", cfg, out)  # nproc > 1: torchrun trains, this process reads
-    logs = [train_fold(train_cfg, comp, folds, k).assign(fold=k) for k in cfg.fold_list()]
+    logs = [train_fold(train_cfg, comp, folds, k).assign(fold=k) for k in cfg.model_folds()]
     train_seconds = float(sum(log["seconds"].sum() for log in logs))
 
     use_crops = cfg.use_crops and crops_available(cfg.exp)
@@ -107,17 +114,19 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         metrics = _predict_topk(cfg, comp, folds, classes, counts, k_top, test_files, device)
         meta = metrics.pop("meta")
         return _finish(cfg, out, metrics, meta, train_seconds, t0)
-    oof_parts, test_logits = [], {}
-    for k in cfg.fold_list():
+    oof_parts, test_logits, answering = [], {}, test_folds(cfg)
+    for k in cfg.model_folds():
         model, meta = load_classifier(cfg.exp, k, device)
-        valid = folds[folds["fold"] == k].merge(comp.train[["image", "path"]], on="image", how="left")
-        files = image_paths(valid, cfg.exp, "train", use_crops)
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
                     tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
                     amp_cpu=cfg.amp_cpu, channels_last=cfg.channels_last)
-        oof_parts.append((valid, predict_logits(model, files, desc=f"fold {k} out-of-fold", **args), k))
-        test_logits[k] = (predict_logits(model, test_files, desc=f"fold {k} test", **args)
-                          if len(test_files) else np.zeros((0, len(classes)), np.float32))
+        if k in cfg.fold_list():  # the full model (full_fit) trained on every image: it has no out-of-fold part
+            valid = folds[folds["fold"] == k].merge(comp.train[["image", "path"]], on="image", how="left")
+            files = image_paths(valid, cfg.exp, "train", use_crops)
+            oof_parts.append((valid, predict_logits(model, files, desc=f"fold {k} out-of-fold", **args), k))
+        if k in answering:
+            test_logits[k] = (predict_logits(model, test_files, desc=f"fold {k} test", **args)
+                              if len(test_files) else np.zeros((0, len(classes)), np.float32))
 
     oof_images = [img for part, _, _ in oof_parts for img in part["image"]]
     oof_raw = np.concatenate([lg for _, lg, _ in oof_parts]).astype(np.float32)
@@ -126,7 +135,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
     oof_logits = posthoc(oof_raw, counts, cfg.la_posthoc_tau)
     store.save_arrays(out / "oof.npz", oof_images, logits=oof_logits, probs=_softmax(oof_logits),
                       label=oof_label, fold=oof_fold)
-    test_raw = np.mean([test_logits[k] for k in cfg.fold_list()], axis=0).astype(np.float32)
+    test_raw = np.mean(list(test_logits.values()), axis=0).astype(np.float32)
     per_fold = {f"probs_fold{k}": _softmax(posthoc(lg, counts, cfg.la_posthoc_tau))
                 for k, lg in test_logits.items()}
     test_adj = posthoc(test_raw, counts, cfg.la_posthoc_tau)
@@ -135,17 +144,17 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
 
     metrics: dict[str, Any] = {
         "label_column": cfg.label_column, "n_classes": len(classes), "folds": cfg.fold_list(),
-        "final_weights": meta["final_weights"], "train_seconds": round(train_seconds, 1),
+        "test_folds": answering, "final_weights": meta["final_weights"], "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "posthoc_tau": cfg.la_posthoc_tau,
         "oof": rounded_report(oof_label, oof_logits, len(classes)),
     }
     if cfg.la_posthoc_tau:
         metrics["oof_no_posthoc"] = rounded_report(oof_label, oof_raw, len(classes))
-    raw_probs = (np.mean([_softmax(test_logits[k]) for k in cfg.fold_list()], axis=0)
+    raw_probs = (np.mean([_softmax(lg) for lg in test_logits.values()], axis=0)
                  if cfg.la_posthoc_tau and len(test_files) else None)
     metrics.update(_test_scores(cfg, comp, classes, test_probs,
-                                {k: per_fold[f"probs_fold{k}"] for k in cfg.fold_list()}, raw_probs))
+                                {k: per_fold[f"probs_fold{k}"] for k in answering}, raw_probs))
     if len(test_files):
         write_submission(cfg, comp, test_probs, classes)
     return _write_metrics(cfg, out, metrics)
@@ -171,7 +180,8 @@ def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.
 def _finish(cfg: ClassifierConfig, out, metrics: dict[str, Any], meta: dict, train_seconds: float, t0: float
             ) -> dict[str, Any]:
     """The top-k run's metrics.json, headline and marker (the arrays and submission are written)."""
-    metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "final_weights": meta["final_weights"],
+    metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "test_folds": test_folds(cfg),
+               "final_weights": meta["final_weights"],
                "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                "posthoc_tau": cfg.la_posthoc_tau, **metrics}
     return _write_metrics(cfg, out, metrics)
@@ -238,15 +248,18 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
     class_index = {c: i for i, c in enumerate(classes)}
     use_crops = cfg.use_crops and crops_available(cfg.exp)
     oof, test, images, labels, fold_of = [], {}, [], [], []
-    for k_fold in cfg.fold_list():
+    for k_fold in cfg.model_folds():
         model, meta = load_classifier(cfg.exp, k_fold, device)
-        valid = folds[folds["fold"] == k_fold].merge(comp.train[["image", "path"]], on="image", how="left")
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
                     tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
                     amp_cpu=cfg.amp_cpu, channels_last=cfg.channels_last)
+        if k_fold in test_folds(cfg):
+            test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
+        if k_fold not in cfg.fold_list():
+            continue  # the full model (full_fit): no out-of-fold part
+        valid = folds[folds["fold"] == k_fold].merge(comp.train[["image", "path"]], on="image", how="left")
         oof.append(predict_topk(model, image_paths(valid, cfg.exp, "train", use_crops), n, k, counts, tau,
                                 f"fold {k_fold} out-of-fold", **args))
-        test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
         images += list(valid["image"])
         labels += [class_index[c] for c in valid["label"]]
         fold_of += [k_fold] * len(valid)
@@ -271,7 +284,7 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
 
 def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, Any]:
     """``inference_only``: test predictions of an earlier full run's fold models (found by experiment name, e.g.
-    in an attached Kaggle dataset); no training. Writes ``test.npz``, the submission (on Kaggle also
+    in an attached Kaggle dataset; with ``full_fit``, its full model alone); no training. Writes ``test.npz``, the submission (on Kaggle also
     ``/kaggle/working/submission.csv``) and ``metrics.json`` (the run's out-of-fold scores, test scores when
     ``test.csv`` has the truth)."""
     out = stage_dir(cfg.exp)
@@ -281,7 +294,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     info = store.read_json(where)
     classes, counts = info["classes"], info["counts"]
     device = resolve_device(cfg.device)
-    models = [(k, *load_classifier(cfg.exp, k, device)) for k in cfg.fold_list()]  # all found before any work
+    models = [(k, *load_classifier(cfg.exp, k, device)) for k in test_folds(cfg)]  # all found before any work
     for k, _, meta in models:
         check_model(meta, comp.root, f"{cfg.exp} stage 05 fold{k}/config.json")
     if models[0][2]["classes"] != classes:  # the logits' order is the trained model's
@@ -304,7 +317,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
                       logits=np.mean(list(per_fold.values()), axis=0).astype(np.float32))
     stored = store.read_json(run / "metrics.json")
     metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": len(classes), "folds": cfg.fold_list(),
-                               "inference_only": True, "oof": stored["oof"],
+                               "test_folds": test_folds(cfg), "inference_only": True, "oof": stored["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
     return _finish_inference(cfg, comp, metrics, test_probs, classes)
 
@@ -326,7 +339,7 @@ def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes:
         arrays.update(topk.to_arrays(p, suffix=f"_fold{f}"))
     store.save_arrays(out / "test.npz", list(comp.test["image"]), **arrays)
     metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": n, "folds": cfg.fold_list(),
-                               "inference_only": True, "prob_topk": k,
+                               "test_folds": test_folds(cfg), "inference_only": True, "prob_topk": k,
                                "oof": store.read_json(run / "metrics.json")["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
     return _finish_inference(cfg, comp, metrics, probs, classes)
