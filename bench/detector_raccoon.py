@@ -19,6 +19,10 @@ Run from the repository root (offline is fine; the pretrained weights come from 
 
 Each seed draws its own split and trains with that seed: the spread covers both.
 
+``--multi-test`` holds out every image with two or more raccoons instead (16 images, 33 boxes; the only real
+photos with several animals and boxes in ``../shared``), and draws the ``--n-dev`` development images from the
+one-raccoon photos: a small measurement of the detector where one image holds several animals.
+
 Runs are cached under ``working/bench/detector_raccoon/`` by their knobs; a second call reuses the trained
 weights (its table then says ``cached``). ``--record`` appends a section to ``bench/RESULTS.md``.
 """
@@ -59,6 +63,22 @@ def split_images(names: list[str], n_dev: int, seed: int) -> tuple[list[str], li
     return dev, test
 
 
+def split_multi(labels: pd.DataFrame, n_dev: int, seed: int) -> tuple[list[str], list[str]]:
+    """``--multi-test``: every image with two or more boxes held out (sorted), and ``n_dev`` development images
+    drawn with ``seed`` from the images with one box (sorted).
+
+    Raises:
+        SystemExit: when fewer than ``n_dev`` one-box images exist, or no image has two boxes.
+    """
+    counts = labels.groupby("image").size()
+    test, single = sorted(counts[counts >= 2].index), sorted(counts[counts < 2].index)
+    if not test or len(single) < n_dev:
+        raise SystemExit(f"--multi-test: {len(test)} images with 2+ boxes and {len(single)} with one; "
+                         f"--n-dev {n_dev} needs that many one-box images and at least one with 2+")
+    perm = np.random.default_rng(seed).permutation(len(single))
+    return sorted(single[i] for i in perm[:n_dev]), test
+
+
 def train_and_score(title: str, model: str, epochs: int, data: Path, run_dir: Path, test: list[str],
                     labels: pd.DataFrame, image_dir: Path, args: argparse.Namespace, seed: int,
                     freeze: int = 0) -> dict:
@@ -87,9 +107,12 @@ def train_and_score(title: str, model: str, epochs: int, data: Path, run_dir: Pa
 def run_seed(args: argparse.Namespace, seed: int, labels: pd.DataFrame, out: Path) -> tuple[list, dict]:
     """Every row for one seed (the split and the training seed): ``[(title, metrics)]`` and split sizes."""
     image_dir = args.data / "images"
-    dev, test = split_images(labels["image"].unique().tolist(), args.n_dev, seed)
+    if args.multi_test:
+        dev, test = split_multi(labels, args.n_dev, seed)
+    else:
+        dev, test = split_images(labels["image"].unique().tolist(), args.n_dev, seed)
     dev_boxes = labels[labels["image"].isin(dev)].reset_index(drop=True)
-    tag = f"n{args.n_dev}-v{args.val_fraction:g}-s{seed}"
+    tag = f"n{args.n_dev}-v{args.val_fraction:g}-s{seed}" + ("-multi" if args.multi_test else "")
     data = make_yolo_dataset(dev_boxes, image_dir, out / f"yolo_data-{tag}", args.val_fraction, seed)
     n_val = int((pd.read_csv(data.parent / "split.csv")["split"] == "val").sum())
     print(f"seed {seed}: {len(dev)} development images ({len(dev) - n_val} train / {n_val} val), {len(test)} held "
@@ -127,7 +150,8 @@ def run_seed(args: argparse.Namespace, seed: int, labels: pd.DataFrame, out: Pat
     rows.append(("floor: the full image as the only box", evaluate_boxes(full, labels, test, min_conf=0.25)
                  | {"epochs": "-", "train_s": float("nan"), "train_threads": "-", "cached": False,
                     "predict_ms_per_image": float("nan")}))
-    return rows, {"dev": len(dev), "train": len(dev) - n_val, "val": n_val, "test": len(test)}
+    return rows, {"dev": len(dev), "train": len(dev) - n_val, "val": n_val, "test": len(test),
+                  "test_boxes": int(labels["image"].isin(test).sum())}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -155,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seeds", default="0", help="comma list: each seed draws its own split and trains with it")
+    ap.add_argument("--multi-test", action="store_true",
+                    help="hold out every image with 2+ raccoons; draw the dev images from the one-raccoon ones")
     ap.add_argument("--pseudo", action="store_true",
                     help="add CAM boxes (no labels) and a detector trained on the dev images' CAM boxes")
     add_record_args(ap)
@@ -194,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 
     text = (
         f"\n## Detector on raccoon over seeds: labelled boxes, no boxes (CAM, pseudo-boxes), {args.imgsz} px, "
-        f"{sizes['dev']} dev / {sizes['test']} held-out images\n\n"
+        f"{sizes['dev']} dev / {sizes['test']} held-out images"
+        f"{' (every photo with 2+ raccoons held out)' if args.multi_test else ''}\n\n"
         f"- command: `{command_line('detector_raccoon', argv, env='HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 ')}` "
         "(from the repo root)\n"
         f"- date: {utc_stamp()}\n"
@@ -205,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         f"({torch.get_num_threads()} threads), ultralytics {ultralytics.__version__}\n"
         f"- data: ../shared/datasets/raccoon; per seed ({args.seeds}) a seeded split: {sizes['dev']} development "
         f"images ({sizes['train']} train / {sizes['val']} ultralytics val, best epoch chosen on val), "
-        f"{sizes['test']} held-out test images; batch {args.batch}; metrics from "
+        f"{sizes['test']} held-out test images ({sizes['test_boxes']} boxes"
+        f"{'; the same for every seed: every photo with 2+ raccoons, the dev images drawn from the others' if args.multi_test else ''}"
+        f"); batch {args.batch}; metrics from "
         "`common.engine.detector.evaluate_boxes` on the held-out images (mAP50: VOC all-point AP over boxes with "
         "conf >= 0.001; crop IoU: the kept box at conf >= 0.25, else the full image)\n\n"
         f"{table}\n\n{verdict}\n"
