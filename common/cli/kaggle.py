@@ -203,11 +203,7 @@ def run_folds(exp: str, stage: str = "03") -> list[int]:
     """The folds stage 03 of ``exp`` embedded with (with the full model's, ``full_fit``), or the stage-05 models
     that answer the test (the full model alone with ``full_fit``): those inference uses."""
     cfg = STAGE_CONFIGS[stage](**_known(stage, run_params(exp, stage)))
-    if stage == "05":
-        from common.stages.train_classifier import test_folds
-
-        return test_folds(cfg)
-    return cfg.model_folds()
+    return cfg.test_folds() if stage == "05" else cfg.model_folds()
 
 
 def used_crops(exp: str, stage: str = "02") -> bool:

@@ -56,6 +56,11 @@ class FoldConfig(StageConfig):
         model trained on every training image, numbered ``n_folds`` (its folder is ``fold{n_folds}``)."""
         return self.fold_list() + ([self.n_folds] if getattr(self, "full_fit", False) else [])
 
+    def test_folds(self) -> list[int]:
+        """The models that answer the test: the full model alone with ``full_fit`` (fold ``n_folds``, trained on
+        every image), else every requested fold's; :meth:`fold_list` still gives the out-of-fold scores."""
+        return [self.n_folds] if getattr(self, "full_fit", False) else self.fold_list()
+
 
 @dataclasses.dataclass(frozen=True)
 class FullFitField(StageConfig):

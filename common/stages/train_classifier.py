@@ -70,12 +70,6 @@ def truth_labels(comp: Competition, label_column: str) -> pd.Series | None:
     return table.set_index("image")[label_column].astype(str)
 
 
-def test_folds(cfg: ClassifierConfig) -> list[int]:
-    """The models that answer the test: the full model alone with ``full_fit`` (fold ``n_folds``, trained on
-    every image), else every requested fold's (their predictions averaged)."""
-    return [cfg.n_folds] if cfg.full_fit else cfg.fold_list()
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
 
@@ -114,7 +108,7 @@ def run_classification(cfg: ClassifierConfig, comp: Competition | None = None) -
         metrics = _predict_topk(cfg, comp, folds, classes, counts, k_top, test_files, device)
         meta = metrics.pop("meta")
         return _finish(cfg, out, metrics, meta, train_seconds, t0)
-    oof_parts, test_logits, answering = [], {}, test_folds(cfg)
+    oof_parts, test_logits, answering = [], {}, cfg.test_folds()
     for k in cfg.model_folds():
         model, meta = load_classifier(cfg.exp, k, device)
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
@@ -180,7 +174,7 @@ def write_submission(cfg: ClassifierConfig, comp: Competition, test_probs: topk.
 def _finish(cfg: ClassifierConfig, out, metrics: dict[str, Any], meta: dict, train_seconds: float, t0: float
             ) -> dict[str, Any]:
     """The top-k run's metrics.json, headline and marker (the arrays and submission are written)."""
-    metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "test_folds": test_folds(cfg),
+    metrics = {"label_column": cfg.label_column, "folds": cfg.fold_list(), "test_folds": cfg.test_folds(),
                "final_weights": meta["final_weights"],
                "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                "posthoc_tau": cfg.la_posthoc_tau, **metrics}
@@ -247,13 +241,13 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
     out, tau, n = stage_dir(cfg.exp), cfg.la_posthoc_tau, len(classes)
     class_index = {c: i for i, c in enumerate(classes)}
     use_crops = cfg.use_crops and crops_available(cfg.exp)
-    oof, test, images, labels, fold_of = [], {}, [], [], []
+    oof, test, images, labels, fold_of, answering = [], {}, [], [], [], cfg.test_folds()
     for k_fold in cfg.model_folds():
         model, meta = load_classifier(cfg.exp, k_fold, device)
         args = dict(image_size=cfg.image_size, mean=meta["mean"], std=meta["std"], batch_size=2 * cfg.batch_size,
                     tta_flip=cfg.tta_flip, device=device, num_workers=cfg.num_workers, amp=cfg.amp,
                     amp_cpu=cfg.amp_cpu, channels_last=cfg.channels_last)
-        if k_fold in test_folds(cfg):
+        if k_fold in answering:
             test[k_fold] = predict_topk(model, test_files, n, k, counts, tau, f"fold {k_fold} test", **args)
         if k_fold not in cfg.fold_list():
             continue  # the full model (full_fit): no out-of-fold part
@@ -284,9 +278,9 @@ def _predict_topk(cfg: ClassifierConfig, comp: Competition, folds: pd.DataFrame,
 
 def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, Any]:
     """``inference_only``: test predictions of an earlier full run's fold models (found by experiment name, e.g.
-    in an attached Kaggle dataset; with ``full_fit``, its full model alone); no training. Writes ``test.npz``, the submission (on Kaggle also
-    ``/kaggle/working/submission.csv``) and ``metrics.json`` (the run's out-of-fold scores, test scores when
-    ``test.csv`` has the truth)."""
+    in an attached Kaggle dataset; with ``full_fit``, its full model alone); no training. Writes ``test.npz``,
+    the submission (on Kaggle also ``/kaggle/working/submission.csv``) and ``metrics.json`` (the run's
+    out-of-fold scores, test scores when ``test.csv`` has the truth)."""
     out = stage_dir(cfg.exp)
     hint = "inference_only needs a full stage-05 run of this experiment"
     run = paths.find_stage_dir(cfg.exp, "05", "metrics.json", hint=hint)
@@ -294,7 +288,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
     info = store.read_json(where)
     classes, counts = info["classes"], info["counts"]
     device = resolve_device(cfg.device)
-    models = [(k, *load_classifier(cfg.exp, k, device)) for k in test_folds(cfg)]  # all found before any work
+    models = [(k, *load_classifier(cfg.exp, k, device)) for k in cfg.test_folds()]  # all found before any work
     for k, _, meta in models:
         check_model(meta, comp.root, f"{cfg.exp} stage 05 fold{k}/config.json")
     if models[0][2]["classes"] != classes:  # the logits' order is the trained model's
@@ -317,7 +311,7 @@ def infer_classification(cfg: ClassifierConfig, comp: Competition) -> dict[str, 
                       logits=np.mean(list(per_fold.values()), axis=0).astype(np.float32))
     stored = store.read_json(run / "metrics.json")
     metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": len(classes), "folds": cfg.fold_list(),
-                               "test_folds": test_folds(cfg), "inference_only": True, "oof": stored["oof"],
+                               "test_folds": cfg.test_folds(), "inference_only": True, "oof": stored["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
     return _finish_inference(cfg, comp, metrics, test_probs, classes)
 
@@ -339,7 +333,7 @@ def _infer_topk(cfg: ClassifierConfig, comp: Competition, models: list, classes:
         arrays.update(topk.to_arrays(p, suffix=f"_fold{f}"))
     store.save_arrays(out / "test.npz", list(comp.test["image"]), **arrays)
     metrics: dict[str, Any] = {"label_column": cfg.label_column, "n_classes": n, "folds": cfg.fold_list(),
-                               "test_folds": test_folds(cfg), "inference_only": True, "prob_topk": k,
+                               "test_folds": cfg.test_folds(), "inference_only": True, "prob_topk": k,
                                "oof": store.read_json(run / "metrics.json")["oof"],
                                "final_weights": models[-1][2]["final_weights"]}
     return _finish_inference(cfg, comp, metrics, probs, classes)
