@@ -113,6 +113,14 @@ def run_name(key: str, cfg: dict) -> str:
     return f"bench-grocery-{key}-{digest}"
 
 
+def stage06_exp(name: str, base: dict) -> str:
+    """The experiment of a stage-06 row (ensemble, soup, pseudo-label round, cleaning) for the base's seed: its
+    members are that seed's runs, so each seed gets its own folder (``<name>-s<seed>``) and one seed's call does not
+    overwrite another's pseudo-label folder, which would make that seed's students retrain. Seed 42 (:data:`BASE`'s)
+    keeps the plain name of its earlier, cached runs."""
+    return name if base["seed"] == BASE["seed"] else f"{name}-s{base['seed']}"
+
+
 def make_config(key: str, base: dict, data: Path, overrides: dict):
     """The ClassifierConfig of one run."""
     from common.config import ClassifierConfig
@@ -252,19 +260,20 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
                                  for s in args.lites)])
     if len(members) > 1:
         rows.append(weighted_ensemble("ensemble", f"stage 06: {names}, weights (OOF acc / min) ** 25",
-                                      "bench-grocery-ensemble", members, data, comp))
+                                      stage06_exp("bench-grocery-ensemble", base), members, data, comp))
     souped = [e[0] for k, e in exps.items() if k not in ("aux", "flip")]  # aux adds a head: not soupable
     if len(souped) > 1:
-        soup = ensemble(EnsembleConfig(data=str(data), exp="bench-grocery-soup", members=souped[0],
+        soup_exp = stage06_exp("bench-grocery-soup", base)
+        soup = ensemble(EnsembleConfig(data=str(data), exp=soup_exp, members=souped[0],
                                        soup="greedy", soup_members=",".join(souped), device="cpu"), comp)
         rows.append(summarise("soup", f"stage 06: greedy soup of {len(souped)} Lite0 rows (seed {base['seed']})",
-                              [{**soup["soup"]["test"], "exp": "bench-grocery-soup", "train_s": 0.0}]))
+                              [{**soup["soup"]["test"], "exp": soup_exp, "train_s": 0.0}]))
     if not probes:
         return rows, members
     every = [e[0] for k, e in exps.items() if k != "flip"] + members[1:] + list(probes)
     rows.append(weighted_ensemble(
         "ensemble-all", f"stage 06: all {len(every)} models above (fine-tuned and probes, seed {base['seed']}), weights "
-        "(OOF acc / min) ** 25", "bench-grocery-ensemble-all", every, data, comp))
+        "(OOF acc / min) ** 25", stage06_exp("bench-grocery-ensemble-all", base), every, data, comp))
     return rows, every
 
 
@@ -287,8 +296,8 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
     every: list[str] = []  # the students of all rounds
     for round_no in range(1, args.pseudo_rounds + 1):
         suffix = "" if round_no == 1 else str(round_no)  # round 1 keeps its earlier names (cached runs)
-        cfg06 = EnsembleConfig(data=str(data), exp=f"bench-grocery-pseudo{suffix}", members=",".join(sources),
-                               weight_factor=25.0, pseudo_threshold=args.pseudo, pseudo_round=round_no, device="cpu")
+        cfg06 = EnsembleConfig(data=str(data), exp=stage06_exp(f"bench-grocery-pseudo{suffix}", base),
+                               members=",".join(sources), weight_factor=25.0, pseudo_threshold=args.pseudo, pseudo_round=round_no, device="cpu")
         info = ensemble(cfg06, comp)["pseudo"]
         kept = pd.read_csv(stage_dir(cfg06.exp) / f"pseudo_round{round_no}.csv", dtype=str, keep_default_na=False)
         source = kept["image"] if "test_image" not in kept else kept["test_image"].where(kept["test_image"] != "",
@@ -310,13 +319,15 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
         if len(students) > 1:
             rows.append(weighted_ensemble(
                 f"pseudo{suffix}-ensemble", f"stage 06: the {len(students)} models of pseudo-label round {round_no}, "
-                "weights (OOF acc / min) ** 25", f"bench-grocery-pseudo{suffix}-ensemble", students, data, comp))
+                "weights (OOF acc / min) ** 25", stage06_exp(f"bench-grocery-pseudo{suffix}-ensemble", base), students,
+                data, comp))
         sources = students
         every += students
     if args.pseudo_rounds > 1 and len(every) > 1:
         rows.append(weighted_ensemble(
             "pseudo-all-ensemble", f"stage 06: all {len(every)} students of the {args.pseudo_rounds} pseudo-label "
-            "rounds, weights (OOF acc / min) ** 25", "bench-grocery-pseudo-all-ensemble", every, data, comp))
+            "rounds, weights (OOF acc / min) ** 25", stage06_exp("bench-grocery-pseudo-all-ensemble", base), every,
+            data, comp))
     return rows
 
 
@@ -338,7 +349,7 @@ def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str
     if len(members) > 1:
         rows.append(weighted_ensemble("probe-ensemble",
                                       f"stage 06: the {len(members)} probes, weights (OOF acc / min) ** 25",
-                                      "bench-grocery-probe-ensemble", members, data, comp))
+                                      stage06_exp("bench-grocery-probe-ensemble", base), members, data, comp))
     return rows, members
 
 
@@ -353,8 +364,8 @@ def noise_rows(args, base: dict, work: Path) -> list[dict]:
     print(f"plain on noisy labels: {cfg.exp}", flush=True)
     rows = [summarise("noisy", f"plain, {round(100 * NOISE)}% of train labels flipped within coarse class",
                       [train(cfg, comp)])]
-    ens = ensemble(EnsembleConfig(data=str(noisy), exp="bench-grocery-clean", members=cfg.exp,
-                                  clean_threshold=CLEAN_THRESHOLD, device="cpu"), comp)
+    ens = ensemble(EnsembleConfig(data=str(noisy), exp=stage06_exp("bench-grocery-clean", base),
+                                  members=cfg.exp, clean_threshold=CLEAN_THRESHOLD, device="cpu"), comp)
     cleaned = Path(ens["clean"]["folder"])
     table = pd.read_csv(cleaned / "train.csv", dtype=str)
     still = float((table["individual_id"] != table["clean_label"]).mean())
