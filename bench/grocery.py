@@ -36,6 +36,13 @@ the students of both rounds; ``--pseudo-rows A B C --pseudo-rows A B`` retrains 
 ``--only plain,ls`` runs a subset of the trick rows (plain always runs); ``--no-ensemble``, ``--no-noise`` skip
 those parts; ``--seeds 42`` runs one seed; ``-p key=value`` overrides a field of the base (e.g. ``-p
 image_size=128``).
+
+The probes, ``--lites``, ensembles, soup and pseudo-label rounds use the first seed of ``--seeds`` (the trick rows
+use every seed). ``--all-seeds`` runs them for every seed too, each seed's models and stage-06 rows on their own
+(``bench-grocery-ensemble-s1`` ...; seed 42 keeps the plain names), and shows each of those rows as the mean and
+spread over the seeds: a whole recipe's seed spread from one command (about ``len(--seeds)`` times the cost). A
+call with ``--seeds 42,1 --all-seeds`` reuses the runs of ``--seeds 42`` and ``--seeds 1`` calls with the same
+options, and the other way round. The label-noise rows stay with the first seed.
 """
 
 from __future__ import annotations
@@ -160,6 +167,43 @@ def summarise(key: str, label: str, runs: list[dict]) -> dict:
         v = np.array([r[m] for r in runs], float)
         out[m], out[f"{m}_spread"] = float(v.mean()), float(v.max() - v.min())
     out["train_s"] = float(np.mean([r["train_s"] for r in runs]))
+    return out
+
+
+def seed_label(label: str, seeds: list[int]) -> str:
+    """``label`` of the first seed's row (``... (seed 42)``, ``..., seed 42)``) renamed for the rows of every seed."""
+    return label.replace(f"seed {seeds[0]})", f"seeds {', '.join(map(str, seeds))})")
+
+
+def round_label(which: str, kept: list[int], n_test: int, threshold: float, n_sources: int,
+                right: list[float]) -> str:
+    """The pseudo-label round's words: how many val images were kept and how many of their labels are right (one
+    figure per seed)."""
+    per_seed = ", per seed" if len(kept) > 1 else ""
+    return (f"{which} ({', '.join(map(str, kept))} of {n_test} val images at p >= {threshold:g} from the ensemble "
+            f"of {n_sources}, {', '.join(f'{r:.1%}' for r in right)} of them right{per_seed}; transductive)")
+
+
+def merge_seeds(per_seed: list[list[dict]], seeds: list[int]) -> list[dict]:
+    """The rows of every seed (the same keys in the same order, one run each) as one row per key: mean and spread
+    over the seeds (:func:`summarise`), labels naming every seed."""
+    keys = [r["key"] for r in per_seed[0]]
+    for seed, rows in zip(seeds, per_seed, strict=True):
+        if [r["key"] for r in rows] != keys:
+            raise RuntimeError(f"seed {seed}: rows {[r['key'] for r in rows]} differ from seed {seeds[0]}'s {keys}")
+    out = []
+    for i, key in enumerate(keys):
+        group = [rows[i] for rows in per_seed]
+        first = group[0]
+        if "round" in first:  # a pseudo-label student: its round's figures per seed
+            info = first["round"]
+            kept = [n for r in group for n in r["round"]["kept"]]
+            right = [x for r in group for x in r["round"]["right"]]
+            label = f"{info['model']} + " + round_label(info["which"], kept, info["n_test"], info["threshold"],
+                                                        info["n_sources"], right)
+        else:
+            label = seed_label(first["label"], seeds)
+        out.append(summarise(key, label, [run for r in group for run in r["runs"]]))
     return out
 
 
@@ -307,14 +351,16 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
         data = Path(info["folder"])
         comp = load_competition(data, check_pixels=False)
         which = "one pseudo-label round" if args.pseudo_rounds == 1 else f"pseudo-label round {round_no}"
-        round_text = (f"{which} ({len(kept)} of {len(comp.test)} val images at p >= {args.pseudo:g} from the "
-                      f"ensemble of {len(sources)}, {right:.1%} of them right; transductive)")
+        info = dict(which=which, kept=[len(kept)], n_test=len(comp.test), threshold=args.pseudo,
+                    n_sources=len(sources), right=[right])
+        round_text = round_label(**info)
         students = []
         for spec in args.pseudo_rows[min(round_no, len(args.pseudo_rows)) - 1]:
             key, label, over = model_spec(spec, base)
             cfg = make_config(f"pseudo{suffix}-{key}", base, data, over)
             print(f"{label} + round {round_no} ({len(kept)} val images, {right:.1%} right): {cfg.exp}", flush=True)
-            rows.append(summarise(f"pseudo{suffix}-{key}", f"{label} + {round_text}", [train(cfg, comp)]))
+            rows.append({**summarise(f"pseudo{suffix}-{key}", f"{label} + {round_text}", [train(cfg, comp)]),
+                         "round": {**info, "model": label}})
             students.append(cfg.exp)
         if len(students) > 1:
             rows.append(weighted_ensemble(
@@ -404,6 +450,23 @@ def ssl_rows(args, base: dict, data: Path, comp, plain: dict) -> list[dict]:
     return [summarise("ssl", label, runs)]
 
 
+def seed_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]], index: int) -> list[dict]:
+    """The rows of one seed (``base["seed"]``, the ``index``-th of --seeds): the probes, the ``--lites`` models, the
+    ensembles and soup of that seed's models, and the pseudo-label rounds from them."""
+    own = {key: runs[index: index + 1] for key, runs in exps.items()}  # each trick row's model of this seed
+    rows: list[dict] = []
+    probes: list[str] = []
+    if args.probes:
+        probe_table, probes = probe_rows(args, base, data, comp)
+        rows += probe_table
+    if not args.no_ensemble:
+        ensemble_table, sources = ensemble_rows(args, base, data, comp, own, probes)
+        rows += ensemble_table
+        if args.pseudo:
+            rows += pseudo_rows(args, base, data, comp, sources)
+    return rows
+
+
 def check_backbones(specs: list[str]) -> None:
     """Fail before any training on a ``--lites``/``--probes``/``--pseudo-rows`` entry that is neither a trained
     trick row's key nor ``BACKBONE[:PX]`` with a backbone timm knows."""
@@ -431,7 +494,11 @@ def table_lines(rows: list[dict], n_seeds: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=SHARED, help="the shared datasets folder")
-    ap.add_argument("--seeds", default="42,1", help="seeds of every trained trick row (the first is the base's)")
+    ap.add_argument("--seeds", default="42,1", help="seeds of every trained trick row (the first is the base's, and "
+                    "the probes', --lites', ensembles' and pseudo-labels' without --all-seeds)")
+    ap.add_argument("--all-seeds", action="store_true",
+                    help="run the probes, --lites, ensembles, soup and pseudo-label rounds for every seed of --seeds "
+                         "too, and show their mean and spread (label noise stays with the first seed)")
     ap.add_argument("--only", default="", metavar="K1,K2", help=f"trick rows: {[v.key for v in VARIANTS]}")
     ap.add_argument("--no-ensemble", action="store_true", help="skip the --lites rows, the ensembles and the soup")
     ap.add_argument("--lites", nargs="*", default=list(LITES), metavar="BACKBONE[:PX]",
@@ -496,19 +563,16 @@ def main(argv: list[str] | None = None) -> dict:
     rows, exps = trick_rows(args, base, data, comp)
     if args.ssl:
         rows += ssl_rows(args, base, data, comp, rows[0])
-    probes: list[str] = []
-    if args.probes:
-        probe_table, probes = probe_rows(args, base, data, comp)
-        rows += probe_table
-    if not args.no_ensemble:
-        ensemble_table, sources = ensemble_rows(args, base, data, comp, exps, probes)
-        rows += ensemble_table
-        if args.pseudo:
-            rows += pseudo_rows(args, base, data, comp, sources)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    per_seed = [seed_rows(args, {**base, "seed": seed}, data, comp, exps, i)
+                for i, seed in enumerate(seeds if args.all_seeds else seeds[:1])]
+    rows += per_seed[0] if len(per_seed) == 1 else merge_seeds(per_seed, seeds)
     if not args.no_noise:
         rows += noise_rows(args, base, work)
     total = time.perf_counter() - t_start
     best = max(rows, key=lambda r: r["accuracy"])
+    runs = [f"{r['accuracy']:.4f}" for r in best["runs"]]
+    best_runs = f" (mean over seeds; per seed {', '.join(runs)})" if len(runs) > 1 else ""
     n_fit = round((base.get("max_images") or len(comp.train)) * (base["n_folds"] - 1) / base["n_folds"])
     command = "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python -m bench.grocery " + shlex.join(
         sys.argv[1:] if argv is None else argv)
@@ -524,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         "**scored on the official val split (296 images)**",
         f"- base (plain fine-tuning): {knobs}; every trick row changes one knob; mean over seeds {args.seeds}, "
         "spread = max - min",
-        f"- best val accuracy: {best['accuracy']:.4f} ({best['label']}); published fine-grained test accuracy "
+        f"- best val accuracy: {best['accuracy']:.4f}{best_runs} ({best['label']}); published fine-grained test accuracy "
         f"{PUBLISHED:.3f} (Antioquia, 2021): {'reached' if best['accuracy'] >= PUBLISHED else 'NOT reached'}",
         "", *table_lines(rows, len(args.seeds.split(","))),
     ]

@@ -104,7 +104,8 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
 
     base = {**grocery.BASE, "backbone": "mobilenetv3_small_050", "pretrained": "none", "n_folds": 2, "epochs": 1,
             "freeze_blocks": 0, "image_size": 32, "batch_size": 4, "use_crops": False, "amp": False,
-            "seed": 3}  # not BASE's 42: the labels must name the seed the models trained with
+            "seed": 3}  # not BASE's 42: the labels must name the seed the models trained with, and each stage-06
+    # row of seed 3 has its own experiment (<name>-s3), so that another seed's call cannot overwrite it
     plain = grocery.make_config("plain", base, comp.root, {})
     grocery.train(plain, comp)
     probe_args = argparse.Namespace(probes=["mobilenetv3_small_050:40"])
@@ -119,8 +120,8 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     seed = base["seed"]  # every model trains with the base's seed, and the rows say so
     assert store.read_json(fold_dir(lite_exps[0], 0) / "config.json")["config"]["seed"] == seed
     assert rows[0]["label"].endswith(f"(seed {seed})") and f"probes, seed {seed})" in rows[-1]["label"]
-    ens = store.read_json(isolated / "working" / "bench-grocery-ensemble" / "06_ensemble" / "metrics.json")
-    every = store.read_json(isolated / "working" / "bench-grocery-ensemble-all" / "06_ensemble" / "metrics.json")
+    ens = store.read_json(isolated / "working" / "bench-grocery-ensemble-s3" / "06_ensemble" / "metrics.json")
+    every = store.read_json(isolated / "working" / "bench-grocery-ensemble-all-s3" / "06_ensemble" / "metrics.json")
     assert sorted(ens["weights"]) == sorted([plain.exp, *lite_exps])
     assert sorted(every["weights"]) == sorted([plain.exp, *lite_exps, *probes])  # no member twice
     assert rows[-1]["label"].startswith("stage 06: all 4 models") and sorted(every_exp) == sorted(every["weights"])
@@ -134,10 +135,10 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert [r["key"] for r in round2] == ["pseudo2-ema", "pseudo2-plain", "pseudo2-ensemble", "pseudo-all-ensemble"]
     # round 2: labels from round 1's two students, on round 1's folder; its folder holds round 2's rows only
     round1 = [r["runs"][0]["exp"] for r in (row, other)]
-    out2 = isolated / "working" / "bench-grocery-pseudo2" / "06_ensemble"
+    out2 = isolated / "working" / "bench-grocery-pseudo2-s3" / "06_ensemble"
     assert sorted(store.read_json(out2 / "metrics.json")["weights"]) == sorted(round1)
     # the last row ensembles the four students of both rounds (on round 2's folder)
-    all_students = store.read_json(isolated / "working" / "bench-grocery-pseudo-all-ensemble" / "06_ensemble"
+    all_students = store.read_json(isolated / "working" / "bench-grocery-pseudo-all-ensemble-s3" / "06_ensemble"
                                    / "metrics.json")
     assert sorted(all_students["weights"]) == sorted(round1 + [r["runs"][0]["exp"] for r in round2[:2]])
     assert round2[-1]["label"].startswith("stage 06: all 4 students of the 2 pseudo-label rounds")
@@ -145,7 +146,7 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert set(train2["round"]) == {"0", "2"} and (train2["round"] == "2").sum() == len(comp.test)
     assert store.read_json(fold_dir(round2[0]["runs"][0]["exp"], 0) / "config.json")["config"]["data"] == str(
         out2 / "pseudo_round2")
-    out = isolated / "working" / "bench-grocery-pseudo" / "06_ensemble"
+    out = isolated / "working" / "bench-grocery-pseudo-s3" / "06_ensemble"
     kept = pd.read_csv(out / "pseudo_round1.csv", dtype=str, keep_default_na=False)
     assert len(kept) == len(comp.test)  # p >= 0.01 keeps every image of a few classes
     truth = comp.truth.set_index("image")["individual_id"]
@@ -156,7 +157,7 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
     assert meta["data"] == str(out / "pseudo_round1") and meta["ema_decay"] == 0.995  # the chosen trick row
     other_meta = store.read_json(fold_dir(other["runs"][0]["exp"], 0) / "config.json")["config"]
     assert other_meta["image_size"] == 40 and other_meta["data"] == meta["data"]
-    ens = store.read_json(isolated / "working" / "bench-grocery-pseudo-ensemble" / "06_ensemble" / "metrics.json")
+    ens = store.read_json(isolated / "working" / "bench-grocery-pseudo-ensemble-s3" / "06_ensemble" / "metrics.json")
     assert sorted(ens["weights"]) == sorted([exp, other["runs"][0]["exp"]])  # the students, on one folder
     with pytest.raises(SystemExit, match="needs the ensemble"):
         grocery.main(["--pseudo", "0.9", "--no-ensemble"])
@@ -171,3 +172,74 @@ def test_ensemble_rows_train_lites_at_their_own_size_and_ensemble_every_model(co
         grocery.backbone_spec("tf_efficientnet_lite2:big")
     with pytest.raises(SystemExit, match="input size"):
         grocery.probe_rows(argparse.Namespace(probes=["mobilenetv3_small_050"]), base, comp.root, comp)
+
+
+def test_stage06_experiments_are_per_seed_and_seed_42_keeps_its_names():
+    from bench import grocery
+
+    assert grocery.stage06_exp("bench-grocery-pseudo", {"seed": 42}) == "bench-grocery-pseudo"
+    assert grocery.stage06_exp("bench-grocery-pseudo", {"seed": 1}) == "bench-grocery-pseudo-s1"
+    assert grocery.stage06_exp("bench-grocery-pseudo2-ensemble", {"seed": 0}) == "bench-grocery-pseudo2-ensemble-s0"
+
+
+def test_merge_seeds_averages_each_row_over_the_seeds_and_names_them():
+    from bench import grocery
+
+    def run(acc, bal, top5, train_s=0.0):
+        return {"accuracy": acc, "balanced_accuracy": bal, "top5": top5, "train_s": train_s, "exp": "x"}
+
+    info = dict(which="one pseudo-label round", n_test=296, threshold=0.45, n_sources=8, model="plain fine-tuning")
+    seed42 = [grocery.summarise("plain-lite1-240", "plain fine-tuning, lite1 at 240 px (seed 42)", [run(0.7, 0.6, 0.9, 800)]),
+              grocery.summarise("ensemble-all", "stage 06: all 8 models above (fine-tuned and probes, seed 42), w",
+                                [run(0.8, 0.8, 1.0)]),
+              {**grocery.summarise("pseudo-plain", "student", [run(0.86, 0.85, 0.95, 500)]),
+               "round": {**info, "kept": [221], "right": [0.941]}}]
+    seed1 = [grocery.summarise("plain-lite1-240", "plain fine-tuning, lite1 at 240 px (seed 1)", [run(0.6, 0.7, 0.8, 900)]),
+             grocery.summarise("ensemble-all", "stage 06: all 8 models above (fine-tuned and probes, seed 1), w",
+                               [run(0.9, 0.8, 0.9)]),
+             {**grocery.summarise("pseudo-plain", "student", [run(0.88, 0.87, 0.93, 700)]),
+              "round": {**info, "kept": [230], "right": [0.92]}}]
+    lite, every, student = grocery.merge_seeds([seed42, seed1], [42, 1])
+    assert lite["label"] == "plain fine-tuning, lite1 at 240 px (seeds 42, 1)" and len(lite["runs"]) == 2
+    assert lite["accuracy"] == pytest.approx(0.65) and lite["accuracy_spread"] == pytest.approx(0.1)
+    assert lite["balanced_accuracy"] == pytest.approx(0.65) and lite["top5_spread"] == pytest.approx(0.1)
+    assert lite["train_s"] == pytest.approx(850)
+    assert every["label"] == "stage 06: all 8 models above (fine-tuned and probes, seeds 42, 1), w"
+    assert every["accuracy"] == pytest.approx(0.85) and every["balanced_accuracy_spread"] == pytest.approx(0.0)
+    assert student["label"] == ("plain fine-tuning + one pseudo-label round (221, 230 of 296 val images at p >= 0.45 "
+                                "from the ensemble of 8, 94.1%, 92.0% of them right, per seed; transductive)")
+    assert student["accuracy"] == pytest.approx(0.87) and student["top5_spread"] == pytest.approx(0.02)
+    one = grocery.round_label(**{k: v for k, v in info.items() if k != "model"}, kept=[221], right=[0.941])
+    assert one == ("one pseudo-label round (221 of 296 val images at p >= 0.45 from the ensemble of 8, 94.1% of them "
+                   "right; transductive)")  # one seed: the words of the single-seed tables
+    with pytest.raises(RuntimeError, match="seed 1: rows"):
+        grocery.merge_seeds([seed42, seed1[:2]], [42, 1])
+
+
+def test_seed_rows_give_each_seed_its_own_trick_models(monkeypatch):
+    import argparse
+
+    from bench import grocery
+
+    seen = []
+
+    def fake_probes(args, base, data, comp):
+        seen.append(("probes", base["seed"]))
+        return [], [f"probe-s{base['seed']}"]
+
+    def fake_ensembles(args, base, data, comp, exps, probes):
+        seen.append(("ensembles", base["seed"], exps, list(probes)))
+        return [], [f"widest-s{base['seed']}"]
+
+    def fake_pseudo(args, base, data, comp, sources):
+        seen.append(("pseudo", base["seed"], sources))
+        return []
+
+    monkeypatch.setattr(grocery, "probe_rows", fake_probes)
+    monkeypatch.setattr(grocery, "ensemble_rows", fake_ensembles)
+    monkeypatch.setattr(grocery, "pseudo_rows", fake_pseudo)
+    args = argparse.Namespace(probes=["x:224"], no_ensemble=False, pseudo=0.45)
+    exps = {"plain": ["plain-42", "plain-1"], "ema": ["ema-42", "ema-1"]}
+    assert grocery.seed_rows(args, {"seed": 1}, Path("d"), None, exps, 1) == []
+    assert seen == [("probes", 1), ("ensembles", 1, {"plain": ["plain-1"], "ema": ["ema-1"]}, ["probe-s1"]),
+                    ("pseudo", 1, ["widest-s1"])]
