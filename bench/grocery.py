@@ -285,9 +285,9 @@ def model_spec(spec: str, base: dict) -> tuple[str, str, dict]:
 
 def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]],
                   probes: list[str] = ()) -> tuple[list[dict], list[str]]:
-    """Plain fine-tuning of each ``--lites`` backbone (the first seed of --seeds; Lite1 and Lite2 at the base's size by default),
+    """Plain fine-tuning of each ``--lites`` backbone (the base's seed; Lite1 and Lite2 at the base's size by default),
     stage 06's weighted ensemble of them with the plain Lite0 base, the greedy soup of the Lite0 rows, and, with
-    ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's first-seed model,
+    ``probes`` (their experiments), stage 06's ensemble of every model of the table: each trick row's model in ``exps``,
     the ``--lites`` models and the probes. Also the members of the widest of these ensembles (the pseudo-labels'
     source)."""
     from common.config import EnsembleConfig
@@ -324,7 +324,7 @@ def ensemble_rows(args, base: dict, data: Path, comp, exps: dict[str, list[str]]
 def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[dict]:
     """``--pseudo-rounds`` pseudo-label rounds. Round 1: stage 06 keeps the val images whose accuracy-weighted
     ensemble of ``sources`` gives a top probability of at least ``--pseudo``; each ``--pseudo-rows`` model (a trick
-    row's key or ``BACKBONE[:PX]``, the first seed; ``args.pseudo_rows`` holds one list per round, the last one serving
+    row's key or ``BACKBONE[:PX]``, the base's seed; ``args.pseudo_rows`` holds one list per round, the last one serving
     the later rounds) retrains on the training images plus those, and is scored on the same
     val split (transductive, as a competition round is); with several, stage 06's ensemble of these students (one
     folder, one fold split). Round r > 1 does the same from round r-1's students, on round r-1's folder (stage
@@ -378,7 +378,7 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
 
 
 def probe_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], list[str]]:
-    """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, the first seed's fold 0),
+    """Linear probes at their own input sizes (stage 05 with ``probe_init`` and no fine-tuning, the base's seed's fold 0),
     then stage 06's accuracy-power-weighted ensemble of them: the frozen backbones at larger sizes than fine-tuning
     affords on two cores. Also the probes' experiments (members of the ensemble of every model)."""
     rows, members = [], []
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pseudo-rounds", type=int, default=1, metavar="N",
                     help="pseudo-label rounds: round r > 1 takes its labels from round r-1's students")
     ap.add_argument("--pseudo-rows", nargs="+", action="append", default=None, metavar="KEY|BACKBONE[:PX]",
-                    help="the models retrained with the pseudo-labels (the first seed; default: plain): trick rows by key, "
+                    help="the models retrained with the pseudo-labels (the base's seed; default: plain): trick rows by key, "
                          "other backbones as for --lites; with several, stage 06's ensemble of them. Given once, "
                          "every round retrains these; given again, round r retrains the r-th list (the last list "
                          "for later rounds)")
