@@ -65,6 +65,7 @@ import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench.common_args import parse_seeds  # noqa: E402
 from bench.grocery_data import convert  # noqa: E402
 from common.core import paths  # noqa: E402
 
@@ -213,7 +214,7 @@ def trick_rows(args, base: dict, data: Path, comp) -> tuple[list[dict], dict[str
     unknown = sorted(set(keys) - {v.key for v in VARIANTS})
     if unknown:
         raise SystemExit(f"--only: unknown row(s) {unknown}; known: {[v.key for v in VARIANTS]}")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = parse_seeds(args.seeds)
     teacher = None
     if "distill" in keys or not args.no_noise:  # the plain first-seed run on every fold: teacher and noise reference
         teacher = make_config("plain", base, data, {"folds": "all"})
@@ -341,7 +342,8 @@ def pseudo_rows(args, base: dict, data: Path, comp, sources: list[str]) -> list[
     for round_no in range(1, args.pseudo_rounds + 1):
         suffix = "" if round_no == 1 else str(round_no)  # round 1 keeps its earlier names (cached runs)
         cfg06 = EnsembleConfig(data=str(data), exp=stage06_exp(f"bench-grocery-pseudo{suffix}", base),
-                               members=",".join(sources), weight_factor=25.0, pseudo_threshold=args.pseudo, pseudo_round=round_no, device="cpu")
+                               members=",".join(sources), weight_factor=25.0, pseudo_threshold=args.pseudo,
+                               pseudo_round=round_no, device="cpu")
         info = ensemble(cfg06, comp)["pseudo"]
         kept = pd.read_csv(stage_dir(cfg06.exp) / f"pseudo_round{round_no}.csv", dtype=str, keep_default_na=False)
         source = kept["image"] if "test_image" not in kept else kept["test_image"].where(kept["test_image"] != "",
@@ -440,7 +442,7 @@ def ssl_rows(args, base: dict, data: Path, comp, plain: dict) -> list[dict]:
     pre = run_pretrain(ssl, comp)
     knn = neighbour_table(ssl.exp, comp)
     runs = []
-    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+    for seed in parse_seeds(args.seeds):
         cfg = make_config("ssl", base, data, {"pretrained": ssl.exp, "seed": seed})
         print(f"plain from stage 00, seed {seed}: {cfg.exp}", flush=True)
         runs.append(train(cfg, comp))
@@ -556,14 +558,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep or key not in ClassifierConfig.field_names():
             raise SystemExit(f"-p {item!r}: expected key=value with key a ClassifierConfig field")
         base[key] = parse_cli_value(value)
-    base["seed"] = int(args.seeds.split(",")[0])
+    seeds = parse_seeds(args.seeds)
+    if not seeds:
+        raise SystemExit(f"--seeds {args.seeds!r}: give at least one seed, e.g. --seeds 42")
+    base["seed"] = seeds[0]
     work = paths.working_dir() / "bench" / "grocery"
     data = convert(work, args.shared)
     comp = load_competition(data, check_pixels=False)
     rows, exps = trick_rows(args, base, data, comp)
     if args.ssl:
         rows += ssl_rows(args, base, data, comp, rows[0])
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     per_seed = [seed_rows(args, {**base, "seed": seed}, data, comp, exps, i)
                 for i, seed in enumerate(seeds if args.all_seeds else seeds[:1])]
     rows += per_seed[0] if len(per_seed) == 1 else merge_seeds(per_seed, seeds)
@@ -590,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
         "spread = max - min",
         f"- best val accuracy: {best['accuracy']:.4f}{best_runs} ({best['label']}); published fine-grained test accuracy "
         f"{PUBLISHED:.3f} (Antioquia, 2021): {'reached' if best['accuracy'] >= PUBLISHED else 'NOT reached'}",
-        "", *table_lines(rows, len(args.seeds.split(","))),
+        "", *table_lines(rows, len(seeds)),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

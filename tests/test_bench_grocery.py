@@ -243,3 +243,12 @@ def test_seed_rows_give_each_seed_its_own_trick_models(monkeypatch):
     assert grocery.seed_rows(args, {"seed": 1}, Path("d"), None, exps, 1) == []
     assert seen == [("probes", 1), ("ensembles", 1, {"plain": ["plain-1"], "ema": ["ema-1"]}, ["probe-s1"]),
                     ("pseudo", 1, ["widest-s1"])]
+
+
+def test_bad_seeds_fail_before_the_dataset_is_read(tmp_path):
+    from bench import grocery
+
+    with pytest.raises(SystemExit, match="at least one seed"):
+        grocery.main(["--seeds", ",", "--shared", str(tmp_path / "absent")])
+    with pytest.raises(SystemExit, match="'x' is not an integer"):
+        grocery.main(["--seeds", "42,x", "--shared", str(tmp_path / "absent")])
